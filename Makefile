@@ -1,0 +1,29 @@
+# resflow: `make demo` runs the pipeline end to end, `make test` runs the tests.
+# Both create .venv and install the project on first use (CPU torch via constraints-cpu.txt).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.resflow-installed
+PYTEST_ARGS ?=
+
+.PHONY: install test demo bench e2e clean
+
+$(STAMP): pyproject.toml constraints-cpu.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints-cpu.txt -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(BIN)/python -m pipeline.demo
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.restore_bench
+
+clean:
+	rm -rf .demo .pytest_cache

@@ -1,0 +1,1 @@
+"""Prefect flows around pipeline/: the only package that imports Prefect."""

@@ -1,0 +1,152 @@
+"""The `resflow` command line.
+
+    resflow storage up|down|status|env       a local S3 server (SeaweedFS) on loopback
+    resflow ingest SRC DEST                  image files -> Parquet dataset
+    resflow degrade SRC DEST --noise-sigma 25 clean dataset -> paired (image, target)
+
+Every command reads S3 endpoint and credentials from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY and AWS_REGION (`eval "$(resflow storage env)"` sets them for the
+local server).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from pipeline import s3server
+
+
+def _columns(args):
+    from pipeline.images import ImageColumns
+
+    return ImageColumns(id=args.id_column, image=args.image_column, target=args.target_column)
+
+
+def _add_column_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--id-column", default="image_id", help="column with the unique image key")
+    parser.add_argument("--image-column", default="image", help="column with the (degraded) image")
+    parser.add_argument("--target-column", default="target", help="column with the clean reference")
+
+
+def degradation_from_args(args):
+    from pipeline.degrade import Degradation
+
+    sigma_range = tuple(args.noise_sigma_range) if args.noise_sigma_range else None
+    sigma = None if sigma_range else args.noise_sigma
+    return Degradation(noise_sigma=sigma, noise_sigma_range=sigma_range, jpeg_quality=args.jpeg_quality,
+                       blur_sigma=args.blur_sigma, downscale=args.downscale)
+
+
+def add_degradation_flags(parser: argparse.ArgumentParser, default_sigma: float | None = 25.0) -> None:
+    group = parser.add_argument_group("degradation (composable: blur -> downscale -> noise -> JPEG)")
+    group.add_argument("--noise-sigma", type=float, default=default_sigma, help="Gaussian noise sigma on the 0-255 scale")
+    group.add_argument("--noise-sigma-range", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                       help="blind denoising: sigma drawn uniformly per image")
+    group.add_argument("--jpeg-quality", type=int, help="JPEG round trip at this quality")
+    group.add_argument("--blur-sigma", type=float, help="Gaussian blur sigma in pixels")
+    group.add_argument("--downscale", type=int, help="bicubic down and up by this factor")
+
+
+def cmd_storage(args) -> int:
+    data_dir = args.dir or s3server.DEFAULT_DIR
+    if args.action == "up":
+        server = s3server.start(data_dir, port=args.port, buckets=tuple(args.bucket))
+        print(f"SeaweedFS S3 is up: {server.endpoint_url} (pid {server.pid}, data in {server.data_dir})")
+        print(f"buckets: {', '.join('s3://' + b for b in args.bucket)}")
+        print("use it from this shell with:\n  eval \"$(resflow storage env" + (f" --dir {args.dir}" if args.dir else "") + ")\"")
+        print("which sets:")
+        for key, value in server.env().items():
+            shown = value if key in ("AWS_ENDPOINT_URL", "AWS_REGION") else "<hidden>"
+            print(f"  export {key}={shown}")
+        return 0
+    if args.action == "env":
+        server = s3server.read_state(data_dir)
+        if server is None:
+            print(f"no local S3 server recorded in {data_dir}; run `resflow storage up` first", file=sys.stderr)
+            return 1
+        for key, value in server.env().items():  # for eval: goes to stdout only when asked
+            print(f"export {key}={value}")
+        return 0
+    if args.action == "down":
+        server = s3server.stop(data_dir)
+        print("stopped " + repr(server) if server else f"no local S3 server recorded in {data_dir}")
+        return 0
+    state = s3server.status(data_dir)
+    print(json.dumps(state, indent=2))
+    return 0 if state["running"] else 1
+
+
+def cmd_ingest(args) -> int:
+    from pipeline.ingest import ingest
+
+    report = ingest(args.source, args.destination, rows_per_file=args.rows_per_file, progress=not args.quiet)
+    print(f"{report.images} images -> {report.output}: {report.files_written} files written, "
+          f"{report.files_skipped} already up to date")
+    return 0
+
+
+def cmd_degrade(args) -> int:
+    from pipeline.ingest import degrade_dataset
+
+    degradation = degradation_from_args(args)
+    report = degrade_dataset(args.source, args.destination, degradation, seed=args.seed,
+                             seed_per_image=args.seed_per_image, columns=_columns(args), progress=not args.quiet)
+    print(f"{report.images} images degraded ({degradation.describe()}) -> {report.output}: "
+          f"{report.files_written} files written, {report.files_skipped} already up to date")
+    for file_uri, image_id, reason in report.failed:
+        print(f"failed: {image_id} in {file_uri}: {reason}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="resflow", description="Restore image datasets with residual networks on Ray.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("storage", help="a local S3 server (SeaweedFS) for laptops and CI")
+    p.add_argument("action", choices=["up", "down", "status", "env"])
+    p.add_argument("--dir", help=f"data folder (default {s3server.DEFAULT_DIR})")
+    p.add_argument("--port", type=int, help="S3 port (default: a free one); port + 10000 must be free too")
+    p.add_argument("--bucket", action="append", default=None, help="bucket to create (repeatable; default resflow)")
+    p.set_defaults(func=cmd_storage)
+
+    p = commands.add_parser("ingest", help="image files (folder, glob, s3:// prefix) -> Parquet dataset")
+    p.add_argument("source")
+    p.add_argument("destination")
+    p.add_argument("--rows-per-file", type=int, default=64)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_ingest)
+
+    p = commands.add_parser("degrade", help="clean dataset -> paired dataset (image degraded, target clean)")
+    p.add_argument("source")
+    p.add_argument("destination")
+    add_degradation_flags(p)
+    p.add_argument("--seed", type=int, default=0, help="noise seed; the protocol seeds every image with 0")
+    p.add_argument("--seed-per-image", action="store_true", help="a distinct noise stream per image id")
+    p.add_argument("--quiet", action="store_true")
+    _add_column_flags(p)
+    p.set_defaults(func=cmd_degrade)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "bucket", "unset") is None:
+        args.bucket = [s3server.DEFAULT_BUCKET]
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        # job-level errors: one clear line, no traceback (RESFLOW_DEBUG=1 shows it)
+        if os.environ.get("RESFLOW_DEBUG"):
+            raise
+        print(f"resflow {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Parquet image datasets: listing, schema checks, atomic writes and the done-manifest.
+
+A dataset is a folder or prefix of Parquet files (DESIGN.md). Outputs are written one file
+per input file through `storage.write_atomically`, then recorded in a manifest entry
+(`_resflow/manifest/<file>.json`): an output counts as done only once its entry exists,
+so a rerun skips finished files and redoes anything a crash interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.images import ImageColumns, validate_schema
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be processed as given (empty, unreadable, wrong schema)."""
+
+
+def dataset_files(uri: str) -> list[storage.FileInfo]:
+    files = storage.list_files(uri, suffixes=(".parquet",))
+    if not files:
+        raise DatasetError(f"no Parquet files under {uri}: check the path (and AWS_ENDPOINT_URL for s3://); "
+                           f"`resflow ingest` turns a folder of images into a dataset")
+    return files
+
+
+def read_schema(file_uri: str) -> pa.Schema:
+    fs, path = storage.pyarrow_filesystem(file_uri)
+    try:
+        return storage.retry(lambda: pq.read_schema(path, filesystem=fs), what=f"reading the schema of {file_uri}")
+    except pa.ArrowInvalid as error:
+        raise DatasetError(f"{file_uri} is not a readable Parquet file: {error}") from error
+
+
+def check_dataset(uri: str, columns: ImageColumns = ImageColumns(), need_target: bool = False) -> list[storage.FileInfo]:
+    """List the dataset and check every file's schema before any work starts."""
+    files = dataset_files(uri)
+    for info in files:
+        validate_schema(read_schema(info.uri), columns, need_target=need_target, where=info.uri)
+    return files
+
+
+def read_table(file_uri: str, columns: list[str] | None = None) -> pa.Table:
+    fs, path = storage.pyarrow_filesystem(file_uri)
+    return storage.retry(lambda: pq.read_table(path, filesystem=fs, columns=columns), what=f"reading {file_uri}")
+
+
+def iter_batches(file_uri: str, batch_size: int = 16, columns: list[str] | None = None):
+    """Stream a Parquet file in record batches: memory is bounded by the batch, not the file."""
+    fs, path = storage.pyarrow_filesystem(file_uri)
+    with fs.open_input_file(path) as handle:
+        parquet = pq.ParquetFile(handle)
+        yield from parquet.iter_batches(batch_size=batch_size, columns=columns)
+
+
+def write_table(file_uri: str, table: pa.Table) -> None:
+    """Write a whole Parquet file atomically (see storage.write_atomically)."""
+    storage.write_atomically(file_uri, lambda fs, path: pq.write_table(table, path, filesystem=fs, compression="zstd"))
+
+
+def output_name(input_uri: str) -> str:
+    return posixpath.basename(storage.parse(input_uri).path)
+
+
+@dataclass
+class Manifest:
+    """Done-records of one kind of job under `<dataset>/_resflow/<kind>/`, one small JSON
+    object per output file, so parallel writers never contend on one object."""
+
+    root: str
+    kind: str = "manifest"
+
+    def _entry_uri(self, name: str) -> str:
+        return storage.join(self.root, storage.RESFLOW_DIR, self.kind, name + ".json")
+
+    def get(self, name: str) -> dict | None:
+        try:
+            return json.loads(storage.read_bytes(self._entry_uri(name)))
+        except FileNotFoundError:
+            return None
+
+    def put(self, name: str, record: dict) -> None:
+        storage.write_bytes(self._entry_uri(name), json.dumps(record, sort_keys=True).encode())
+
+    def remove(self, name: str) -> None:
+        storage.delete(self._entry_uri(name))
+
+    def all(self) -> dict[str, dict]:
+        folder = storage.join(self.root, storage.RESFLOW_DIR, self.kind)
+        fs, path = storage.fsspec_filesystem(folder)
+        if not storage.exists(folder):
+            return {}
+        entries = {}
+        for entry in fs.find(path):
+            if entry.endswith(".json"):
+                uri = storage.join(folder, posixpath.relpath(entry, path))
+                entries[posixpath.basename(entry)[: -len(".json")]] = json.loads(storage.read_bytes(uri))
+        return entries

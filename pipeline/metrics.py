@@ -1,0 +1,56 @@
+"""PSNR and SSIM as the quality protocol of DESIGN.md measures them.
+
+Both take uint8 (or uint16) arrays: the restored image is clipped and rounded before it
+is scored, as in DnCNN/KAIR. PSNR over all pixels with no border crop; SSIM with an
+11x11 Gaussian window (sigma 1.5), K1=0.01, K2=0.03, averaged over the valid region
+(equal to scikit-image's `structural_similarity(gaussian_weights=True, sigma=1.5,
+use_sample_covariance=False)`, which crops the same 5-pixel border) and over channels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.degrade import gaussian_kernel1d
+
+
+def psnr(reference: np.ndarray, test: np.ndarray, data_range: float = 255.0) -> float:
+    if reference.shape != test.shape:
+        raise ValueError(f"psnr: shapes differ, {reference.shape} vs {test.shape}")
+    mse = np.mean((reference.astype(np.float64) - test.astype(np.float64)) ** 2)
+    if mse == 0:
+        return float("inf")
+    return float(10 * np.log10(data_range**2 / mse))
+
+
+def ssim(reference: np.ndarray, test: np.ndarray, data_range: float = 255.0) -> float:
+    if reference.shape != test.shape:
+        raise ValueError(f"ssim: shapes differ, {reference.shape} vs {test.shape}")
+    if min(reference.shape[:2]) < 11:
+        raise ValueError(f"ssim needs at least 11x11 pixels, got {reference.shape[:2]}")
+    x = _as_planes(reference)
+    y = _as_planes(test)
+    kernel_1d = torch.from_numpy(gaussian_kernel1d(1.5, radius=5)).double()
+    kernel = (kernel_1d[:, None] * kernel_1d[None, :])[None, None]  # (1, 1, 11, 11)
+
+    def blur(z: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(z, kernel)  # valid: no padding, the border is cropped like the reference
+
+    c1 = (0.01 * data_range) ** 2
+    c2 = (0.03 * data_range) ** 2
+    mu_x, mu_y = blur(x), blur(y)
+    sigma_xx = blur(x * x) - mu_x**2
+    sigma_yy = blur(y * y) - mu_y**2
+    sigma_xy = blur(x * y) - mu_x * mu_y
+    numerator = (2 * mu_x * mu_y + c1) * (2 * sigma_xy + c2)
+    denominator = (mu_x**2 + mu_y**2 + c1) * (sigma_xx + sigma_yy + c2)
+    per_channel = (numerator / denominator).mean(dim=(1, 2, 3))
+    return float(per_channel.mean())
+
+
+def _as_planes(array: np.ndarray) -> torch.Tensor:
+    """(H, W) or (H, W, C) -> float64 (C, 1, H, W)."""
+    planes = array[:, :, None] if array.ndim == 2 else array
+    return torch.from_numpy(np.ascontiguousarray(planes.transpose(2, 0, 1), dtype=np.float64))[:, None]

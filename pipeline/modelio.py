@@ -1,0 +1,119 @@
+"""Model folders: `model.safetensors` (weights) + `model.json` (how to rebuild and judge them).
+
+Loading never unpickles: weights come only through safetensors, which parses a JSON
+header and raw tensors, so a model folder from shared storage cannot run code.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from pipeline import storage
+from pipeline.models import build_model, model_config
+
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "model.json"
+FORMAT = "resflow-model/1"
+
+
+class ModelLoadError(RuntimeError):
+    """A model folder that cannot be used, with the reason."""
+
+
+@dataclass
+class ModelCard:
+    architecture: str
+    config: dict
+    version: str = ""
+    created: str = ""
+    degradation: dict | None = None  # what the model was trained to undo (Degradation.to_dict())
+    data_fingerprint: str | None = None  # identifies the training data (file names, sizes, ETags)
+    metrics: dict = field(default_factory=dict)  # e.g. {"val_psnr": 29.1, "val_ssim": 0.83}
+    training: dict = field(default_factory=dict)  # preset, epochs, wall time, ...
+    weights_sha256: str = ""
+    format: str = FORMAT
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, indent=2, sort_keys=True)
+
+
+def state_dict_bytes(model: nn.Module) -> bytes:
+    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    return save_safetensors(tensors, metadata={"format": "pt"})
+
+
+def save_model(uri: str, model: nn.Module, *, version: str | None = None, degradation: dict | None = None,
+               data_fingerprint: str | None = None, metrics: dict | None = None, training: dict | None = None) -> ModelCard:
+    """Write a model folder. The card is written last, so a folder with a card is complete."""
+    architecture, config = model_config(model)
+    weights = state_dict_bytes(model)
+    digest = hashlib.sha256(weights).hexdigest()
+    now = dt.datetime.now(dt.timezone.utc)
+    card = ModelCard(
+        architecture=architecture, config=config,
+        version=version or f"{architecture}-{now:%Y%m%d-%H%M%S}-{digest[:8]}",
+        created=now.isoformat(timespec="seconds"), degradation=degradation, data_fingerprint=data_fingerprint,
+        metrics=metrics or {}, training=training or {}, weights_sha256=digest,
+    )
+    storage.write_bytes(storage.join(uri, WEIGHTS_FILE), weights)
+    storage.write_bytes(storage.join(uri, CARD_FILE), card.to_json().encode())
+    return card
+
+
+def _looks_pickled(data: bytes) -> str | None:
+    if data[:2] == b"PK":
+        return "a zip archive (torch.save format)"
+    if data[:1] == b"\x80" and len(data) > 1 and data[1] in range(2, 6):
+        return "a Python pickle"
+    return None
+
+
+def read_card(uri: str) -> ModelCard:
+    card_uri = storage.join(uri, CARD_FILE)
+    try:
+        raw = json.loads(storage.read_bytes(card_uri))
+    except FileNotFoundError as error:
+        raise ModelLoadError(f"no {CARD_FILE} in {uri}: not a resflow model folder (train one with `resflow train`)") from error
+    except json.JSONDecodeError as error:
+        raise ModelLoadError(f"{card_uri} is not valid JSON: {error}") from error
+    if raw.get("format") != FORMAT:
+        raise ModelLoadError(f"{card_uri} has format {raw.get('format')!r}, expected {FORMAT!r}")
+    known = set(ModelCard.__dataclass_fields__)
+    return ModelCard(**{key: value for key, value in raw.items() if key in known})
+
+
+def load_model(uri: str, map_location: str | torch.device = "cpu") -> tuple[nn.Module, ModelCard]:
+    """Rebuild the network from model.json and load weights from model.safetensors."""
+    card = read_card(uri)
+    weights_uri = storage.join(uri, WEIGHTS_FILE)
+    try:
+        data = storage.read_bytes(weights_uri)
+    except FileNotFoundError as error:
+        raise ModelLoadError(f"no {WEIGHTS_FILE} in {uri}") from error
+    pickled = _looks_pickled(data)
+    if pickled:
+        raise ModelLoadError(f"{weights_uri} is {pickled}, not safetensors; refusing to load it, since unpickling "
+                             f"runs arbitrary code. Convert it where you trust it: "
+                             f"safetensors.torch.save_file(torch.load(path, weights_only=True), 'model.safetensors')")
+    if card.weights_sha256 and hashlib.sha256(data).hexdigest() != card.weights_sha256:
+        raise ModelLoadError(f"{weights_uri} does not match the sha256 recorded in {CARD_FILE}: the folder is "
+                             f"incomplete or was modified")
+    try:
+        tensors = load_safetensors(data)
+    except (SafetensorError, Exception) as error:
+        raise ModelLoadError(f"{weights_uri} is not a valid safetensors file: {error}") from error
+    try:
+        model = build_model(card.architecture, **card.config)
+        model.load_state_dict(tensors, strict=True)
+    except (ValueError, RuntimeError) as error:
+        raise ModelLoadError(f"{weights_uri} does not fit the architecture in {CARD_FILE}: {error}") from error
+    return model.to(map_location).eval(), card

@@ -1,0 +1,179 @@
+"""Residual restoration networks: DnCNN (Zhang et al., 2017) and a residual-block network.
+
+Both learn the correction, not the image. DnCNN predicts the noise F(x) of the whole image
+and returns x - F(x); the residual-block network stacks blocks y = h + G(h) and adds a
+global skip, returning x + F(x). Reads top to bottom: configs, blocks, networks, registry,
+presets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+import torch
+from torch import nn
+
+# --- configs ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DnCNNConfig:
+    channels: int = 1  # 1 for gray, 3 for colour (alpha is never fed to the model)
+    depth: int = 17  # conv layers in all; the paper uses 17 for known-sigma denoising, 20 for blind
+    width: int = 64  # feature channels of the hidden layers
+    batch_norm: bool = True  # the paper's BN between conv and ReLU in the hidden layers
+
+    def __post_init__(self):
+        if self.channels not in (1, 3):
+            raise ValueError(f"DnCNN channels must be 1 (gray) or 3 (colour), got {self.channels}")
+        if self.depth < 3:
+            raise ValueError(f"DnCNN depth must be >= 3 (first, hidden and last layer), got {self.depth}")
+        if self.width < 1:
+            raise ValueError(f"DnCNN width must be positive, got {self.width}")
+
+
+@dataclass(frozen=True)
+class ResNetConfig:
+    channels: int = 1  # 1 for gray, 3 for colour
+    blocks: int = 8  # residual blocks between the head and tail convolutions
+    width: int = 64  # feature channels inside the blocks
+    residual_scale: float = 1.0  # scales each block's branch; < 1 steadies very deep stacks (EDSR uses 0.1)
+
+    def __post_init__(self):
+        if self.channels not in (1, 3):
+            raise ValueError(f"ResNet channels must be 1 (gray) or 3 (colour), got {self.channels}")
+        if self.blocks < 1 or self.width < 1:
+            raise ValueError(f"ResNet blocks and width must be positive, got blocks={self.blocks} width={self.width}")
+        if not 0 < self.residual_scale <= 1:
+            raise ValueError(f"residual_scale must be within (0, 1], got {self.residual_scale}")
+
+
+# --- blocks ----------------------------------------------------------------------------
+
+
+def conv3x3(in_channels: int, out_channels: int, bias: bool = True) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=bias)
+
+
+class ResidualBlock(nn.Module):
+    """y = h + s * conv(relu(conv(h))), no batch norm (it hurts restoration, EDSR)."""
+
+    def __init__(self, width: int, residual_scale: float = 1.0):
+        super().__init__()
+        self.conv1 = conv3x3(width, width)
+        self.conv2 = conv3x3(width, width)
+        self.residual_scale = residual_scale
+        nn.init.zeros_(self.conv2.weight)  # each block starts as the identity: fast, stable early training
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.residual_scale * self.conv2(torch.relu(self.conv1(h)))  # (B, W, H, W) unchanged
+
+
+# --- networks --------------------------------------------------------------------------
+
+
+class DnCNN(nn.Module):
+    def __init__(self, config: DnCNNConfig = DnCNNConfig()):
+        super().__init__()
+        self.config = config
+        layers: list[nn.Module] = [conv3x3(config.channels, config.width), nn.ReLU(inplace=True)]
+        for _ in range(config.depth - 2):
+            layers.append(conv3x3(config.width, config.width, bias=not config.batch_norm))
+            if config.batch_norm:
+                layers.append(nn.BatchNorm2d(config.width, eps=1e-4, momentum=0.95))
+            layers.append(nn.ReLU(inplace=True))
+        layers.append(conv3x3(config.width, config.channels))
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, C, H, W) degraded image in [0, 1]; body(x): the predicted noise, same shape
+        return x - self.body(x)
+
+
+class ResNet(nn.Module):
+    def __init__(self, config: ResNetConfig = ResNetConfig()):
+        super().__init__()
+        self.config = config
+        self.head = conv3x3(config.channels, config.width)
+        self.blocks = nn.Sequential(*[ResidualBlock(config.width, config.residual_scale) for _ in range(config.blocks)])
+        self.tail = conv3x3(config.width, config.channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.blocks(self.head(x))  # (B, C, H, W) -> (B, W, H, W)
+        return x + self.tail(features)  # global skip: the network learns only the correction
+
+
+# --- registry --------------------------------------------------------------------------
+
+MODELS = {"dncnn": (DnCNN, DnCNNConfig), "resnet": (ResNet, ResNetConfig)}
+
+
+def build_model(name: str, **config) -> nn.Module:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    network, config_class = MODELS[name]
+    try:
+        return network(config_class(**config))
+    except TypeError as error:
+        known = sorted(config_class.__dataclass_fields__)
+        raise ValueError(f"bad config for model {name!r}: {error}; fields are {known}") from error
+
+
+def model_config(model: nn.Module) -> tuple[str, dict]:
+    """The registry name and config dict that rebuild `model`."""
+    for name, (network, _) in MODELS.items():
+        if type(model) is network:
+            return name, asdict(model.config)
+    raise TypeError(f"{type(model).__name__} is not a registered resflow model")
+
+
+# --- presets ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    config: DnCNNConfig | ResNetConfig
+
+    def build(self) -> nn.Module:
+        return build_model(self.name, **asdict(self.config))
+
+
+def dncnn_tiny() -> ModelSpec:
+    """For tests: a few thousand parameters, a forward pass in milliseconds on a CPU."""
+    return ModelSpec("dncnn", DnCNNConfig(depth=4, width=8))
+
+
+def dncnn_cpu() -> ModelSpec:
+    """10 x 32: about 1 MP/s forward on two CPU cores."""
+    return ModelSpec("dncnn", DnCNNConfig(depth=10, width=32))
+
+
+def dncnn_paper() -> ModelSpec:
+    """DnCNN-S of the paper: 17 layers x 64 channels with batch norm."""
+    return ModelSpec("dncnn", DnCNNConfig())
+
+
+def resnet_tiny() -> ModelSpec:
+    return ModelSpec("resnet", ResNetConfig(blocks=2, width=8))
+
+
+def resnet_cpu() -> ModelSpec:
+    return ModelSpec("resnet", ResNetConfig(blocks=4, width=32))
+
+
+MODEL_PRESETS = {
+    "dncnn-tiny": dncnn_tiny,
+    "dncnn-cpu": dncnn_cpu,
+    "dncnn-paper": dncnn_paper,
+    "resnet-tiny": resnet_tiny,
+    "resnet-cpu": resnet_cpu,
+}
+
+
+def model_preset(name: str, channels: int = 1) -> ModelSpec:
+    if name not in MODEL_PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(MODEL_PRESETS)}")
+    spec = MODEL_PRESETS[name]()
+    return replace(spec, config=replace(spec.config, channels=channels))

@@ -1,0 +1,196 @@
+"""Restoring images with a model: whole or tile by tile, batched, one row at a time failing.
+
+`ImageRestorer` is the callable class that Ray Data wraps in an actor pool (STYLE.md 7):
+it loads the model once in `__init__` and restores a batch (a dict of numpy arrays, Ray
+Data's batch format) in `__call__`. It knows nothing about Ray; a plain loop can call it.
+
+Tiling: an image larger than `tile` is cut into tiles that overlap by `tile_overlap`
+pixels. Each tile's output is weighted by a ramp that is zero within overlap/4 of an
+inner tile edge (where the tile's zero padding changes the result) and rises to one
+across the middle of the overlap, so seams vanish and the result matches whole-image
+restoration as long as the overlap covers the network's receptive field.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.images import DecodeLimits, ImageColumns, color_channels, decode, encode_png, from_float, to_float
+from pipeline.modelio import load_model
+
+OUTPUT_COLUMNS = ("status", "error", "model_version")
+
+
+@dataclass(frozen=True)
+class RestoreSettings:
+    tile: int = 512  # images larger than this are restored tile by tile; memory is bounded by the tile
+    tile_overlap: int = 64  # >= 4x the receptive radius keeps tiled == whole (DnCNN-17: radius 17)
+    batch_size: int = 8  # tiles or same-sized images per forward pass
+    device: str = "cpu"  # "cuda" on GPU actors
+    bf16: bool = True  # autocast to bfloat16 on CUDA (ignored on CPU, where it is slower)
+    threads: int | None = None  # torch intra-op threads per replica; None leaves torch's default
+    png_compress_level: int = 3  # lossless either way; 3 is near 6's size at a fraction of its time
+
+    def __post_init__(self):
+        if self.tile < 16:
+            raise ValueError(f"tile must be >= 16 pixels, got {self.tile}")
+        if not 0 <= self.tile_overlap < self.tile // 2:
+            raise ValueError(f"tile_overlap must be within 0 and tile/2 ({self.tile // 2}), got {self.tile_overlap}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile, tile - overlap))
+    return starts + [length - tile]
+
+
+def blend_ramp(length: int, overlap: int, start_is_border: bool, end_is_border: bool) -> np.ndarray:
+    weight = np.ones(length, np.float32)
+    if overlap <= 0:
+        return weight
+    distance = np.arange(length, dtype=np.float32)
+    ramp = np.clip((distance + 0.5 - overlap / 4) / (overlap / 2), 0.0, 1.0)
+    if not start_is_border:
+        weight = np.minimum(weight, ramp)
+    if not end_is_border:
+        weight = np.minimum(weight, ramp[::-1])
+    return weight
+
+
+class ModelRunner:
+    """Runs a loaded network on float images (C, H, W) in [0, 1], whole or tiled, batching
+    equal-shaped pieces from many images into one forward pass."""
+
+    def __init__(self, model: torch.nn.Module, settings: RestoreSettings):
+        self.model = model.to(settings.device).eval()
+        self.settings = settings
+        self.channels = model.config.channels
+        self.forward_seconds = 0.0
+        if settings.device == "cpu":
+            self.model = self.model.to(memory_format=torch.channels_last)  # ~40% faster convs on CPU
+
+    @torch.inference_mode()
+    def _forward(self, pieces: list[np.ndarray]) -> list[np.ndarray]:
+        started = time.perf_counter()
+        batch = torch.from_numpy(np.stack(pieces)).to(self.settings.device)
+        if self.settings.device == "cpu":
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        use_bf16 = self.settings.bf16 and self.settings.device.startswith("cuda")
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_bf16):
+            out = self.model(batch)
+        result = list(out.float().cpu().numpy())
+        self.forward_seconds += time.perf_counter() - started
+        return result
+
+    def run(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Restore a list of float (C, H, W) images of any sizes; returns the same shapes."""
+        tile, overlap = self.settings.tile, self.settings.tile_overlap
+        outputs = [np.zeros_like(image) for image in images]
+        weights = [np.zeros(image.shape[1:], np.float32) for image in images]
+        jobs = defaultdict(list)  # piece shape -> [(image index, y, x)]
+        for index, image in enumerate(images):
+            height, width = image.shape[1:]
+            for y in tile_starts(height, tile, overlap):
+                for x in tile_starts(width, tile, overlap):
+                    piece_shape = (min(tile, height), min(tile, width))
+                    jobs[piece_shape].append((index, y, x))
+        for (ph, pw), placements in jobs.items():
+            for start in range(0, len(placements), self.settings.batch_size):
+                chunk = placements[start : start + self.settings.batch_size]
+                pieces = [images[i][:, y : y + ph, x : x + pw] for i, y, x in chunk]
+                for (i, y, x), restored in zip(chunk, self._forward(pieces)):
+                    height, width = images[i].shape[1:]
+                    w = np.outer(blend_ramp(ph, overlap, y == 0, y + ph == height),
+                                 blend_ramp(pw, overlap, x == 0, x + pw == width))
+                    outputs[i][:, y : y + ph, x : x + pw] += restored * w
+                    weights[i][y : y + ph, x : x + pw] += w
+        return [out / weight for out, weight in zip(outputs, weights)]
+
+
+class ImageRestorer:
+    """Decode -> restore -> encode a batch of rows; a bad row becomes `failed` with its reason."""
+
+    def __init__(self, model_uri: str, settings: RestoreSettings = RestoreSettings(),
+                 columns: ImageColumns = ImageColumns(), limits: DecodeLimits = DecodeLimits(),
+                 base_dir: str | None = None):
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        model, card = load_model(model_uri, map_location=settings.device)
+        self.runner = ModelRunner(model, settings)
+        self.model_version = card.version
+        self.settings = settings
+        self.columns = columns
+        self.limits = limits
+        self.base_dir = base_dir
+        self.megapixels = 0.0
+
+    def restore_pixels(self, pixels_list: list[np.ndarray], modes: list[str]) -> list[np.ndarray]:
+        """Restore decoded images, keeping mode, depth and alpha. Gray models restore RGB
+        channel by channel; a colour model cannot restore a gray image (ValueError)."""
+        planes, plan = [], []
+        for pixels, mode in zip(pixels_list, modes):
+            color, alpha = to_float(pixels, mode)  # (H, W, C)
+            chw = np.ascontiguousarray(color.transpose(2, 0, 1))
+            if self.runner.channels == chw.shape[0]:
+                plan.append((len(planes), 1, alpha, mode))
+                planes.append(chw)
+            elif self.runner.channels == 1:
+                plan.append((len(planes), chw.shape[0], alpha, mode))
+                planes.extend(chw[c : c + 1] for c in range(chw.shape[0]))
+            else:
+                raise ValueError(f"a {self.runner.channels}-channel model cannot restore a {mode} image")
+        restored = self.runner.run(planes)
+        results = []
+        for first, count, alpha, mode in plan:
+            if count == 1:
+                chw = restored[first]
+            else:
+                chw = np.concatenate(restored[first : first + count], axis=0)
+            results.append(from_float(chw.transpose(1, 2, 0), mode, alpha))
+        return results
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        values = batch[self.columns.image]
+        count = len(values)
+        encoded: list[bytes | None] = [None] * count
+        errors: list[str | None] = [None] * count
+        decoded_rows, pixels_list, modes = [], [], []
+        for row, value in enumerate(values):
+            decoded = decode(value, self.limits, self.base_dir)
+            if not decoded.ok:
+                errors[row] = decoded.error
+                continue
+            if self.runner.channels == 3 and color_channels(decoded.mode) == 1:
+                errors[row] = f"the model restores colour images; this image is {decoded.mode}"
+                continue
+            decoded_rows.append(row)
+            pixels_list.append(decoded.pixels)
+            modes.append(decoded.mode)
+        try:
+            restored = self.restore_pixels(pixels_list, modes)
+        except Exception as error:  # e.g. out of memory on one huge image: fail these rows, keep going
+            restored = [None] * len(decoded_rows)
+            for row in decoded_rows:
+                errors[row] = f"restoration failed: {type(error).__name__}: {error}"
+        for row, pixels, mode in zip(decoded_rows, restored, modes):
+            if pixels is None:
+                continue
+            try:
+                encoded[row] = encode_png(pixels, mode, self.settings.png_compress_level)
+                self.megapixels += pixels.shape[0] * pixels.shape[1] / 1e6
+            except Exception as error:
+                errors[row] = f"encoding failed: {type(error).__name__}: {error}"
+        out = {key: value for key, value in batch.items() if key != self.columns.image}
+        out[self.columns.image] = np.array(encoded, dtype=object)
+        out["status"] = np.array(["failed" if error else "ok" for error in errors], dtype=object)
+        out["error"] = np.array(errors, dtype=object)
+        out["model_version"] = np.array([self.model_version] * count, dtype=object)
+        return out

@@ -1,0 +1,89 @@
+import pickle
+
+import pytest
+import torch
+
+from pipeline import modelio
+from pipeline.models import MODEL_PRESETS, MODELS, build_model, model_preset
+
+TINY = {"dncnn": {"depth": 4, "width": 8}, "resnet": {"blocks": 2, "width": 8}}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("channels", [1, 3])
+def test_every_model_forward_backward_odd_size(name, channels):
+    torch.manual_seed(0)
+    model = build_model(name, channels=channels, **TINY[name])
+    x = torch.rand(2, channels, 37, 23, requires_grad=True)  # odd H x W
+    y = model(x)
+    assert y.shape == x.shape
+    assert torch.isfinite(y).all()
+    y.square().mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_models_are_residual(name):
+    """With the last layer zeroed the network returns its input: it learns only the correction."""
+    model = build_model(name, **TINY[name]).eval()
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    torch.nn.init.zeros_(last.weight)
+    torch.nn.init.zeros_(last.bias)
+    x = torch.rand(1, 1, 16, 16)
+    torch.testing.assert_close(model(x), x)
+
+
+@pytest.mark.parametrize("preset", sorted(MODEL_PRESETS))
+def test_presets_build(preset):
+    spec = model_preset(preset)
+    model = spec.build()
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_bad_config_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("unet")
+    with pytest.raises(ValueError, match="depth must be >= 3"):
+        build_model("dncnn", depth=1)
+    with pytest.raises(ValueError, match="fields are"):
+        build_model("dncnn", layers=3)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_save_load_round_trip_is_bit_exact(name, where, tmp_path, s3_prefix):
+    root = str(tmp_path / "model") if where == "local" else s3_prefix + "/model"
+    torch.manual_seed(1)
+    model = build_model(name, **TINY[name])
+    if name == "dncnn":  # give batch-norm buffers non-default values
+        model.train()(torch.rand(4, 1, 16, 16))
+    card = modelio.save_model(root, model, metrics={"val_psnr": 1.5}, degradation={"noise_sigma": 25})
+    loaded, loaded_card = modelio.load_model(root)
+    assert loaded_card.version == card.version and loaded_card.metrics == {"val_psnr": 1.5}
+    for (key, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), key
+    x = torch.rand(1, 1, 19, 21)
+    assert torch.equal(model.eval()(x), loaded(x))
+
+
+def test_pickle_named_safetensors_is_refused(tmp_path):
+    model = build_model("dncnn", **TINY["dncnn"])
+    modelio.save_model(str(tmp_path), model)
+    torch.save(model.state_dict(), tmp_path / "model.safetensors")  # a zip of pickles
+    with pytest.raises(modelio.ModelLoadError, match="refusing to load"):
+        modelio.load_model(str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(pickle.dumps({"w": 1}, protocol=4))
+    with pytest.raises(modelio.ModelLoadError, match="pickle"):
+        modelio.load_model(str(tmp_path))
+
+
+def test_missing_or_tampered_model_folder(tmp_path):
+    with pytest.raises(modelio.ModelLoadError, match="not a resflow model folder"):
+        modelio.load_model(str(tmp_path))
+    modelio.save_model(str(tmp_path), build_model("resnet", **TINY["resnet"]))
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(modelio.ModelLoadError, match="sha256"):
+        modelio.load_model(str(tmp_path))

@@ -1,0 +1,62 @@
+import numpy as np
+import pytest
+import torch
+
+from pipeline.images import encode_png
+from pipeline.modelio import save_model
+from pipeline.models import build_model
+from pipeline.restore_core import ImageRestorer, ModelRunner, RestoreSettings, blend_ramp, tile_starts
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model")
+    model = build_model("dncnn", depth=5, width=8)
+    model.train()(torch.rand(4, 1, 32, 32))  # non-trivial batch-norm statistics
+    save_model(str(path), model)
+    return str(path)
+
+
+def test_tiles_cover_the_image_and_weights_never_vanish():
+    for length in (100, 512, 513, 1500):
+        starts = tile_starts(length, 256, 64)
+        covered = np.zeros(length)
+        for start in starts:
+            end = min(start + 256, length)
+            covered[start:end] += blend_ramp(end - start, 64, start == 0, end == length)
+        assert covered.min() > 0.2
+
+
+def test_tiled_equals_whole_image_within_one_level(model_dir):
+    from pipeline.modelio import load_model
+
+    model, _ = load_model(model_dir)
+    rng = np.random.default_rng(0)
+    image = rng.random((1, 300, 417)).astype(np.float32)
+    whole = ModelRunner(model, RestoreSettings(tile=1024, tile_overlap=0)).run([image])[0]
+    tiled = ModelRunner(model, RestoreSettings(tile=96, tile_overlap=32, batch_size=5)).run([image])[0]
+    assert np.abs(whole - tiled).max() < 1 / 255
+
+
+def test_batch_of_mixed_modes_and_sizes_keeps_each_row(model_dir):
+    rng = np.random.default_rng(1)
+    gray = rng.integers(0, 256, (40, 52), dtype=np.uint8)
+    rgba = rng.integers(0, 256, (33, 20, 4), dtype=np.uint8)
+    gray16 = rng.integers(0, 65536, (24, 24), dtype=np.uint16)
+    batch = {
+        "image_id": np.array(["g", "bad", "rgba", "g16"], dtype=object),
+        "image": np.array([encode_png(gray, "L"), b"junk", encode_png(rgba, "RGBA"), encode_png(gray16, "I;16")],
+                          dtype=object),
+        "label": np.array([1, 2, 3, 4]),
+    }
+    out = ImageRestorer(model_dir, RestoreSettings(tile=32, tile_overlap=8))(batch)
+    assert list(out["status"]) == ["ok", "failed", "ok", "ok"]
+    assert "cannot decode" in out["error"][1] and out["image"][1] is None
+    assert list(out["label"]) == [1, 2, 3, 4] and len(set(out["model_version"])) == 1
+    from pipeline.images import decode
+
+    restored_rgba = decode(out["image"][2])
+    assert restored_rgba.mode == "RGBA"
+    np.testing.assert_array_equal(restored_rgba.pixels[:, :, 3], rgba[:, :, 3])  # alpha untouched
+    assert decode(out["image"][3]).mode == "I;16" and decode(out["image"][0]).pixels.shape == (40, 52)
