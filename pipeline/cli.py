@@ -101,6 +101,75 @@ def cmd_degrade(args) -> int:
     return 0
 
 
+def cmd_split(args) -> int:
+    from pipeline.ingest import split_dataset
+
+    train_rows, val_rows = split_dataset(args.source, args.train, args.val, args.val_fraction, args.seed, _columns(args))
+    print(f"{train_rows} rows -> {args.train}, {val_rows} rows -> {args.val}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from pipeline.train import train, train_preset
+
+    overrides = {"workers": args.workers, "max_minutes": args.max_minutes, "epochs": args.epochs,
+                 "batch_size": args.batch_size, "patch_size": args.patch_size, "learning_rate": args.learning_rate,
+                 "seed": args.seed, "cpus_per_worker": args.cpus_per_worker, "keep_checkpoints": args.keep_checkpoints}
+    if args.gpu:
+        overrides["use_gpu"] = True
+    if args.model:
+        overrides["model"] = args.model
+    if args.model_config:
+        overrides["model_config"] = json.loads(args.model_config)
+    if args.noise_sigma_range or args.jpeg_quality or args.blur_sigma or args.downscale or args.noise_sigma != 25:
+        overrides["degradation"] = degradation_from_args(args)
+    overrides["columns"] = _columns(args)
+    config = train_preset(args.preset, **overrides)
+    result = train(args.data, args.val_data, args.output, config, run_name=args.run_name)
+    summary = {"model": result.model_uri, "version": result.version, "run_name": result.run_name,
+               "checkpoints": result.checkpoint_uri, **result.metrics}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"best epoch {result.metrics.get('epoch')}: val PSNR {result.metrics.get('val_psnr', float('nan')):.2f} dB, "
+              f"SSIM {result.metrics.get('val_ssim', float('nan')):.4f}\nmodel version {result.version} -> {result.model_uri}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from pipeline.evaluate import evaluate
+    from pipeline.restore_core import RestoreSettings
+
+    result = evaluate(args.model, args.data, noise_sigma=args.noise_sigma, seed=args.seed, columns=_columns(args),
+                      settings=RestoreSettings(tile=args.tile))
+    summary = result.summary()
+    if args.json:
+        print(json.dumps({**summary, **({"per_image": result.per_image} if args.per_image else {})}, indent=2))
+        return 0
+    if args.per_image:
+        print(f"{'image':<24} {'input PSNR':>10} {'output PSNR':>11} {'input SSIM':>10} {'output SSIM':>11}")
+        for row in result.per_image:
+            print(f"{row['image_id']:<24} {row['input_psnr']:>10.2f} {row['output_psnr']:>11.2f} "
+                  f"{row['input_ssim']:>10.4f} {row['output_ssim']:>11.4f}")
+    print(f"{summary['images']} images ({summary['protocol']}), model {summary['model_version']}: "
+          f"PSNR {summary['input_psnr']:.2f} -> {summary['output_psnr']:.2f} dB, "
+          f"SSIM {summary['input_ssim']:.4f} -> {summary['output_ssim']:.4f}")
+    for image_id, reason in result.failed:
+        print(f"failed: {image_id}: {reason}", file=sys.stderr)
+    return 0
+
+
+def cmd_restore(args) -> int:
+    from pipeline.restore import RestoreJob, format_report, restore_dataset
+
+    job = RestoreJob(input=args.input, output=args.output, model=args.model, workers=args.workers, use_gpu=args.gpu,
+                     batch_size=args.batch_size, tile=args.tile, tile_overlap=args.tile_overlap, force=args.force,
+                     stall_timeout_s=args.stall_timeout, columns=_columns(args), progress=not args.json)
+    report = restore_dataset(job, log=(lambda message: print(message, file=sys.stderr)) if args.json else print)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="resflow", description="Restore image datasets with residual networks on Ray.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -128,6 +197,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     _add_column_flags(p)
     p.set_defaults(func=cmd_degrade)
+
+    p = commands.add_parser("split", help="split a dataset into train and held-out validation by image id")
+    p.add_argument("source")
+    p.add_argument("train")
+    p.add_argument("val")
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    _add_column_flags(p)
+    p.set_defaults(func=cmd_split)
+
+    from pipeline.train import TRAIN_PRESETS
+
+    p = commands.add_parser("train", help="train a residual model with Ray Train (local Ray or RAY_ADDRESS)")
+    p.add_argument("--data", required=True, help="training dataset: clean images, or paired (image, target)")
+    p.add_argument("--val-data", required=True, help="held-out dataset scored every epoch")
+    p.add_argument("--output", required=True, help="model registry prefix; the best checkpoint is published there")
+    p.add_argument("--preset", default="cpu", choices=sorted(TRAIN_PRESETS))
+    p.add_argument("--model", help="override the preset's architecture (dncnn, resnet)")
+    p.add_argument("--model-config", help='JSON, e.g. \'{"depth": 17, "width": 64}\'')
+    p.add_argument("--workers", type=int)
+    p.add_argument("--cpus-per-worker", type=float)
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker, bf16 autocast")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--max-minutes", type=float, help="wall-clock budget; the LR schedule anneals to it")
+    p.add_argument("--batch-size", type=int, help="per worker")
+    p.add_argument("--patch-size", type=int)
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--keep-checkpoints", type=int, help="best N checkpoints by validation PSNR kept in storage")
+    p.add_argument("--run-name", help="reuse a name to resume that run from its latest checkpoint")
+    p.add_argument("--json", action="store_true")
+    add_degradation_flags(p)
+    _add_column_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = commands.add_parser("evaluate", help="PSNR/SSIM of a model on a paired or (with --noise-sigma) clean dataset")
+    p.add_argument("--model", required=True, help="model folder or registry (its champion)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--noise-sigma", type=float, help="clean data: add the protocol's Gaussian noise at this sigma")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tile", type=int, default=512)
+    p.add_argument("--per-image", action="store_true")
+    p.add_argument("--json", action="store_true")
+    _add_column_flags(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = commands.add_parser("restore", help="restore every image of a Parquet dataset with Ray Data")
+    p.add_argument("--input", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--model", required=True, help="model folder or registry (its champion)")
+    p.add_argument("--workers", type=int, help="model replicas (default: from the cluster's CPUs or GPUs)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per replica, bf16")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--tile", type=int, default=512)
+    p.add_argument("--tile-overlap", type=int, default=64)
+    p.add_argument("--force", action="store_true", help="restore every file, even those already done")
+    p.add_argument("--stall-timeout", type=float, default=600, help="fail after this many seconds without progress")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _add_column_flags(p)
+    p.set_defaults(func=cmd_restore)
     return parser
 
 

@@ -157,3 +157,26 @@ def degrade_dataset(source: str, destination: str, degradation: Degradation, see
         bar.update(1)
     bar.close()
     return report
+
+
+def held_out(image_id: str, fraction: float, seed: int) -> bool:
+    digest = hashlib.sha256(f"{seed}:{image_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") / 2**64 < fraction
+
+
+def split_dataset(source: str, train_destination: str, val_destination: str, val_fraction: float = 0.05,
+                  seed: int = 0, columns: ImageColumns = ImageColumns()) -> tuple[int, int]:
+    """Split a dataset by a hash of `image_id`: stable when images are added, so an image
+    never moves between training and validation. Returns (train rows, val rows)."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be within (0, 1), got {val_fraction}")
+    counts = [0, 0]
+    for info in check_dataset(source, columns):
+        table = read_table(info.uri)
+        mask = np.array([held_out(image_id, val_fraction, seed) for image_id in table[columns.id].to_pylist()], bool)
+        for index, (destination, part) in enumerate([(train_destination, table.filter(pa.array(~mask))),
+                                                     (val_destination, table.filter(pa.array(mask)))]):
+            storage.ensure_bucket(destination)
+            write_table(storage.join(destination, output_name(info.uri)), part)
+            counts[index] += part.num_rows
+    return counts[0], counts[1]

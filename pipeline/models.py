@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # --- configs ---------------------------------------------------------------------------
@@ -38,8 +39,11 @@ class ResNetConfig:
     blocks: int = 8  # residual blocks between the head and tail convolutions
     width: int = 64  # feature channels inside the blocks
     residual_scale: float = 1.0  # scales each block's branch; < 1 steadies very deep stacks (EDSR uses 0.1)
+    unshuffle: int = 1  # work at 1/s resolution (pixel-unshuffle, as FFDNet): s^2 less compute, s x wider view
 
     def __post_init__(self):
+        if self.unshuffle not in (1, 2, 4):
+            raise ValueError(f"ResNet unshuffle must be 1, 2 or 4, got {self.unshuffle}")
         if self.channels not in (1, 3):
             raise ValueError(f"ResNet channels must be 1 (gray) or 3 (colour), got {self.channels}")
         if self.blocks < 1 or self.width < 1:
@@ -95,13 +99,27 @@ class ResNet(nn.Module):
     def __init__(self, config: ResNetConfig = ResNetConfig()):
         super().__init__()
         self.config = config
-        self.head = conv3x3(config.channels, config.width)
+        scale = config.unshuffle
+        self.head = conv3x3(config.channels * scale * scale, config.width)
         self.blocks = nn.Sequential(*[ResidualBlock(config.width, config.residual_scale) for _ in range(config.blocks)])
-        self.tail = conv3x3(config.width, config.channels)
+        self.tail = conv3x3(config.width, config.channels * scale * scale)
+        nn.init.zeros_(self.tail.weight)  # starts as the identity: the first steps already refine the input
+        nn.init.zeros_(self.tail.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.blocks(self.head(x))  # (B, C, H, W) -> (B, W, H, W)
-        return x + self.tail(features)  # global skip: the network learns only the correction
+        scale = self.config.unshuffle
+        height, width = x.shape[-2:]
+        padded = x
+        if scale > 1:  # pad odd sizes up to a multiple of the scale, crop back at the end
+            pad_h, pad_w = (-height) % scale, (-width) % scale
+            if pad_h or pad_w:
+                padded = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+            padded = F.pixel_unshuffle(padded, scale)  # (B, C, H, W) -> (B, C*s*s, H/s, W/s)
+        features = self.blocks(self.head(padded))  # -> (B, W, H/s, W/s)
+        correction = self.tail(features)  # -> (B, C*s*s, H/s, W/s)
+        if scale > 1:
+            correction = F.pixel_shuffle(correction, scale)[..., :height, :width]  # -> (B, C, H, W)
+        return x + correction  # global skip: the network learns only the correction
 
 
 # --- registry --------------------------------------------------------------------------

@@ -125,6 +125,7 @@ def start(
     buckets: tuple[str, ...] = (DEFAULT_BUCKET,),
     timeout: float = 90.0,
     log_to: str | os.PathLike | None = None,
+    ports: dict | None = None,
 ) -> S3Server:
     """Start SeaweedFS on loopback (or return the one already running from `data_dir`)."""
     data_dir = Path(data_dir).absolute()
@@ -145,14 +146,21 @@ def start(
         identities.touch(mode=0o600)
         identities.write_text(json.dumps(config))
 
+    if ports is not None:  # a restart on the same ports: clients keep their endpoint
+        ports = dict(ports)
+        port = ports["s3"]
     taken: set[int] = set()
-    ports = {}
+    chosen_ports = {}
     for service in ("s3", "master", "volume", "filer"):
+        if ports is not None:
+            chosen_ports[service] = ports[service]
+            continue
         chosen = port if (service == "s3" and port) else _free_port_pair(taken)
         if service == "s3" and port and not (_port_free(port) and _port_free(port + 10000)):
             raise S3ServerError(f"port {port} (or its gRPC port {port + 10000}) is taken; choose another --port")
-        ports[service] = chosen
+        chosen_ports[service] = chosen
         taken.update({chosen, chosen + 10000})
+    ports = chosen_ports
     storage_dir = data_dir / "data"
     storage_dir.mkdir(exist_ok=True)
     command = [
@@ -204,14 +212,16 @@ def _create_buckets(server: S3Server, buckets: tuple[str, ...]) -> None:
                 time.sleep(0.5)
 
 
-def stop_pid(pid: int, timeout: float = 60.0) -> None:
-    """SIGTERM the server's process group, wait for it (SeaweedFS takes 10-27 s), then SIGKILL."""
+def stop_pid(pid: int, timeout: float = 60.0, hard: bool = False) -> None:
+    """SIGTERM the server's process group, wait for it (SeaweedFS takes 10-27 s), then
+    SIGKILL; `hard` kills at once, as a crash would."""
     if not _pid_alive(pid):
         return
+    sig = signal.SIGKILL if hard else signal.SIGTERM
     try:
-        os.killpg(pid, signal.SIGTERM)
+        os.killpg(pid, sig)
     except (ProcessLookupError, PermissionError):
-        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, sig)
     deadline = time.monotonic() + timeout
     while _pid_alive(pid):
         try:
@@ -227,13 +237,24 @@ def stop_pid(pid: int, timeout: float = 60.0) -> None:
         time.sleep(0.2)
 
 
-def stop(data_dir: str | os.PathLike = DEFAULT_DIR) -> S3Server | None:
+def stop(data_dir: str | os.PathLike = DEFAULT_DIR, hard: bool = False) -> S3Server | None:
     server = read_state(data_dir)
     if server is None:
         return None
-    stop_pid(server.pid)
+    stop_pid(server.pid, hard=hard)
     (Path(data_dir) / STATE_FILE).unlink(missing_ok=True)
     return server
+
+
+def restart(data_dir: str | os.PathLike = DEFAULT_DIR, down_seconds: float = 0.0, hard: bool = False) -> S3Server:
+    """Stop (or with `hard`, kill) the server and start it again on the same ports and
+    data: an outage drill."""
+    server = read_state(data_dir)
+    if server is None:
+        raise S3ServerError(f"no server recorded in {data_dir}")
+    stop(data_dir, hard=hard)
+    time.sleep(down_seconds)
+    return start(data_dir, ports=server.ports, buckets=())
 
 
 def status(data_dir: str | os.PathLike = DEFAULT_DIR) -> dict:

@@ -142,20 +142,26 @@ class FileInfo:
     etag: str  # S3 ETag, or "mtime_ns-size" for local files: what changes when content does
 
 
-def retry(operation: Callable, *, attempts: int = 5, first_delay: float = 0.5, what: str = "storage call"):
+def retry(operation: Callable, *, attempts: int = 10, first_delay: float = 0.5, what: str = "storage call"):
     """Run `operation` and retry transient errors (connection refused, timeouts, 5xx)
-    with exponential backoff; the last error propagates with its cause."""
+    with exponential backoff capped at 16 s: 10 attempts span about 80 s, long enough for
+    an S3 server restart. The last error propagates with its cause."""
     delay = first_delay
     for attempt in range(1, attempts + 1):
         try:
             return operation()
-        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError):
-            raise  # deterministic: retrying cannot help
-        except (OSError, ConnectionError, TimeoutError) as error:
+        except DETERMINISTIC_ERRORS:
+            raise  # retrying cannot help
+        except Exception as error:  # connection refused, timeouts, 5xx, botocore's own error classes
             if attempt == attempts:
                 raise StorageError(f"{what} failed after {attempts} attempts: {error}") from error
             time.sleep(delay)
-            delay *= 2
+            delay = min(delay * 2, 16.0)
+
+
+# Errors that say the request itself is wrong: raised at once, never retried.
+DETERMINISTIC_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError,
+                        ValueError, TypeError, KeyError, StorageError)
 
 
 def list_files(uri: str, suffixes: tuple[str, ...] = (".parquet",)) -> list[FileInfo]:
@@ -251,18 +257,22 @@ def write_atomically(uri: str, write: Callable[[pafs.FileSystem, str], None]) ->
     never a half-written file where a reader looks for results."""
     fs, final_path = pyarrow_filesystem(uri)
     directory, name = posixpath.split(final_path)
-    temporary = posixpath.join(directory, RESFLOW_DIR, "tmp", f"{uuid.uuid4().hex}-{name}")
     if parse(uri).scheme == "file":
-        os.makedirs(posixpath.dirname(temporary), exist_ok=True)
-    try:
-        write(fs, temporary)
-        retry(lambda: fs.move(temporary, final_path), what=f"publishing {uri}")
-    except BaseException:
+        os.makedirs(posixpath.join(directory, RESFLOW_DIR, "tmp"), exist_ok=True)
+
+    def attempt() -> None:  # a fresh temporary object per attempt, so a retry never appends to a broken one
+        temporary = posixpath.join(directory, RESFLOW_DIR, "tmp", f"{uuid.uuid4().hex}-{name}")
         try:
-            fs.delete_file(temporary)
-        except Exception:
-            pass  # the temporary object is invisible to readers; cleanup is best effort
-        raise
+            write(fs, temporary)
+            fs.move(temporary, final_path)
+        except BaseException:
+            try:
+                fs.delete_file(temporary)
+            except Exception:
+                pass  # the temporary object is invisible to readers; cleanup is best effort
+            raise
+
+    retry(attempt, what=f"writing {uri}")
 
 
 def iter_chunks(items: list, size: int) -> Iterator[list]:

@@ -41,3 +41,66 @@ def s3_server(tmp_path_factory):
 def s3_prefix(s3_server, request) -> str:
     """A fresh s3:// prefix per test, so tests never see each other's objects."""
     return f"s3://tests/{request.node.name[:40].replace('[', '-').replace(']', '')}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server):
+    """One local Ray for the session, started after the S3 variables are set so that its
+    workers inherit them. 4 logical CPUs on 2 cores: see pipeline/raycluster.py."""
+    import ray
+
+    from pipeline import raycluster
+
+    raycluster.connect(num_cpus=4)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def train400_small(s3_server, tmp_path_factory):
+    """24 Train400 images for training and 4 held out, as Parquet in S3."""
+    from pipeline.ingest import ingest
+
+    source = tmp_path_factory.mktemp("train400")
+    files = sorted(shared_data("Train400").glob("*.png"))
+    for index, path in enumerate(files[:28]):
+        (source / ("val" if index >= 24 else "train")).mkdir(exist_ok=True)
+        (source / ("val" if index >= 24 else "train") / path.name).write_bytes(path.read_bytes())
+    root = f"s3://tests/train400-{uuid.uuid4().hex[:6]}"
+    ingest(str(source / "train"), root + "/train", rows_per_file=12, progress=False)
+    ingest(str(source / "val"), root + "/val", progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_model(tmp_path_factory) -> str:
+    """A tiny DnCNN trained in-process for a few seconds on Train400 patches (never on
+    Set12/BSD68): enough to beat the noisy input at sigma 25."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from pipeline.modelio import save_model
+    from pipeline.models import build_model
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    images = [np.asarray(Image.open(path), np.float32) / 255 for path in sorted(shared_data("Train400").glob("*.png"))[:40]]
+    model = build_model("dncnn", depth=5, width=16)
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    for step in range(250):
+        patches = []
+        for _ in range(16):
+            image = images[rng.integers(len(images))]
+            y, x = rng.integers(0, image.shape[0] - 32), rng.integers(0, image.shape[1] - 32)
+            patches.append(image[y : y + 32, x : x + 32])
+        clean = torch.from_numpy(np.stack(patches))[:, None]
+        noisy = clean + torch.randn_like(clean) * 25 / 255
+        loss = F.mse_loss(model(noisy), clean)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    path = tmp_path_factory.mktemp("trained") / "model"
+    save_model(str(path), model.eval(), degradation={"noise_sigma": 25})
+    return str(path)

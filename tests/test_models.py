@@ -6,7 +6,7 @@ import torch
 from pipeline import modelio
 from pipeline.models import MODEL_PRESETS, MODELS, build_model, model_preset
 
-TINY = {"dncnn": {"depth": 4, "width": 8}, "resnet": {"blocks": 2, "width": 8}}
+TINY = {"dncnn": {"depth": 4, "width": 8}, "resnet": {"blocks": 2, "width": 8, "unshuffle": 2}}
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

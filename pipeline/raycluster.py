@@ -1,0 +1,37 @@
+"""Connecting to Ray: an existing cluster through RAY_ADDRESS, else a local Ray in-process.
+
+On a 2-core machine Ray's default of one logical CPU per core lets 1-CPU actors and
+train workers starve the tasks that list, read and write files: the job hangs with no
+error. Local Ray therefore advertises at least 4 logical CPUs, and resflow's actors and
+train workers ask for fractions; torch threads are set explicitly so that the
+oversubscription stays logical, not physical.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+LOCAL_MIN_LOGICAL_CPUS = 4
+
+
+def connect(address: str | None = None, num_cpus: int | None = None) -> dict:
+    """Attach to RAY_ADDRESS (or `address`), or start local Ray; returns cluster resources."""
+    if ray.is_initialized():
+        return ray.cluster_resources()
+    address = address or os.environ.get("RAY_ADDRESS")
+    quiet = {"log_to_driver": True, "logging_level": "WARNING"}
+    if address:
+        ray.init(address=address, **quiet)
+    else:
+        logical = num_cpus or max(LOCAL_MIN_LOGICAL_CPUS, os.cpu_count() or 1)
+        ray.init(num_cpus=logical, include_dashboard=False, **quiet)
+    return ray.cluster_resources()
+
+
+def physical_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1

@@ -1,0 +1,172 @@
+"""Ray Data batch restoration against SeaweedFS and local Ray."""
+
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline import metrics, s3server, storage
+from pipeline.dataset import DatasetError, Manifest, read_table
+from pipeline.degrade import Degradation
+from pipeline.images import SchemaError, decode, encode_png
+from pipeline.ingest import degrade_dataset, ingest
+from pipeline.modelio import ModelLoadError
+from pipeline.restore import RestoreJob, StallError, restore_dataset
+from tests.conftest import shared_data
+from tests.test_images import bad_values
+
+
+def job(input_uri, output_uri, model, **overrides) -> RestoreJob:
+    settings = dict(workers=2, cpus_per_worker=0.5, batch_size=4, progress=False, stall_timeout_s=300)
+    settings.update(overrides)
+    return RestoreJob(input=input_uri, output=output_uri, model=model, **settings)
+
+
+def rows(uri: str) -> pa.Table:
+    return pa.concat_tables([read_table(info.uri) for info in storage.list_files(uri)])
+
+
+@pytest.fixture(scope="module")
+def noisy_set12(s3_server):
+    root = f"s3://tests/restore-set12-{time.time_ns()}"
+    ingest(str(shared_data("Set12")), root + "/clean", rows_per_file=4, progress=False)
+    degrade_dataset(root + "/clean", root + "/noisy", Degradation(noise_sigma=25), progress=False)
+    return root + "/noisy"
+
+
+def test_restore_set12_improves_psnr_and_keeps_rows(ray_local, noisy_set12, trained_model, s3_prefix):
+    report = restore_dataset(job(noisy_set12, s3_prefix, trained_model))
+    assert (report.files_restored, report.images_ok, report.images_failed) == (3, 12, 0)
+    assert [f.uri.rsplit("/", 1)[1] for f in storage.list_files(s3_prefix)] == \
+        [f.uri.rsplit("/", 1)[1] for f in storage.list_files(noisy_set12)]  # one output per input, same names
+    out, source = rows(s3_prefix), rows(noisy_set12)
+    assert out["image_id"].to_pylist() == source["image_id"].to_pylist()  # same rows, same order, no duplicates
+    assert set(out.column_names) == {"image_id", "image", "target", "status", "error", "model_version"}
+    before = [metrics.psnr(decode(t).pixels, decode(i).pixels) for i, t in zip(source["image"].to_pylist(), source["target"].to_pylist())]
+    after = [metrics.psnr(decode(t).pixels, decode(i).pixels) for i, t in zip(out["image"].to_pylist(), out["target"].to_pylist())]
+    assert np.mean(after) > np.mean(before) + 3
+    assert report.megapixels == pytest.approx(sum(decode(v).pixels.size for v in out["image"].to_pylist()) / 1e6)
+
+
+def test_rerun_is_a_noop_and_only_new_files_are_restored(ray_local, noisy_set12, trained_model, s3_prefix):
+    restore_dataset(job(noisy_set12, s3_prefix, trained_model))
+    again = restore_dataset(job(noisy_set12, s3_prefix, trained_model))
+    assert (again.files_restored, again.files_skipped) == (0, 3)
+    extra = f"{s3_prefix}-input"
+    for info in storage.list_files(noisy_set12):
+        storage.write_bytes(storage.join(extra, info.uri.rsplit("/", 1)[1]), storage.read_bytes(info.uri))
+    restore_dataset(job(extra, s3_prefix + "-out", trained_model))
+    table = read_table(storage.list_files(noisy_set12)[0].uri).slice(0, 2)
+    pq.write_table(table.set_column(0, "image_id", pa.array(["new-a", "new-b"])), "/tmp/new.parquet")
+    storage.write_bytes(storage.join(extra, "part-00099.parquet"), open("/tmp/new.parquet", "rb").read())
+    third = restore_dataset(job(extra, s3_prefix + "-out", trained_model))
+    assert (third.files_restored, third.files_skipped, third.images_ok) == (1, 3, 2)
+    assert len(rows(s3_prefix + "-out")) == 14
+    forced = restore_dataset(job(extra, s3_prefix + "-out", trained_model, force=True))
+    assert forced.files_restored == 4 and len(rows(s3_prefix + "-out")) == 14
+
+
+def test_corrupt_rows_are_failed_with_reasons(ray_local, trained_model, tmp_path):
+    good = (shared_data("Set12") / "01.png").read_bytes()
+    bad = bad_values()
+    ids = ["good-1"] + list(bad) + ["good-2"]
+    pq.write_table(pa.table({"image_id": ids, "image": pa.array([good] + [v for v, _ in bad.values()] + [good], pa.binary())}),
+                   tmp_path / "in.parquet")
+    report = restore_dataset(job(str(tmp_path), str(tmp_path / "out"), trained_model))
+    assert (report.images_ok, report.images_failed) == (2, len(bad))
+    out = rows(str(tmp_path / "out"))
+    status = dict(zip(out["image_id"].to_pylist(), out["status"].to_pylist()))
+    errors = dict(zip(out["image_id"].to_pylist(), out["error"].to_pylist()))
+    assert status["good-1"] == status["good-2"] == "ok" and errors["good-1"] is None
+    for name, (_, reason) in bad.items():
+        assert status[name] == "failed" and reason in errors[name]
+
+
+def test_tiled_restore_of_a_large_image_matches_whole(ray_local, trained_model, tmp_path):
+    rng = np.random.default_rng(3)
+    tiles = [np.asarray(decode((shared_data("BSD68") / f"test00{i}.png").read_bytes()).pixels) for i in (1, 2)]
+    large = np.concatenate([tiles[0][:300, :460], tiles[1][:300, :460]], axis=0)  # 600 x 460
+    noisy = np.clip(large + rng.normal(0, 25, large.shape), 0, 255).round().astype(np.uint8)
+    pq.write_table(pa.table({"image_id": ["large"], "image": [encode_png(noisy, "L")]}), tmp_path / "in.parquet")
+    restore_dataset(job(str(tmp_path), str(tmp_path / "whole"), trained_model, tile=1024, tile_overlap=0))
+    restore_dataset(job(str(tmp_path), str(tmp_path / "tiled"), trained_model, tile=128, tile_overlap=32))
+    whole = decode(rows(str(tmp_path / "whole"))["image"][0].as_py()).pixels.astype(int)
+    tiled = decode(rows(str(tmp_path / "tiled"))["image"][0].as_py()).pixels.astype(int)
+    assert np.abs(whole - tiled).max() <= 1
+
+
+def test_hugging_face_parquet_input(ray_local, trained_model, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    paths = sorted(shared_data("Set12").glob("*.png"))[:3]
+    dataset = datasets.Dataset.from_dict(
+        {"image_id": [p.name for p in paths], "image": [{"bytes": p.read_bytes(), "path": p.name} for p in paths],
+         "caption": ["a", "b", "c"]}).cast_column("image", datasets.Image())
+    (tmp_path / "hf").mkdir()
+    dataset.to_parquet(str(tmp_path / "hf" / "data.parquet"))
+    report = restore_dataset(job(str(tmp_path / "hf"), str(tmp_path / "out"), trained_model))
+    assert report.images_ok == 3
+    out = rows(str(tmp_path / "out"))
+    assert out["caption"].to_pylist() == ["a", "b", "c"]
+    assert decode(out["image"][0].as_py()).pixels.shape == decode(paths[0].read_bytes()).pixels.shape
+
+
+def test_bad_input_stops_before_any_work(trained_model, tmp_path):
+    pq.write_table(pa.table({"image_id": ["a"], "picture": [b"x"]}), tmp_path / "missing.parquet")
+    with pytest.raises(SchemaError, match="no image column 'image'"):
+        restore_dataset(job(str(tmp_path), str(tmp_path / "out"), trained_model))
+    (tmp_path / "missing.parquet").unlink()
+    pq.write_table(pa.table({"image_id": ["a"], "image": [3]}), tmp_path / "typed.parquet")
+    with pytest.raises(SchemaError, match="'image' has type int64"):
+        restore_dataset(job(str(tmp_path), str(tmp_path / "out"), trained_model))
+    with pytest.raises(DatasetError, match="no Parquet files"):
+        restore_dataset(job(str(tmp_path / "nothing"), str(tmp_path / "out"), trained_model))
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    for name in ("model.json",):
+        (pickled / name).write_bytes((__import__("pathlib").Path(trained_model) / name).read_bytes())
+    torch.save({"w": torch.zeros(1)}, pickled / "model.safetensors")
+    (tmp_path / "typed.parquet").unlink()
+    pq.write_table(pa.table({"image_id": ["a"], "image": [b"x"]}), tmp_path / "ok.parquet")
+    with pytest.raises(ModelLoadError, match="refusing to load"):
+        restore_dataset(job(str(tmp_path), str(tmp_path / "out"), str(pickled)))
+    assert not (tmp_path / "out").exists()
+
+
+def test_stall_fails_with_a_message_and_rerun_completes(ray_local, noisy_set12, trained_model, s3_prefix):
+    with pytest.raises(StallError, match="no restored rows for 0 s.*0/3 file"):
+        restore_dataset(job(noisy_set12, s3_prefix, trained_model, stall_timeout_s=0.01))
+    report = restore_dataset(job(noisy_set12, s3_prefix, trained_model))
+    assert report.files_restored + report.files_skipped == 3
+    assert len(rows(s3_prefix)) == 12
+
+
+def test_s3_restart_mid_run_loses_and_duplicates_nothing(ray_local, s3_server, trained_model, s3_prefix):
+    ingest(str(shared_data("BSD68")), s3_prefix + "/in", rows_per_file=4, progress=False)
+    files = storage.list_files(s3_prefix + "/in")
+    manifest = Manifest(s3_prefix + "/out", "manifest")
+    outcome = {}
+
+    def run():
+        try:
+            outcome["report"] = restore_dataset(job(s3_prefix + "/in", s3_prefix + "/out", trained_model))
+        except Exception as error:
+            outcome["error"] = error
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    deadline = time.time() + 240
+    while not manifest.all() and time.time() < deadline and worker.is_alive():
+        time.sleep(0.5)
+    s3server.restart(s3_server.data_dir, down_seconds=3, hard=True)  # a crash and ~10 s outage mid-run
+    worker.join(timeout=600)
+    assert not worker.is_alive()
+    if "error" in outcome:  # a clean failure is allowed; the rerun must finish the job
+        restore_dataset(job(s3_prefix + "/in", s3_prefix + "/out", trained_model))
+    out = rows(s3_prefix + "/out")
+    source_ids = [i for f in files for i in read_table(f.uri, columns=["image_id"])["image_id"].to_pylist()]
+    assert sorted(out["image_id"].to_pylist()) == sorted(source_ids)  # every row exactly once
+    assert set(out["status"].to_pylist()) == {"ok"}

@@ -1,0 +1,73 @@
+"""Ray Train on local Ray with 2 CPU workers, data and checkpoints in SeaweedFS."""
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from pipeline import storage
+from pipeline.modelio import load_model
+from pipeline.train import TrainConfig, learning_rate_at, optimizer_from_tensors, optimizer_to_tensors, train, train_preset
+
+
+def tiny_config(**overrides) -> TrainConfig:
+    return replace(train_preset("tiny"), workers=2, cpus_per_worker=0.5, threads_per_worker=1, **overrides)
+
+
+def checkpoints(run_uri: str) -> list[str]:
+    return sorted({info.uri.split("/")[-2] for info in storage.list_files(run_uri, suffixes=("model.json",))
+                   if "/checkpoint_" in info.uri})
+
+
+def test_two_workers_train_checkpoint_and_publish(ray_local, train400_small, s3_prefix):
+    result = train(train400_small + "/train", train400_small + "/val", s3_prefix + "/models", tiny_config())
+    assert result.metrics["val_psnr"] > result.metrics["val_noisy_psnr"] + 3  # learned to denoise
+    assert len(checkpoints(result.checkpoint_uri)) == 3  # one per epoch, keep 3
+    model, card = load_model(result.model_uri)
+    assert card.version == result.version and card.degradation["noise_sigma"] == 25
+    assert card.data_fingerprint and card.metrics["val_psnr"] == pytest.approx(result.metrics["val_psnr"])
+    assert card.training["config"]["workers"] == 2
+    assert [row["epoch"] for row in result.history] == [1, 2, 3]
+
+
+def test_killed_worker_resumes_from_checkpoint(ray_local, train400_small, s3_prefix):
+    result = train(train400_small + "/train", train400_small + "/val", s3_prefix + "/models", tiny_config(),
+                   crash_at_epoch=2)
+    last = result.history[-1]
+    assert last["restarts"] == 1 and last["resumed_from"] == 1  # restarted after epoch 1's checkpoint
+    assert last["epoch"] == 3
+
+
+def test_rerun_with_the_same_name_resumes(ray_local, train400_small, s3_prefix):
+    first = train(train400_small + "/train", train400_small + "/val", s3_prefix + "/models",
+                  tiny_config(epochs=1), run_name="resume-me")
+    assert first.history[-1]["epoch"] == 1
+    second = train(train400_small + "/train", train400_small + "/val", s3_prefix + "/models",
+                   tiny_config(epochs=2), run_name="resume-me")
+    assert second.history[-1]["epoch"] == 2 and second.history[-1]["resumed_from"] == 1
+
+
+def test_config_validation_and_schedule():
+    with pytest.raises(ValueError, match="patch_size"):
+        TrainConfig(patch_size=2)
+    with pytest.raises(ValueError, match="fields are"):
+        TrainConfig(model_config={"layers": 3})
+    config = TrainConfig(learning_rate=1e-3, min_learning_rate=1e-5)
+    assert learning_rate_at(0, config, 1) == pytest.approx(1e-3)
+    assert learning_rate_at(1, config, 1) == pytest.approx(1e-5)
+    assert learning_rate_at(0, config, 4) == pytest.approx(2e-3)  # sqrt(workers) scaling
+    assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_optimizer_state_round_trips_without_pickle():
+    import torch
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.rand(4, 3)).sum().backward()
+    optimizer.step()
+    tensors, meta = optimizer_to_tensors(optimizer)
+    fresh = torch.optim.Adam(model.parameters())
+    optimizer_from_tensors(fresh, tensors, json.loads(json.dumps(meta)))
+    for a, b in zip(optimizer.state.values(), fresh.state.values()):
+        assert all(torch.equal(a[key], b[key]) for key in a)
