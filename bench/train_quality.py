@@ -31,19 +31,12 @@ REFERENCE = {"noisy input": (20.37, 20.50), "BM3D": (29.99, 28.57), "DnCNN-S (17
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--minutes", type=float, default=30)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--preset", default="cpu")
     parser.add_argument("--dir", default=str(REPO / ".bench" / "s3"))
     args = parser.parse_args()
-    server = None
-    if not os.environ.get("AWS_ENDPOINT_URL"):
-        server = s3server.start(args.dir, buckets=("resflow",))
-        os.environ.update(server.env())
-    try:
+    with s3server.embedded(args.dir, buckets=("resflow",)):
         run(args)
-    finally:
-        if server:
-            s3server.stop(server.data_dir)
 
 
 def run(args) -> None:
@@ -62,7 +55,7 @@ def run(args) -> None:
               for name in ("Set12", "BSD68")}
     curve = []
     history = {row["epoch"]: row for row in result.history}
-    checkpoints = sorted({info.uri.rsplit("/", 2)[0] for info in storage.list_files(result.checkpoint_uri, ("model.json",))})
+    checkpoints = sorted({info.uri.rsplit("/", 1)[0] for info in storage.list_files(result.checkpoint_uri, ("model.json",))})
     for checkpoint in checkpoints:
         from pipeline.modelio import read_card
 

@@ -6,10 +6,10 @@
     resflow restore --input s3://... --output s3://... --model s3://... --workers 8 --gpu --batch-size 16
 
 Read (Ray Data, Parquet from object storage) -> restore in an actor pool of model
-replicas (`ImageRestorer`: decode, tiled forward, encode) -> the driver streams the
-results into one output Parquet file per input file, publishes each file atomically when
-its last row arrives, then records it in the manifest (`_resflow/manifest/`). Memory is
-bounded by Ray Data's streaming backpressure and one open writer.
+replicas (`ImageRestorer`: decode, tiled forward, encode) -> the driver collects the
+results of one input file at a time, publishes its output file atomically when the last
+row arrives, then records it in the manifest (`_resflow/manifest/`). Memory is bounded by
+Ray Data's streaming backpressure plus one file's restored rows.
 
 A rerun restores only input files that are new, changed (ETag/size) or were restored by
 another model version; `--force` redoes all. A run that makes no progress for
@@ -124,7 +124,8 @@ def _manifest_key(job: RestoreJob, info: storage.FileInfo) -> str:
 
 
 class _FileWriter:
-    """Streams one output file into a temporary object; publishes it when complete."""
+    """Collects the restored rows of one input file (they arrive in order, one file at a
+    time) and publishes the output file atomically once the last row is in."""
 
     def __init__(self, job: RestoreJob, info: storage.FileInfo, expected_rows: int):
         self.job, self.info, self.expected = job, info, expected_rows

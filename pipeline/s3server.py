@@ -13,6 +13,7 @@ process that `up` started and nothing else.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -255,6 +256,23 @@ def restart(data_dir: str | os.PathLike = DEFAULT_DIR, down_seconds: float = 0.0
     stop(data_dir, hard=hard)
     time.sleep(down_seconds)
     return start(data_dir, ports=server.ports, buckets=())
+
+
+@contextlib.contextmanager
+def embedded(data_dir: str | os.PathLike, buckets: tuple[str, ...] = (DEFAULT_BUCKET,)):
+    """Use the S3 endpoint in AWS_ENDPOINT_URL when one is set; otherwise start a local
+    server for the duration of the block, with the AWS variables pointing at it."""
+    if os.environ.get("AWS_ENDPOINT_URL"):
+        yield None
+        return
+    server = start(data_dir, buckets=buckets)
+    os.environ.update(server.env())
+    try:
+        yield server
+    finally:
+        stop(server.data_dir)
+        for key in server.env():
+            os.environ.pop(key, None)
 
 
 def status(data_dir: str | os.PathLike = DEFAULT_DIR) -> dict:

@@ -84,6 +84,8 @@ def test_missing_or_tampered_model_folder(tmp_path):
         modelio.load_model(str(tmp_path))
     modelio.save_model(str(tmp_path), build_model("resnet", **TINY["resnet"]))
     weights = tmp_path / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
+    data = bytearray(weights.read_bytes())
+    data[-4:] = bytes(b ^ 0xFF for b in data[-4:])  # flip the last bytes of the last tensor
+    weights.write_bytes(bytes(data))
     with pytest.raises(modelio.ModelLoadError, match="sha256"):
         modelio.load_model(str(tmp_path))

@@ -6,6 +6,8 @@ from dataclasses import replace
 import pytest
 
 from pipeline import storage
+from pipeline.degrade import Degradation
+from pipeline.ingest import degrade_dataset
 from pipeline.modelio import load_model
 from pipeline.train import TrainConfig, learning_rate_at, optimizer_from_tensors, optimizer_to_tensors, train, train_preset
 
@@ -38,13 +40,20 @@ def test_killed_worker_resumes_from_checkpoint(ray_local, train400_small, s3_pre
     assert last["epoch"] == 3
 
 
-def test_rerun_with_the_same_name_resumes(ray_local, train400_small, s3_prefix):
-    first = train(train400_small + "/train", train400_small + "/val", s3_prefix + "/models",
-                  tiny_config(epochs=1), run_name="resume-me")
+def test_rerun_with_the_same_name_resumes_on_paired_data(ray_local, train400_small, s3_prefix):
+    """Paired data (image degraded, target clean) as `resflow degrade` writes it."""
+    for part in ("train", "val"):
+        degrade_dataset(f"{train400_small}/{part}", f"{s3_prefix}/{part}", Degradation(noise_sigma=25),
+                        seed_per_image=True, progress=False)
+    first = train(s3_prefix + "/train", s3_prefix + "/val", s3_prefix + "/models", tiny_config(epochs=1),
+                  run_name="resume-me")
     assert first.history[-1]["epoch"] == 1
-    second = train(train400_small + "/train", train400_small + "/val", s3_prefix + "/models",
-                   tiny_config(epochs=2), run_name="resume-me")
+    second = train(s3_prefix + "/train", s3_prefix + "/val", s3_prefix + "/models", tiny_config(epochs=2),
+                   run_name="resume-me")
     assert second.history[-1]["epoch"] == 2 and second.history[-1]["resumed_from"] == 1
+    _, card = load_model(second.model_uri)
+    assert card.training["paired"] is True
+    assert second.metrics["val_psnr"] > second.metrics["val_noisy_psnr"]
 
 
 def test_config_validation_and_schedule():
