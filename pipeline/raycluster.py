@@ -26,11 +26,9 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> dict:
         ray.init(address=address, **quiet)
     else:
         logical = num_cpus or max(LOCAL_MIN_LOGICAL_CPUS, os.cpu_count() or 1)
-        # Loopback only: a local Ray has no reason to listen on the machine's other
-        # interfaces. The dashboard stays on (127.0.0.1): Ray Train's cleanup polls its
-        # state API and logs an error every second without it.
-        ray.init(num_cpus=logical, _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1",
-                 **quiet)
+        # The dashboard stays on, bound to 127.0.0.1: Ray Train's cleanup polls its state
+        # API and logs an error every second without it.
+        ray.init(num_cpus=logical, include_dashboard=True, dashboard_host="127.0.0.1", **quiet)
     return ray.cluster_resources()
 
 
