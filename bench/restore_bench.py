@@ -25,7 +25,6 @@ import json
 import os
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -193,8 +192,8 @@ def run(args) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print()
-    print(f"| measurement | MP | seconds | MP/s | vs forward | peak PSS MB |")
-    print(f"| --- | --- | --- | --- | --- | --- |")
+    print("| measurement | MP | seconds | MP/s | vs forward | peak PSS MB |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for name, row in [("pure forward (decoded in memory)", forward), ("plain single-process loop", loop),
                       ("pipeline, 1x", small), (f"pipeline, {args.scale}x", large)]:
         peak = f"{row['peak_pss_mb']:.0f}" if "peak_pss_mb" in row else ""

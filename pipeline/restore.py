@@ -19,10 +19,8 @@ another model version; `--force` redoes all. A run that makes no progress for
 from __future__ import annotations
 
 import datetime as dt
-import math
 import posixpath
 import queue
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
