@@ -130,7 +130,6 @@ class _FileWriter:
         self.rows = self.ok = self.failed = 0
         self.uri = output_uri(job, info)
         self.tables: list[pa.Table] = []
-        self.buffered = 0
 
     def add(self, table: pa.Table) -> None:
         self.tables.append(table)

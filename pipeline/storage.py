@@ -9,6 +9,7 @@ resflow alone, for when the shell's AWS profile must stay untouched.
 
 from __future__ import annotations
 
+import functools
 import os
 import posixpath
 import time
@@ -120,16 +121,21 @@ def fsspec_filesystem(uri: str, settings: S3Settings | None = None) -> tuple[fss
     location = parse(uri)
     if location.scheme == "file":
         return fsspec.filesystem("file"), location.path
-    settings = settings or S3Settings.from_env()
+    return _s3fs(settings or S3Settings.from_env()), location.path
+
+
+@functools.lru_cache(maxsize=8)
+def _s3fs(settings: S3Settings) -> fsspec.AbstractFileSystem:
+    """One S3 client per set of settings: building one costs a session and a connection
+    pool; one per call made ingest of Train400 into S3 11x slower (39.9 s vs 3.5 s).
+    The listing cache is off, so a listing right after a write sees the new object."""
     kwargs: dict = {"client_kwargs": {"region_name": settings.region}, "config_kwargs": {"retries": {"max_attempts": 5, "mode": "standard"}}}
     if settings.endpoint_url:
         kwargs["client_kwargs"]["endpoint_url"] = settings.endpoint_url
     if settings.access_key and settings.secret_key:
         kwargs["key"] = settings.access_key
         kwargs["secret"] = settings.secret_key
-    # skip_instance_cache: a cached instance would keep a stale directory listing
-    # between a write and the next listing in the same process.
-    return fsspec.filesystem("s3", skip_instance_cache=True, **kwargs), location.path
+    return fsspec.filesystem("s3", skip_instance_cache=True, use_listings_cache=False, **kwargs)
 
 
 # --- small operations every stage needs -------------------------------------------------
