@@ -69,7 +69,19 @@ def save_model(uri: str, model: nn.Module, *, version: str | None = None, degrad
     return card
 
 
+def _looks_like_safetensors(data: bytes) -> bool:
+    """8-byte little-endian header length, then a JSON object of that length."""
+    if len(data) < 10:
+        return False
+    header_length = int.from_bytes(data[:8], "little")
+    return 2 <= header_length <= len(data) - 8 and data[8:9] == b"{"
+
+
 def _looks_pickled(data: bytes) -> str | None:
+    # A safetensors header length of 0x0280-0x05ff bytes starts with the same two bytes as
+    # a pickle (0x80, protocol 2-5), so a valid safetensors layout is recognised first.
+    if _looks_like_safetensors(data):
+        return None
     if data[:2] == b"PK":
         return "a zip archive (torch.save format)"
     if data[:1] == b"\x80" and len(data) > 1 and data[1] in range(2, 6):

@@ -89,3 +89,13 @@ def test_missing_or_tampered_model_folder(tmp_path):
     weights.write_bytes(bytes(data))
     with pytest.raises(modelio.ModelLoadError, match="sha256"):
         modelio.load_model(str(tmp_path))
+
+
+def test_safetensors_whose_header_length_looks_like_a_pickle_opcode_loads(tmp_path):
+    # 1 block x 8 channels gives a safetensors header of 0x0280 bytes, so the file starts
+    # 0x80 0x02 like a protocol-2 pickle; the pickle check once refused such a model.
+    model = build_model("resnet", blocks=1, width=8)
+    modelio.save_model(str(tmp_path), model, version="small")
+    assert (tmp_path / "model.safetensors").read_bytes()[:2] == b"\x80\x02"
+    _, card = modelio.load_model(str(tmp_path))
+    assert card.version == "small"
