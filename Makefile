@@ -20,10 +20,13 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(BIN)/python -m pipeline.demo
+	$(BIN)/python -m flows.demo
+
+e2e: $(STAMP)
+	$(BIN)/python -m tests.e2e_ui
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.restore_bench
 
 clean:
-	rm -rf .demo .pytest_cache
+	rm -rf .demo .e2e .pytest_cache

@@ -3,6 +3,8 @@
     resflow storage up|down|status|env       a local S3 server (SeaweedFS) on loopback
     resflow ingest SRC DEST                  image files -> Parquet dataset
     resflow degrade SRC DEST --noise-sigma 25 clean dataset -> paired (image, target)
+    resflow cluster up|down|status|env       a multi-node Ray cluster on this machine
+    resflow train | evaluate | restore       the pipeline's steps (see each module's docstring)
 
 Every command reads S3 endpoint and credentials from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY and AWS_REGION (`eval "$(resflow storage env)"` sets them for the
@@ -17,6 +19,8 @@ import os
 import sys
 
 from pipeline import s3server
+
+PROGRESS_PREFIX = "resflow progress: "  # `--json` restores print these to stderr; orchestrators parse them
 
 
 def _columns(args):
@@ -79,6 +83,30 @@ def cmd_storage(args) -> int:
     return 0 if state["running"] else 1
 
 
+def cmd_cluster(args) -> int:
+    from pipeline import localcluster
+
+    state_dir = args.dir or localcluster.DEFAULT_DIR
+    if args.action == "up":
+        cluster = localcluster.start(state_dir, nodes=args.nodes, cpus_per_node=args.cpus_per_node,
+                                     head_cpus=args.head_cpus, object_store_mb=args.object_store_mb)
+        print(f"local Ray cluster up: {len(cluster.nodes)} node(s), dashboard {cluster.dashboard_url}", file=sys.stderr)
+        args.action = "env"
+    if args.action == "env":
+        cluster = localcluster.read_state(state_dir)
+        if cluster is None:
+            print(f"no local Ray cluster recorded in {state_dir}; start one with `resflow cluster up`", file=sys.stderr)
+            return 1
+        for key, value in cluster.env().items():
+            print(f"export {key}={value}")
+    elif args.action == "down":
+        cluster = localcluster.stop(state_dir)
+        print("stopped" if cluster else f"no local Ray cluster recorded in {state_dir}")
+    else:
+        print(json.dumps(localcluster.status(state_dir), indent=2))
+    return 0
+
+
 def cmd_ingest(args) -> int:
     from pipeline.ingest import ingest
 
@@ -126,10 +154,9 @@ def cmd_train(args) -> int:
     overrides["columns"] = _columns(args)
     config = train_preset(args.preset, **overrides)
     result = train(args.data, args.val_data, args.output, config, run_name=args.run_name)
-    summary = {"model": result.model_uri, "version": result.version, "run_name": result.run_name,
-               "checkpoints": result.checkpoint_uri, **result.metrics}
+    summary = result.summary()
     if args.json:
-        print(json.dumps(summary, indent=2))
+        print(json.dumps(summary))
     else:
         print(f"best epoch {result.metrics.get('epoch')}: val PSNR {result.metrics.get('val_psnr', float('nan')):.2f} dB, "
               f"SSIM {result.metrics.get('val_ssim', float('nan')):.4f}\nmodel version {result.version} -> {result.model_uri}")
@@ -144,7 +171,7 @@ def cmd_evaluate(args) -> int:
                       settings=RestoreSettings(tile=args.tile))
     summary = result.summary()
     if args.json:
-        print(json.dumps({**summary, **({"per_image": result.per_image} if args.per_image else {})}, indent=2))
+        print(json.dumps({**summary, **({"per_image": result.per_image} if args.per_image else {})}))
         return 0
     if args.per_image:
         print(f"{'image':<24} {'input PSNR':>10} {'output PSNR':>11} {'input SSIM':>10} {'output SSIM':>11}")
@@ -165,14 +192,22 @@ def cmd_restore(args) -> int:
     job = RestoreJob(input=args.input, output=args.output, model=args.model, workers=args.workers, use_gpu=args.gpu,
                      batch_size=args.batch_size, tile=args.tile, tile_overlap=args.tile_overlap, force=args.force,
                      stall_timeout_s=args.stall_timeout, columns=_columns(args), progress=not args.json)
-    report = restore_dataset(job, log=(lambda message: print(message, file=sys.stderr)) if args.json else print)
-    print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
+    def progress(done: int, total: int) -> None:  # one line per published file: readable in Ray job logs
+        print(f"{PROGRESS_PREFIX}{done}/{total} images", file=sys.stderr, flush=True)
+
+    report = restore_dataset(job, log=(lambda message: print(message, file=sys.stderr)) if args.json else print,
+                             on_progress=progress if args.json else None)
+    print(json.dumps(report.to_dict()) if args.json else format_report(report))
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(extend=None) -> argparse.ArgumentParser:
+    """`extend(commands)` adds subcommands: flows/cli.py adds the Prefect ones, so this
+    module stays free of Prefect."""
     parser = argparse.ArgumentParser(prog="resflow", description="Restore image datasets with residual networks on Ray.")
     commands = parser.add_subparsers(dest="command", required=True)
+    if extend:
+        extend(commands)
 
     p = commands.add_parser("storage", help="a local S3 server (SeaweedFS) for laptops and CI")
     p.add_argument("action", choices=["up", "down", "status", "env"])
@@ -180,6 +215,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="S3 port (default: a free one); port + 10000 must be free too")
     p.add_argument("--bucket", action="append", default=None, help="bucket to create (repeatable; default resflow)")
     p.set_defaults(func=cmd_storage)
+
+    p = commands.add_parser("cluster", help="a multi-node Ray cluster on this machine (one process group per node)")
+    p.add_argument("action", choices=["up", "down", "status", "env"])
+    p.add_argument("--dir", help="state folder (default ~/.resflow/cluster)")
+    p.add_argument("--nodes", type=int, default=3, help="head + nodes-1 workers")
+    p.add_argument("--cpus-per-node", type=int, default=2)
+    p.add_argument("--head-cpus", type=int, default=0, help="CPUs the head offers (0: work runs on the workers)")
+    p.add_argument("--object-store-mb", type=int, default=1024, help="object store per node")
+    p.set_defaults(func=cmd_cluster)
 
     p = commands.add_parser("ingest", help="image files (folder, glob, s3:// prefix) -> Parquet dataset")
     p.add_argument("source")
@@ -254,14 +298,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tile-overlap", type=int, default=64)
     p.add_argument("--force", action="store_true", help="restore every file, even those already done")
     p.add_argument("--stall-timeout", type=float, default=600, help="fail after this many seconds without progress")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--json", action="store_true", help="print the summary as one line of JSON")
     _add_column_flags(p)
     p.set_defaults(func=cmd_restore)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: list[str] | None = None, extend=None) -> int:
+    parser = build_parser(extend)
     args = parser.parse_args(argv)
     if getattr(args, "bucket", "unset") is None:
         args.bucket = [s3server.DEFAULT_BUCKET]

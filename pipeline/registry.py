@@ -1,7 +1,8 @@
 """The model registry: a prefix holding model versions and a `champion` pointer.
 
     <registry>/<version>/model.safetensors, model.json
-    <registry>/champion.json        {"version": ..., "uri": ...}
+    <registry>/champion.json        {"version": ..., "uri": ..., "promoted": ..., "reason": ...}
+    <registry>/last_training.json   {"version": ..., "trained_at": ...}
 
 A model URI given to resflow may be a model folder or a registry; a registry resolves to
 its champion.
@@ -16,6 +17,7 @@ from pipeline import storage
 from pipeline.modelio import CARD_FILE, ModelLoadError
 
 CHAMPION_FILE = "champion.json"
+LAST_TRAINING_FILE = "last_training.json"  # when a challenger was last trained (the nightly cadence)
 
 
 def version_uri(registry: str, version: str) -> str:
@@ -48,3 +50,16 @@ def resolve(model_uri: str) -> str:
         return current["uri"]
     raise ModelLoadError(f"{model_uri} is neither a model folder (no {CARD_FILE}) nor a registry with a champion "
                          f"({CHAMPION_FILE}); train one with `resflow train --output {model_uri}`")
+
+
+def record_training(registry: str, version: str) -> dict:
+    record = {"version": version, "trained_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    storage.write_bytes(storage.join(registry, LAST_TRAINING_FILE), json.dumps(record, indent=2).encode())
+    return record
+
+
+def last_training(registry: str) -> dict | None:
+    try:
+        return json.loads(storage.read_bytes(storage.join(registry, LAST_TRAINING_FILE)))
+    except FileNotFoundError:
+        return None

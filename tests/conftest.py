@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -11,6 +12,12 @@ import pytest
 from pipeline import s3server
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Prefect reads its settings lazily from the environment: set them before any test module
+# imports it, so the suite never touches ~/.prefect and never phones home.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="resflow-prefect-home-"))
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.setdefault("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.3")
 SHARED_DATA = Path(os.environ.get("RESFLOW_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
@@ -104,3 +111,23 @@ def trained_model(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("trained") / "model"
     save_model(str(path), model.eval(), degradation={"noise_sigma": 25})
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """A real Prefect API server (a subprocess on a free port with a temporary database)
+    for the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def publish_version(model_folder: str, registry_uri: str, version: str) -> str:
+    """Copy a model folder into a registry as `version`."""
+    from pipeline import registry
+    from pipeline.modelio import load_model, save_model
+
+    model, card = load_model(model_folder)
+    save_model(registry.version_uri(registry_uri, version), model, version=version, degradation=card.degradation)
+    return registry.version_uri(registry_uri, version)

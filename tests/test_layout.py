@@ -3,7 +3,7 @@ import ast
 from tests.conftest import REPO
 
 
-def test_pipeline_never_imports_prefect():
+def test_pipeline_never_imports_prefect_or_flows():
     offenders = []
     for path in (REPO / "pipeline").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -12,7 +12,8 @@ def test_pipeline_never_imports_prefect():
                 names = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module]
-            offenders += [f"{path.relative_to(REPO)}: {name}" for name in names if name.split(".")[0] == "prefect"]
+            offenders += [f"{path.relative_to(REPO)}: {name}" for name in names
+                          if name.split(".")[0] in ("prefect", "flows")]
     assert offenders == []
 
 

@@ -1,0 +1,139 @@
+"""What a run leaves in the Prefect UI: metric tables, a markdown summary with before/after
+previews embedded as small JPEG data URIs (the UI renders them without access to the
+bucket), links to the outputs, and a progress bar during a long restore.
+
+The quality sample: where the restored rows carry a clean `target` (a paired dataset),
+PSNR/SSIM before and after are computed on the first `sample` images, so a nightly run
+over a large dataset does not read it all twice.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pyarrow.compute as pc
+from PIL import Image
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+
+from pipeline import metrics, storage
+from pipeline.dataset import Manifest, read_table
+from pipeline.images import ImageColumns, decode
+
+PREVIEW_SIDE = 256  # px; 10-40 KB per JPEG keeps the artifact page fast
+
+
+def jpeg_data_uri(pixels: np.ndarray, side: int = PREVIEW_SIDE) -> str:
+    if pixels.dtype == np.uint16:
+        pixels = (pixels >> 8).astype(np.uint8)
+    if pixels.ndim == 3 and pixels.shape[2] in (2, 4):  # drop alpha: JPEG has none
+        pixels = pixels[..., :-1]
+    if pixels.ndim == 3 and pixels.shape[2] == 1:
+        pixels = pixels[..., 0]
+    image = Image.fromarray(pixels)
+    image.thumbnail((side, side))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def sample_restored(output: str, count: int, only: set[str] | None = None,
+                    columns: ImageColumns = ImageColumns()) -> list[dict]:
+    """Up to `count` restored rows (of the output files in `only`, else of all) with their
+    input image and, for paired input, the clean target: image_id, before, after, target."""
+    rows: list[dict] = []
+    for entry in sorted(Manifest(output, "manifest").all().values(), key=lambda e: e["output"]):
+        if only is not None and entry["output"] not in only:
+            continue
+        if len(rows) >= count:
+            break
+        restored = read_table(entry["output"])
+        wanted = [name for name in (columns.id, columns.image, columns.target) if name in restored.schema.names]
+        restored = restored.select(wanted + ["status"])
+        restored = restored.filter(pc.equal(restored.column("status"), "ok")).slice(0, count - len(rows))
+        if restored.num_rows == 0:
+            continue
+        inputs = read_table(entry["input"], columns=[columns.id, columns.image])
+        before = dict(zip(inputs.column(columns.id).to_pylist(), inputs.column(columns.image).to_pylist()))
+        has_target = columns.target in restored.schema.names
+        for record in restored.to_pylist():
+            rows.append({
+                "image_id": record[columns.id],
+                "before": decode(before[record[columns.id]]).pixels,
+                "after": decode(record[columns.image]).pixels,
+                "target": decode(record[columns.target]).pixels if has_target and record[columns.target] else None,
+            })
+    return rows
+
+
+def quality(rows: list[dict]) -> dict:
+    """Mean PSNR/SSIM before and after over the rows that have a clean target."""
+    scored = [row for row in rows if row["target"] is not None and row["target"].shape == row["after"].shape]
+    if not scored:
+        return {}
+    top = lambda row: 65535.0 if row["target"].dtype == np.uint16 else 255.0  # noqa: E731
+    return {
+        "scored_images": len(scored),
+        "psnr_before": float(np.mean([metrics.psnr(r["target"], r["before"], top(r)) for r in scored])),
+        "psnr_after": float(np.mean([metrics.psnr(r["target"], r["after"], top(r)) for r in scored])),
+        "ssim_before": float(np.mean([metrics.ssim(r["target"], r["before"], top(r)) for r in scored])),
+        "ssim_after": float(np.mean([metrics.ssim(r["target"], r["after"], top(r)) for r in scored])),
+    }
+
+
+def previews_markdown(rows: list[dict]) -> str:
+    if not rows:
+        return "_no restored images to preview_"
+    lines = ["| image | before | after |", "| --- | --- | --- |"]
+    for row in rows:
+        lines.append(f"| `{row['image_id']}` | ![before {row['image_id']}]({jpeg_data_uri(row['before'])}) "
+                     f"| ![after {row['image_id']}]({jpeg_data_uri(row['after'])}) |")
+    return "\n".join(lines)
+
+
+def restore_artifacts(report: dict, input_uri: str, model: str, previews: int, sample: int) -> dict:
+    """Table, markdown summary with previews, and a link; returns the metrics row."""
+    rows = (sample_restored(report["output"], max(previews, sample), only=set(report["outputs"]))
+            if report.get("files_restored") else [])
+    scores = quality(rows[:sample])
+    row = {"model_version": report["model_version"], "files_restored": report["files_restored"],
+           "files_skipped": report["files_skipped"], "images_ok": report["images_ok"],
+           "images_failed": report["images_failed"], "megapixels": round(report["megapixels"], 2),
+           "megapixels_per_s": round(report["megapixels_per_s"], 3), "seconds": round(report["seconds"], 1),
+           **{key: round(value, 4) for key, value in scores.items()}}
+    create_table_artifact([row], key="restore-metrics", description=f"Restore of {input_uri}")
+    quality_line = (f"PSNR {scores['psnr_before']:.2f} → **{scores['psnr_after']:.2f} dB**, SSIM "
+                    f"{scores['ssim_before']:.4f} → **{scores['ssim_after']:.4f}** (first {scores['scored_images']} "
+                    f"images against their clean target)" if scores else "no clean reference in this dataset")
+    failures = "\n".join(f"- `{image_id}`: {reason}" for image_id, reason in report.get("failures", [])[:10])
+    markdown = "\n\n".join(filter(None, [
+        f"# Restore: {report['images_ok']} ok, {report['images_failed']} failed",
+        f"- input: `{input_uri}`\n- output: `{report['output']}`\n- model: `{report['model_version']}` (from `{model}`)"
+        f"\n- files restored: {report['files_restored']}, already done: {report['files_skipped']}"
+        f"\n- {report['megapixels']:.1f} MP in {report['seconds']:.1f} s = {report['megapixels_per_s']:.3f} MP/s"
+        f"\n- quality: {quality_line}",
+        f"## Failed rows\n{failures}" if failures else "",
+        f"## Before / after\n{previews_markdown(rows[:previews])}",
+    ]))
+    create_markdown_artifact(markdown, key="restore-summary", description="Restore summary with previews")
+    create_link_artifact(_browsable(report["output"]), link_text=report["output"], key="restore-output",
+                         description="Restored Parquet files")
+    return row
+
+
+def _browsable(uri: str) -> str:
+    """An http(s) address for an s3:// prefix when the endpoint is known, else the URI."""
+    location = storage.parse(uri)
+    settings = storage.S3Settings.from_env()
+    if location.scheme == "s3" and settings.endpoint_url:
+        return f"{settings.endpoint_url.rstrip('/')}/{location.path}/"
+    if location.scheme == "s3":
+        bucket, _, key = location.path.partition("/")
+        return f"https://{bucket}.s3.amazonaws.com/{key}/"
+    return uri
+
+
+def evaluation_artifact(rows: list[dict], key: str, description: str) -> None:
+    create_table_artifact([{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()} for row in rows],
+                          key=key, description=description)

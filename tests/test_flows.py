@@ -1,0 +1,182 @@
+"""The Prefect flows against a real Prefect API server, SeaweedFS and local Ray."""
+
+import asyncio
+
+import pytest
+
+from flows import tasks
+from flows.flows import challenge_flow, nightly_flow
+from pipeline import registry, storage
+from pipeline.degrade import Degradation
+from pipeline.ingest import degrade_dataset, ingest
+from pipeline.models import build_model
+from pipeline.modelio import save_model
+from tests.conftest import publish_version, shared_data
+
+
+@pytest.fixture(scope="module")
+def set12_paired(s3_server, tmp_path_factory):
+    """Set12 (clean -> noisy at sigma 25) in three files of 4: the first two are the
+    nightly input, the third arrives later."""
+    root = f"s3://tests/flows-{tmp_path_factory.mktemp('x').name}"
+    ingest(str(shared_data("Set12")), root + "/clean", rows_per_file=4, progress=False)
+    degrade_dataset(root + "/clean", root + "/noisy", Degradation(noise_sigma=25), progress=False)
+    return root + "/noisy"
+
+
+def copy_files(source_files, destination):
+    for info in source_files:
+        storage.write_bytes(storage.join(destination, info.uri.rsplit("/", 1)[1]), storage.read_bytes(info.uri))
+
+
+def artifacts_of(flow_run_ids):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=list(flow_run_ids))))
+
+    return asyncio.run(read())
+
+
+def flow_run_tree(parent_id):
+    """A flow run and its subflow runs."""
+    from prefect.client.orchestration import get_client
+
+    async def read():
+        async with get_client() as client:
+            runs = await client.read_flow_runs()
+            return [run.id for run in runs if run.id == parent_id or run.parent_task_run_id is not None]
+
+    return asyncio.run(read())
+
+
+def test_nightly_restores_new_files_only_and_leaves_artifacts(prefect_api, ray_local, set12_paired, trained_model,
+                                                              s3_prefix):
+    models = s3_prefix + "/models"
+    registry.set_champion(models, "v1", reason="test") if publish_version(trained_model, models, "v1") else None
+    incoming, output = s3_prefix + "/incoming", s3_prefix + "/restored"
+    files = storage.list_files(set12_paired)
+    copy_files(files[:2], incoming)
+    params = dict(input=incoming, output=output, registry=models, train_every_days=0, workers=2, batch_size=4,
+                  previews=2)
+
+    state = nightly_flow(**params, return_state=True)
+    first = state.result()
+    assert [uri.rsplit("/", 1)[1] for uri in first["new_files"]] == [f.uri.rsplit("/", 1)[1] for f in files[:2]]
+    assert (first["restore"]["images_ok"], first["restore"]["images_failed"]) == (8, 0)
+    quality = first["restore"]["metrics"]
+    assert quality["psnr_after"] > quality["psnr_before"] + 3  # the sample scored against the clean target
+    assert first["champion_after"] == "v1" and "challenge" not in first
+    assert storage.exists(first["record"])
+
+    found = {artifact.key: artifact for artifact in artifacts_of(flow_run_tree(state.state_details.flow_run_id))}
+    assert {"restore-metrics", "restore-summary", "restore-output", "restore-progress", "nightly-summary"} <= set(found)
+    assert found["restore-summary"].data.count("data:image/jpeg;base64,") == 4  # 2 previews, before and after
+    assert float(found["restore-progress"].data) == 100.0
+
+    copy_files(files[2:], incoming)  # a new file arrives
+    second = nightly_flow(**params)
+    assert [uri.rsplit("/", 1)[1] for uri in second["new_files"]] == [files[2].uri.rsplit("/", 1)[1]]
+    assert (second["restore"]["files_restored"], second["restore"]["files_skipped"]) == (1, 2)
+    assert nightly_flow(**params)["new_files"] == []  # nothing new: nothing restored
+
+
+def test_a_worse_challenger_is_not_promoted_a_better_one_is(prefect_api, set12_paired, trained_model, s3_prefix):
+    models = s3_prefix + "/models"
+    publish_version(trained_model, models, "good")
+    # A residual network with its zero-initialised tail returns its input: no denoising at all.
+    identity = build_model("resnet", blocks=1, width=8)
+    save_model(registry.version_uri(models, "identity"), identity, version="identity")
+    registry.set_champion(models, "good", reason="test")
+    before = registry.champion(models)
+
+    decision = challenge_flow(registry.version_uri(models, "identity"), models, set12_paired, noise_sigma=None)
+    assert decision["promoted"] is False
+    assert registry.champion(models) == before  # the pointer is untouched
+
+    registry.set_champion(models, "identity", reason="test")
+    decision = challenge_flow(registry.version_uri(models, "good"), models, set12_paired, noise_sigma=None)
+    assert decision["promoted"] is True and registry.champion(models)["version"] == "good"
+
+
+def test_storage_errors_are_retried_schema_errors_are_not(prefect_api, monkeypatch, s3_prefix, set12_paired):
+    from prefect import flow
+
+    calls = []
+    real = registry.champion
+
+    def flaky(uri):
+        calls.append(uri)
+        if len(calls) == 1:
+            raise ConnectionError("S3 endpoint went away")
+        return real(uri)
+
+    monkeypatch.setattr(registry, "champion", flaky)
+
+    @flow
+    def read_it(uri: str):
+        return tasks.read_champion(uri)
+
+    assert read_it(s3_prefix + "/models") is None and len(calls) == 2  # failed once, retried, succeeded
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs, path = storage.pyarrow_filesystem(s3_prefix + "/bad/part.parquet")
+    pq.write_table(pa.table({"image_id": ["a"], "pixels": [b"x"]}), path, filesystem=fs)  # no `image` column
+    attempts = []
+    real_plan = __import__("pipeline.restore", fromlist=["plan"]).plan
+
+    def counting_plan(job):
+        attempts.append(job)
+        return real_plan(job)
+
+    monkeypatch.setattr("pipeline.restore.plan", counting_plan)
+
+    @flow
+    def plan_it(uri: str):
+        return tasks.find_new_inputs(uri, s3_prefix + "/out", s3_prefix + "/models")
+
+    state = plan_it(s3_prefix + "/bad", return_state=True)
+    assert state.is_failed() and len(attempts) == 1  # deterministic: no retry
+
+
+def test_a_second_run_on_the_same_input_waits_then_gives_up(prefect_api, s3_prefix, trained_model):
+    from prefect.concurrency.sync import concurrency
+
+    models = s3_prefix + "/models"
+    publish_version(trained_model, models, "v1")
+    registry.set_champion(models, "v1", reason="test")
+    incoming = s3_prefix + "/incoming"
+    name = tasks.input_lock_name(incoming)
+    tasks._ensure_limit(name)
+    with concurrency(name, occupy=1, strict=True):  # another nightly run holds the input
+        state = nightly_flow(input=incoming, output=s3_prefix + "/out", registry=models, train_every_days=0,
+                             lock_timeout_s=3, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(RuntimeError, match="another run is working on"):
+        state.result()
+
+
+def test_deploy_registers_a_nightly_cron_schedule_with_editable_parameters(prefect_api):
+    from prefect.client.orchestration import get_client
+
+    from flows import deploy
+
+    ids = deploy.deploy(work_pool="resflow-test", cron="30 1 * * *", timezone="Europe/Berlin",
+                        parameters={"input": "s3://night/incoming", "train_every_days": 14})
+    assert set(ids) == {"resflow-nightly", "resflow-restore", "resflow-train", "resflow-evaluate", "resflow-challenge"}
+    with get_client(sync_client=True) as client:
+        nightly = client.read_deployment_by_name("resflow-nightly/resflow-nightly")
+        restore = client.read_deployment_by_name("resflow-restore/resflow-restore")
+        pool = client.read_work_pool("resflow-test")
+    assert pool.type == "process" and nightly.work_pool_name == "resflow-test"
+    [schedule] = nightly.schedules
+    assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.active) == ("30 1 * * *", "Europe/Berlin", True)
+    assert nightly.parameters == {"input": "s3://night/incoming", "train_every_days": 14}
+    assert {"input", "output", "registry", "train_challenger", "min_gain_db"} <= set(
+        nightly.parameter_openapi_schema["properties"])  # what the UI's run form offers
+    assert restore.schedules == [] and restore.parameters == {"input": "s3://night/incoming"}
