@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shlex
+import sys
 import time
 from collections.abc import Callable
 
@@ -96,11 +97,12 @@ def submit_or_attach(client, base: str, argv: list[str], log: Callable[[str], No
         status = _status(client, submission_id)
         if status is None:
             env = {key: os.environ[key] for key in FORWARDED_ENV if os.environ.get(key)}
-            client.submit_job(entrypoint=entrypoint(argv), submission_id=submission_id,
-                              runtime_env={"env_vars": env} if env else None,
-                              metadata={"resflow_step": argv[0]})
-            log(f"submitted Ray job {submission_id}: {entrypoint(argv)}")
-            return submission_id
+            env["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"  # no terminal: progress reaches Prefect as an artifact
+            log(f"submitting Ray job {submission_id}: {entrypoint(argv)}")
+            # Nothing runs between submitting and returning the id, so whoever leaves
+            # early from here on knows which job to stop.
+            return client.submit_job(entrypoint=entrypoint(argv), submission_id=submission_id,
+                                     runtime_env={"env_vars": env}, metadata={"resflow_step": argv[0]})
         if status not in ("FAILED", "STOPPED"):
             log(f"attaching to Ray job {submission_id} ({status}): a retried task does not start a second job")
             return submission_id
@@ -112,11 +114,12 @@ def run_step_as_job(step: str, argv: list[str], flow_run_id: str, log: Callable[
                     address: str | None = None) -> dict:
     """Run `resflow <argv>` as a Ray job, stream its logs to `log`, return its JSON result."""
     client = _client(address)
-    submission_id = submit_or_attach(client, submission_base(step, flow_run_id, argv), argv, log)
+    submission_id = None
     seen = 0
     text = ""
     status = None
     try:
+        submission_id = submit_or_attach(client, submission_base(step, flow_run_id, argv), argv, log)
         while True:
             status = _status(client, submission_id)
             text = client.get_job_logs(submission_id)
@@ -131,12 +134,14 @@ def run_step_as_job(step: str, argv: list[str], flow_run_id: str, log: Callable[
                 break
             time.sleep(poll_s)
     finally:
-        if status not in TERMINAL:
-            log(f"stopping Ray job {submission_id}: its Prefect task is no longer waiting for it")
+        if submission_id and status not in TERMINAL:
+            # Stop first, then say so: the logger itself may be what is being interrupted.
             try:
                 client.stop_job(submission_id)
+                print(f"stopped Ray job {submission_id}: its Prefect task is no longer waiting for it",
+                      file=sys.stderr)
             except Exception as error:  # noqa: BLE001 - the original exception matters more
-                log(f"could not stop Ray job {submission_id}: {error}")
+                print(f"could not stop Ray job {submission_id}: {error}", file=sys.stderr)
     if status != "SUCCEEDED":
         info = client.get_job_info(submission_id)
         tail = "\n".join(text.strip().splitlines()[-5:])

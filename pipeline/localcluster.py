@@ -45,6 +45,7 @@ class Node:
     cpus: float
     temp_dir: str
     log: str
+    command: list = field(default_factory=list)  # to start the node again after a drill
 
 
 @dataclass
@@ -83,12 +84,16 @@ def _start_node(command: list[str], name: str, cpus: float, temp_dir: str, log_p
     with open(log_path, "ab") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    start_new_session=True, env=node_env())
-    return Node(name, process.pid, cpus, temp_dir, str(log_path))
+    return Node(name, process.pid, cpus, temp_dir, str(log_path), command)
 
 
-def _wait_ready(node: Node, timeout: float) -> None:
-    wait_until(lambda: READY_LINE in Path(node.log).read_text(errors="replace"), timeout,
-               f"Ray node {node.name} (log {node.log})", alive=lambda: pid_alive(node.pid))
+def _wait_ready(node: Node, timeout: float, log_offset: int = 0) -> None:
+    def ready() -> bool:
+        with open(node.log, errors="replace") as handle:
+            handle.seek(log_offset)
+            return READY_LINE in handle.read()
+
+    wait_until(ready, timeout, f"Ray node {node.name} (log {node.log})", alive=lambda: pid_alive(node.pid))
 
 
 def start(state_dir: str | os.PathLike = DEFAULT_DIR, nodes: int = 3, cpus_per_node: float = 2,
@@ -166,6 +171,22 @@ def kill_raylet(cluster: LocalCluster, name: str) -> int:
         raise RuntimeError(f"no raylet found under node {name} (PID {node.pid})")
     os.kill(raylets[0], 9)
     return raylets[0]
+
+
+def restart_node(state_dir: str | os.PathLike, name: str, timeout: float = 120) -> Node:
+    """Start a lost worker node again with the same resources and ports (what an
+    autoscaler does when it replaces a machine)."""
+    cluster = read_state(state_dir)
+    old = cluster.node(name)
+    if name == "head":
+        raise ValueError("the head cannot be restarted into a running cluster")
+    stop_pid(old.pid, timeout=45)  # what is left of the node: its `ray start --block` and children
+    offset = Path(old.log).stat().st_size if Path(old.log).exists() else 0
+    node = _start_node(old.command, name, old.cpus, old.temp_dir, Path(old.log))
+    cluster.nodes = [node if n.name == name else n for n in cluster.nodes]
+    _write_state(cluster)
+    _wait_ready(node, timeout, offset)
+    return node
 
 
 def stop(state_dir: str | os.PathLike = DEFAULT_DIR) -> LocalCluster | None:
