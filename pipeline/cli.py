@@ -190,7 +190,7 @@ def cmd_restore(args) -> int:
     from pipeline.restore import RestoreJob, format_report, restore_dataset
 
     job = RestoreJob(input=args.input, output=args.output, model=args.model, workers=args.workers, use_gpu=args.gpu,
-                     batch_size=args.batch_size, tile=args.tile, tile_overlap=args.tile_overlap, force=args.force,
+                     cpus_per_worker=args.cpus_per_worker, batch_size=args.batch_size, tile=args.tile, tile_overlap=args.tile_overlap, force=args.force,
                      stall_timeout_s=args.stall_timeout, columns=_columns(args), progress=not args.json)
     def progress(done: int, total: int) -> None:  # one line per published file: readable in Ray job logs
         print(f"{PROGRESS_PREFIX}{done}/{total} images", file=sys.stderr, flush=True)
@@ -293,6 +293,8 @@ def build_parser(extend=None) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model folder or registry (its champion)")
     p.add_argument("--workers", type=int, help="model replicas (default: from the cluster's CPUs or GPUs)")
     p.add_argument("--gpu", action="store_true", help="one GPU per replica, bf16")
+    p.add_argument("--cpus-per-worker", type=float, default=0.5,
+                   help="logical CPUs a CPU replica reserves (leave some for reads and writes)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--tile", type=int, default=512)
     p.add_argument("--tile-overlap", type=int, default=64)

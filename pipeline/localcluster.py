@@ -28,7 +28,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pipeline.processes import descendants, free_ports, pid_alive, stop_pid, wait_until
+from pipeline.processes import descendants, free_ports, kill_group, pid_alive, stop_pid, wait_until
 
 DEFAULT_DIR = Path(os.environ.get("RESFLOW_HOME", Path.home() / ".resflow")) / "cluster"
 STATE_FILE = "cluster.json"
@@ -165,7 +165,7 @@ def stop_node(cluster: LocalCluster, name: str, timeout: float = 60) -> None:
 
 def kill_raylet(cluster: LocalCluster, name: str) -> int:
     """SIGKILL one node's raylet, as a machine loss would; returns its PID."""
-    node = cluster.node(name)
+    node = read_state(cluster.state_dir).node(name)  # the recorded state: the node may have been restarted
     raylets = [pid for pid, command in descendants(node.pid) if "/raylet" in command.split(" ")[0]]
     if not raylets:
         raise RuntimeError(f"no raylet found under node {name} (PID {node.pid})")
@@ -181,6 +181,7 @@ def restart_node(state_dir: str | os.PathLike, name: str, timeout: float = 120) 
     if name == "head":
         raise ValueError("the head cannot be restarted into a running cluster")
     stop_pid(old.pid, timeout=45)  # what is left of the node: its `ray start --block` and children
+    kill_group(old.pid)
     offset = Path(old.log).stat().st_size if Path(old.log).exists() else 0
     node = _start_node(old.command, name, old.cpus, old.temp_dir, Path(old.log))
     cluster.nodes = [node if n.name == name else n for n in cluster.nodes]
@@ -200,6 +201,8 @@ def stop(state_dir: str | os.PathLike = DEFAULT_DIR) -> LocalCluster | None:
         thread.start()
     for thread in stoppers:
         thread.join()
+    for node in cluster.nodes:  # agents of a node that lost its raylet outlive its leader
+        kill_group(node.pid)
     Path(state_dir, STATE_FILE).unlink(missing_ok=True)
     shutil.rmtree(cluster.temp_root, ignore_errors=True)
     return cluster

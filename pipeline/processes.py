@@ -110,3 +110,29 @@ def descendants(pid: int) -> list[tuple[int, str]]:
         found.append((child, command))
         stack.extend(parents.get(child, []))
     return found
+
+
+def group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    fields = handle.read().rsplit(")", 1)[1].split()
+                if int(fields[2]) == pgid and fields[0] != "Z":
+                    members.append(int(entry))
+            except OSError:
+                continue
+    return members
+
+
+def kill_group(pgid: int, timeout: float = 15.0) -> None:
+    """SIGKILL what is left of a process group whose leader may already be gone (a node
+    whose raylet was killed leaves its agents behind, holding their ports)."""
+    deadline = time.monotonic() + timeout
+    while group_members(pgid) and time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)

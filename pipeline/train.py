@@ -423,11 +423,14 @@ class TrainResult:
     run_name: str
     checkpoint_uri: str
     history: list
+    restarts: int = 0  # worker-group restarts from a checkpoint during this run (node loss, crashes)
+    resumed_from: int = 0  # the epoch whose checkpoint the last restart resumed from
 
     def summary(self) -> dict:
         """What `resflow train --json` prints and orchestrators record."""
         return {"model": self.model_uri, "version": self.version, "run_name": self.run_name,
-                "checkpoints": self.checkpoint_uri, **self.metrics}
+                "checkpoints": self.checkpoint_uri, **self.metrics, "restarts": self.restarts,
+                "resumed_from": self.resumed_from}
 
 
 def data_fingerprint(files: list[storage.FileInfo], degradation: Degradation) -> str:
@@ -510,8 +513,10 @@ def train(data: str, val_data: str, output: str, config: TrainConfig, run_name: 
         training={"config": config.to_dict(), "run_name": run_name, "paired": paired, "epochs_run": train_state["epoch"],
                   "wall_seconds": train_state["elapsed_s"], "train_data": data, "val_data": val_data},
     )
+    final = result.metrics or {}
     return TrainResult(registry.version_uri(output, version), published.version, metrics, run_name,
-                       storage.join(storage_path, run_name), history)
+                       storage.join(storage_path, run_name), history, int(final.get("restarts", 0)),
+                       int(final.get("resumed_from", 0)))
 
 
 def _history(result) -> list:

@@ -18,6 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="resflow-prefect-home-"))
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.3")
+# Ray reads its auth mode once per process: the multi-node cluster (token auth, as every
+# Ray 2.60 head) must be reachable from here whichever test imported Ray first.
+os.environ["RAY_AUTH_MODE"] = "token"
 SHARED_DATA = Path(os.environ.get("RESFLOW_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 

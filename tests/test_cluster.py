@@ -23,7 +23,6 @@ def cluster(s3_server, tmp_path_factory):
     state_dir = tmp_path_factory.mktemp("cluster")
     started = localcluster.start(state_dir, nodes=3, cpus_per_node=3, head_cpus=0, object_store_mb=512)
     saved = {key: os.environ.get(key) for key in started.env()}
-    os.environ.update(localcluster.AUTH_ENV)  # this process talks to its Jobs and State APIs
     yield started
     for key, value in saved.items():
         if value is None:
@@ -103,12 +102,15 @@ def test_restore_spreads_over_nodes_and_a_lost_node_loses_no_row(cluster, heavy_
     inputs = storage.list_files(input_uri)
     expected = {info.uri.rsplit("/", 1)[1]: read_table(info.uri, columns=["image_id"])["image_id"].to_pylist()
                 for info in inputs}
+    # 2 CPUs per replica on 3-CPU nodes: the replicas cannot share a node (Ray's spreading
+    # of small actors is best effort), and each node keeps a CPU for reads and writes.
     argv = ["restore", "--input", input_uri, "--output", output, "--model", heavy_input + "/model", "--workers", "2",
-            "--batch-size", "2", "--stall-timeout", "45", "--json"]
+            "--cpus-per-worker", "2", "--batch-size", "2", "--stall-timeout", "45", "--json"]
     first = submit(cluster, argv, "restore")
     manifest = Manifest(output, "manifest")
     wait_for(lambda: manifest.all(), 300, "the first restored file")
-    assert len(actor_nodes(cluster, "ImageRestorer", alive_only=True)) == 2  # one replica per worker node
+    # The pool starts with one replica and grows to two as work queues up, one per worker node.
+    wait_for(lambda: len(actor_nodes(cluster, "ImageRestorer")) == 2, 120, "replicas on both worker nodes")
 
     localcluster.kill_raylet(cluster, "node-2")  # the machine is gone, mid-run
     status = wait(cluster, first)
@@ -149,9 +151,9 @@ def test_training_places_workers_on_two_nodes_and_resumes_after_losing_one(clust
     status = wait(cluster, job)
     logs = jobs(cluster).get_job_logs(job)
     assert status == "SUCCEEDED", logs[-3000:]
-    assert "resuming from the checkpoint of epoch" in logs
     summary = raybridge.parse_result(logs)
-    assert summary["epoch"] >= 1 and storage.exists(storage.join(summary["model"], "model.json"))
+    assert summary["restarts"] >= 1 and summary["resumed_from"] >= 1  # resumed from a checkpoint, not from scratch
+    assert storage.exists(storage.join(summary["model"], "model.json"))
 
 
 def test_flows_in_cluster_mode_submit_attach_and_stop_ray_jobs(prefect_api, cluster_env, heavy_input, trained_model,
