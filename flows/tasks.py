@@ -58,9 +58,11 @@ def find_new_inputs(input_uri: str, output_uri: str, model: str, force: bool = F
     """Which input files this run must restore (new, changed, or done by another model)."""
     from pipeline.restore import RestoreJob, plan
 
-    todo, skipped, _, version = plan(RestoreJob(input=input_uri, output=output_uri, model=model, force=force))
-    get_run_logger().info(f"{len(todo)} input file(s) to restore with {version}, {len(skipped)} already done")
-    return {"todo": [info.uri for info in todo], "skipped": len(skipped), "model_version": version}
+    planned = plan(RestoreJob(input=input_uri, output=output_uri, model=model, force=force))
+    get_run_logger().info(f"{len(planned.todo)} input file(s) to restore with {planned.model_version}, "
+                          f"{len(planned.skipped)} already done")
+    return {"todo": [info.uri for info in planned.todo], "skipped": len(planned.skipped),
+            "model_version": planned.model_version}
 
 
 @task(**io_task)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -31,20 +32,46 @@ def dataset_files(uri: str) -> list[storage.FileInfo]:
     return files
 
 
-def read_schema(file_uri: str) -> pa.Schema:
+def read_metadata(file_uri: str, filesystem=None) -> pq.FileMetaData:
+    """A Parquet file's footer: schema, row count, row groups (one small ranged read)."""
     fs, path = storage.pyarrow_filesystem(file_uri)
+    fs = filesystem or fs
     try:
-        return storage.retry(lambda: pq.read_schema(path, filesystem=fs), what=f"reading the schema of {file_uri}")
+        return storage.retry(lambda: pq.read_metadata(path, filesystem=fs), what=f"reading the footer of {file_uri}")
     except pa.ArrowInvalid as error:
         raise DatasetError(f"{file_uri} is not a readable Parquet file: {error}") from error
 
 
+def read_schema(file_uri: str) -> pa.Schema:
+    return read_metadata(file_uri).schema.to_arrow_schema()
+
+
+FOOTER_THREADS = 16  # footer reads are latency-bound: one at a time costs a round trip per file
+
+
+def read_footers(files: list[storage.FileInfo]) -> list[pq.FileMetaData]:
+    """The footers of many files, read concurrently; same order as `files`."""
+    if not files:
+        return []
+    filesystem, _ = storage.pyarrow_filesystem(files[0].uri)  # one client, shared by the threads
+    with ThreadPoolExecutor(max_workers=min(FOOTER_THREADS, len(files))) as pool:
+        return list(pool.map(lambda info: read_metadata(info.uri, filesystem), files))
+
+
+def inspect_dataset(uri: str, columns: ImageColumns = ImageColumns(),
+                    need_target: bool = False) -> list[tuple[storage.FileInfo, pq.FileMetaData]]:
+    """List the dataset and check every file's schema before any work starts; returns
+    each file with its footer (row counts come with it, no second read)."""
+    files = dataset_files(uri)
+    footers = read_footers(files)
+    for info, footer in zip(files, footers):
+        validate_schema(footer.schema.to_arrow_schema(), columns, need_target=need_target, where=info.uri)
+    return list(zip(files, footers))
+
+
 def check_dataset(uri: str, columns: ImageColumns = ImageColumns(), need_target: bool = False) -> list[storage.FileInfo]:
     """List the dataset and check every file's schema before any work starts."""
-    files = dataset_files(uri)
-    for info in files:
-        validate_schema(read_schema(info.uri), columns, need_target=need_target, where=info.uri)
-    return files
+    return [info for info, _ in inspect_dataset(uri, columns, need_target)]
 
 
 def read_table(file_uri: str, columns: list[str] | None = None) -> pa.Table:

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import raycluster, registry, storage
-from pipeline.dataset import Manifest, check_dataset, read_schema, read_table
+from pipeline.dataset import Manifest, inspect_dataset
 from pipeline.images import DecodeLimits, ImageColumns
 from pipeline.modelio import load_model
 from pipeline.restore_core import RestoreSettings
@@ -77,6 +77,7 @@ class RestoreReport:
     images_failed: int = 0
     megapixels: float = 0.0
     seconds: float = 0.0
+    first_rows_seconds: float = 0.0  # start-up: planning, Ray Data and model replicas until the first restored rows
     failures: list = field(default_factory=list)  # first few (image_id, reason)
     outputs: list = field(default_factory=list)
 
@@ -96,26 +97,36 @@ def output_uri(job: RestoreJob, input_info: storage.FileInfo) -> str:
     return storage.join(job.output, relative)
 
 
-def plan(job: RestoreJob) -> tuple[list[storage.FileInfo], list[storage.FileInfo], str, str]:
+@dataclass
+class RestorePlan:
+    todo: list[storage.FileInfo]  # new, changed, or restored by another model version (all with force)
+    skipped: list[storage.FileInfo]  # done for this model version
+    model_folder: str
+    model_version: str
+    rows: dict[str, int]  # rows per input file to restore, from the footers
+
+
+def plan(job: RestoreJob) -> RestorePlan:
     """Check everything that can be checked before any work: the model loads (safetensors,
-    architecture), the input is non-empty and every file has the contract's columns.
-    Returns (files to restore, files already done, model folder, model version)."""
+    architecture), the input is non-empty and every file has the contract's columns."""
     model_folder = registry.resolve(job.model)
     _, card = load_model(model_folder)
-    files = check_dataset(job.input, job.columns)
-    for info in files:
-        if SOURCE_COLUMN in read_schema(info.uri).names:
+    inspected = inspect_dataset(job.input, job.columns)
+    for info, footer in inspected:
+        if SOURCE_COLUMN in footer.schema.to_arrow_schema().names:  # top-level columns, not nested fields
             raise ValueError(f"{info.uri} has a column named {SOURCE_COLUMN!r}, which Ray Data's reader uses for the "
                              f"source file of each row; rename it (e.g. to source_path) before restoring")
     manifest = Manifest(job.output, "manifest")
     done = manifest.all()
     todo, skipped = [], []
-    for info in files:
+    for info, _ in inspected:
         entry = done.get(_manifest_key(job, info))
         up_to_date = (entry and entry.get("input_etag") == info.etag and entry.get("input_size") == info.size
                       and entry.get("model_version") == card.version)
         (skipped if up_to_date and not job.force else todo).append(info)
-    return todo, skipped, model_folder, card.version
+    wanted = {info.uri for info in todo}
+    rows = {info.uri: footer.num_rows for info, footer in inspected if info.uri in wanted}
+    return RestorePlan(todo, skipped, model_folder, card.version, rows)
 
 
 def _manifest_key(job: RestoreJob, info: storage.FileInfo) -> str:
@@ -167,7 +178,8 @@ def restore_dataset(job: RestoreJob, log=print, on_progress=None) -> RestoreRepo
     import ray.data
 
     started = time.time()
-    todo, skipped, model_folder, model_version = plan(job)
+    planned = plan(job)
+    todo, skipped, model_version, expected = planned.todo, planned.skipped, planned.model_version, planned.rows
     report = RestoreReport(job.output, model_version, files_total=len(todo) + len(skipped), files_skipped=len(skipped))
     if not todo:
         log(f"nothing to restore: all {len(skipped)} input file(s) are done for model {model_version}")
@@ -181,7 +193,6 @@ def restore_dataset(job: RestoreJob, log=print, on_progress=None) -> RestoreRepo
     settings = RestoreSettings(tile=job.tile, tile_overlap=job.tile_overlap, batch_size=job.batch_size,
                                device="cuda" if job.use_gpu else "cpu", threads=threads)
 
-    expected = {info.uri: read_table(info.uri, columns=[job.columns.id]).num_rows for info in todo}
     report.images_total = sum(expected.values())
     if on_progress:
         on_progress(0, report.images_total)
@@ -196,22 +207,27 @@ def restore_dataset(job: RestoreJob, log=print, on_progress=None) -> RestoreRepo
     # One read over all files (a union of per-file reads schedules badly: 8x slower here);
     # include_paths tags each row with its file, which is how rows find their output file.
     dataset = ray.data.read_parquet(list(uri_of_path), filesystem=filesystem, include_paths=True)
-    dataset = dataset.repartition(target_num_rows_per_block=job.batch_size)  # spread rows over the replicas
+    # The reader packs small files into one block and keeps a large file whole: cut blocks
+    # to one batch so that rows spread over the replicas.
+    dataset = dataset.repartition(target_num_rows_per_block=job.batch_size)
     from pipeline.restore_core import ImageRestorer
 
     actor_options = {"num_gpus": 1} if job.use_gpu else {"num_cpus": job.cpus_per_worker}
     restored = dataset.map_batches(
         ImageRestorer,
-        fn_constructor_kwargs={"model_uri": model_folder, "settings": settings, "columns": job.columns,
+        fn_constructor_kwargs={"model_uri": planned.model_folder, "settings": settings, "columns": job.columns,
                                "limits": DecodeLimits(), "base_dir": job.input},
         batch_size=job.batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers), **actor_options,
+        # Every replica starts at once (model loads overlap the first reads); the pool may
+        # shrink to one when a node is lost.
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers, initial_size=workers), **actor_options,
     )
 
     manifest = Manifest(job.output, "manifest")
     by_uri = {info.uri: info for info in todo}
     writer: _FileWriter | None = None
     for batch in _batches_with_watchdog(restored, job.stall_timeout_s, lambda: _where(report, writer, expected)):
+        report.first_rows_seconds = report.first_rows_seconds or time.time() - started
         for source_path, part in _split_by_source(batch):
             source = uri_of_path[source_path]
             if writer is None or writer.info.uri != source:
@@ -316,7 +332,8 @@ def _batches_with_watchdog(dataset, stall_timeout_s: float, where):
 def format_report(report: RestoreReport) -> str:
     lines = [f"restored {report.files_restored} file(s) ({report.files_skipped} already done): "
              f"{report.images_ok} ok, {report.images_failed} failed; {report.megapixels:.1f} MP in "
-             f"{report.seconds:.1f} s = {report.megapixels_per_s:.3f} MP/s; model {report.model_version}",
+             f"{report.seconds:.1f} s = {report.megapixels_per_s:.3f} MP/s (first rows after "
+             f"{report.first_rows_seconds:.1f} s); model {report.model_version}",
              f"output: {report.output}"]
     for image_id, reason in report.failures[:10]:
         lines.append(f"  failed: {image_id}: {reason}")

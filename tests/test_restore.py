@@ -50,6 +50,23 @@ def test_restore_set12_improves_psnr_and_keeps_rows(ray_local, noisy_set12, trai
     after = [metrics.psnr(decode(t).pixels, decode(i).pixels) for i, t in zip(out["image"].to_pylist(), out["target"].to_pylist())]
     assert np.mean(after) > np.mean(before) + 3
     assert report.megapixels == pytest.approx(sum(decode(v).pixels.size for v in out["image"].to_pylist()) / 1e6)
+    assert 0 < report.first_rows_seconds <= report.seconds
+
+
+def test_parquet_footers_are_read_by_a_small_pool(ray_local, noisy_set12, trained_model, s3_prefix):
+    """Ray Data's default is 32 footer-reading actors per read, each its own process: on a
+    small node that storm delays the first row by seconds. resflow sizes it to the cluster."""
+    import ray
+    from ray.util.state import list_actors
+
+    def footer_readers() -> int:
+        return len(list_actors(filters=[("class_name", "=", "FooterReader")], limit=10_000,
+                               raise_on_missing_output=False))
+
+    before = footer_readers()
+    restore_dataset(job(noisy_set12, s3_prefix, trained_model))
+    allowed = max(1, min(32, int(ray.cluster_resources()["CPU"]) // 16))
+    assert 1 <= footer_readers() - before <= allowed
 
 
 def test_rerun_is_a_noop_and_only_new_files_are_restored(ray_local, noisy_set12, trained_model, s3_prefix):
