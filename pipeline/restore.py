@@ -206,7 +206,10 @@ def restore_dataset(job: RestoreJob, log=print, on_progress=None) -> RestoreRepo
     uri_of_path = {storage.parse(info.uri).path: info.uri for info in todo}
     # One read over all files (a union of per-file reads schedules badly: 8x slower here);
     # include_paths tags each row with its file, which is how rows find their output file.
-    dataset = ray.data.read_parquet(list(uri_of_path), filesystem=filesystem, include_paths=True)
+    # One read task per replica at most: reads keep up with restoration, and memory does not
+    # grow with the number of files that could be read at once.
+    dataset = ray.data.read_parquet(list(uri_of_path), filesystem=filesystem, include_paths=True,
+                                    concurrency=workers)
     # The reader packs small files into one block and keeps a large file whole: cut blocks
     # to one batch so that rows spread over the replicas.
     dataset = dataset.repartition(target_num_rows_per_block=job.batch_size)
