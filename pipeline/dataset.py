@@ -34,10 +34,13 @@ def dataset_files(uri: str) -> list[storage.FileInfo]:
 
 def read_metadata(file_uri: str, filesystem=None) -> pq.FileMetaData:
     """A Parquet file's footer: schema, row count, row groups (one small ranged read)."""
-    fs, path = storage.pyarrow_filesystem(file_uri)
-    fs = filesystem or fs
+    if filesystem is None:
+        filesystem, path = storage.pyarrow_filesystem(file_uri)
+    else:  # a client shared by many reads: building one per file costs more than the read
+        path = storage.parse(file_uri).path
     try:
-        return storage.retry(lambda: pq.read_metadata(path, filesystem=fs), what=f"reading the footer of {file_uri}")
+        return storage.retry(lambda: pq.read_metadata(path, filesystem=filesystem),
+                             what=f"reading the footer of {file_uri}")
     except pa.ArrowInvalid as error:
         raise DatasetError(f"{file_uri} is not a readable Parquet file: {error}") from error
 

@@ -103,7 +103,7 @@ def test_restore_spreads_over_nodes_and_a_lost_node_loses_no_row(cluster, heavy_
     first = submit(cluster, argv, "restore")
     manifest = Manifest(output, "manifest")
     wait_for(lambda: manifest.all(), 300, "the first restored file")
-    # The pool starts with one replica and grows to two as work queues up, one per worker node.
+    # Both replicas start at once, one per worker node (2 CPUs each on 3-CPU nodes).
     wait_for(lambda: len(actor_nodes(cluster, "ImageRestorer")) == 2, 120, "replicas on both worker nodes")
 
     localcluster.kill_raylet(cluster, "node-2")  # the machine is gone, mid-run
