@@ -41,7 +41,7 @@ hooks = dict(on_cancellation=[stop_ray_jobs], on_crashed=[stop_ray_jobs])
 
 @flow(name="resflow-restore", log_prints=True, **hooks)
 def restore_flow(input: str = DEFAULTS["input"], output: str = DEFAULTS["output"], model: str = DEFAULTS["registry"],
-                 workers: int | None = None, use_gpu: bool = False, batch_size: int = 8, tile: int = 512,
+                 workers: int | None = None, use_gpu: bool = False, batch_size: int | None = None, tile: int = 512,
                  force: bool = False, previews: int = 4, quality_sample: int = 16) -> dict:
     """Restore every new or changed Parquet file under `input` into `output`."""
     report = tasks.restore_step(input, output, model, workers=workers, use_gpu=use_gpu, batch_size=batch_size,
@@ -107,7 +107,7 @@ def nightly_flow(input: str = DEFAULTS["input"], output: str = DEFAULTS["output"
                  val_data: str = DEFAULTS["val_data"], val_noise_sigma: float | None = 25.0,
                  train_challenger: bool = False, train_every_days: float = 7.0, train_preset: str = "cpu",
                  train_minutes: float = 20.0, min_gain_db: float = 0.05, workers: int | None = None,
-                 use_gpu: bool = False, batch_size: int = 8, tile: int = 512, previews: int = 4,
+                 use_gpu: bool = False, batch_size: int | None = None, tile: int = 512, previews: int = 4,
                  lock_timeout_s: float = 900.0) -> dict:
     """Restore what arrived since the last run with the champion; train and challenge on a cadence."""
     logger = get_run_logger()

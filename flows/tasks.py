@@ -82,7 +82,7 @@ def training_due(registry_uri: str, every_days: float) -> bool:
 
 @task(**io_task)
 def restore_step(input_uri: str, output_uri: str, model: str, workers: int | None = None, use_gpu: bool = False,
-                 batch_size: int = 8, tile: int = 512, force: bool = False) -> dict:
+                 batch_size: int | None = None, tile: int = 512, force: bool = False) -> dict:
     logger = get_run_logger()
     progress_id = create_progress_artifact(0.0, key="restore-progress", description=f"Restoring {input_uri}")
 
@@ -90,10 +90,9 @@ def restore_step(input_uri: str, output_uri: str, model: str, workers: int | Non
         update_progress_artifact(progress_id, 100.0 * done / total if total else 100.0,
                                  description=f"{done}/{total} images restored")
 
-    argv = ["restore", "--input", input_uri, "--output", output_uri, "--model", model, "--batch-size", str(batch_size),
-            "--tile", str(tile), "--json"]
+    argv = ["restore", "--input", input_uri, "--output", output_uri, "--model", model, "--tile", str(tile), "--json"]
     argv += (["--workers", str(workers)] if workers else []) + (["--gpu"] if use_gpu else []) + (
-        ["--force"] if force else [])
+        ["--force"] if force else []) + (["--batch-size", str(batch_size)] if batch_size else [])
     if raybridge.cluster_mode():
         report = raybridge.run_step_as_job("restore", argv, _flow_run_id(), logger.info, on_progress)
     else:

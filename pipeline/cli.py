@@ -295,7 +295,7 @@ def build_parser(extend=None) -> argparse.ArgumentParser:
     p.add_argument("--gpu", action="store_true", help="one GPU per replica, bf16")
     p.add_argument("--cpus-per-worker", type=float, default=0.5,
                    help="logical CPUs a CPU replica reserves (leave some for reads and writes)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, help="rows per model call (default: 4 on CPU, 8 on GPU)")
     p.add_argument("--tile", type=int, default=512)
     p.add_argument("--tile-overlap", type=int, default=64)
     p.add_argument("--force", action="store_true", help="restore every file, even those already done")

@@ -30,7 +30,7 @@ OUTPUT_COLUMNS = ("status", "error", "model_version")
 class RestoreSettings:
     tile: int = 512  # images larger than this are restored tile by tile; memory is bounded by the tile
     tile_overlap: int = 64  # >= 4x the receptive radius keeps tiled == whole (DnCNN-17: radius 17)
-    batch_size: int = 8  # tiles or same-sized images per forward pass
+    batch_size: int = 4  # tiles or same-sized images per forward pass (4 suits CPUs: see restore.CPU_BATCH_SIZE)
     device: str = "cpu"  # "cuda" on GPU actors
     bf16: bool = True  # autocast to bfloat16 on CUDA (ignored on CPU, where it is slower)
     threads: int | None = None  # torch intra-op threads per replica; None leaves torch's default

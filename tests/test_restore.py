@@ -153,6 +153,20 @@ def test_bad_input_stops_before_any_work(trained_model, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_rows_per_model_call_default_to_the_device_and_the_user_wins():
+    from pipeline.cli import build_parser
+    from pipeline.restore import CPU_BATCH_SIZE, GPU_BATCH_SIZE
+
+    cpu, gpu = RestoreJob("a", "b", "m"), RestoreJob("a", "b", "m", use_gpu=True)
+    assert (cpu.rows_per_call, gpu.rows_per_call) == (CPU_BATCH_SIZE, GPU_BATCH_SIZE)
+    assert CPU_BATCH_SIZE < GPU_BATCH_SIZE
+    assert RestoreJob("a", "b", "m", batch_size=2, use_gpu=True).rows_per_call == 2
+    args = build_parser().parse_args(["restore", "--input", "a", "--output", "b", "--model", "m"])
+    assert args.batch_size is None  # the CLI leaves the choice to the job, which knows the device
+    with pytest.raises(ValueError, match="batch_size"):
+        RestoreJob("a", "b", "m", batch_size=0)
+
+
 def test_stall_fails_with_a_message_and_rerun_completes(ray_local, noisy_set12, trained_model, s3_prefix):
     with pytest.raises(StallError, match="no restored rows for 0 s.*0/3 file"):
         restore_dataset(job(noisy_set12, s3_prefix, trained_model, stall_timeout_s=0.01))
