@@ -23,6 +23,7 @@ import posixpath
 import queue
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
@@ -221,6 +222,10 @@ def restore_dataset(job: RestoreJob, log=print, on_progress=None) -> RestoreRepo
     # grow with the number of files that could be read at once.
     dataset = ray.data.read_parquet(list(uri_of_path), filesystem=filesystem, include_paths=True,
                                     concurrency=workers)
+    # That limit is a cap: a small input arrives as one listing block and needs one read
+    # task, which Ray Data reports as a warning in every small job's log.
+    warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks for 'ReadFiles",
+                            category=UserWarning)
     # The reader packs small files into one block and keeps a large file whole: cut blocks
     # to one batch so that rows spread over the replicas.
     dataset = dataset.repartition(target_num_rows_per_block=job.rows_per_call)
