@@ -60,3 +60,17 @@ def test_batch_of_mixed_modes_and_sizes_keeps_each_row(model_dir):
     assert restored_rgba.mode == "RGBA"
     np.testing.assert_array_equal(restored_rgba.pixels[:, :, 3], rgba[:, :, 3])  # alpha untouched
     assert decode(out["image"][3]).mode == "I;16" and decode(out["image"][0]).pixels.shape == (40, 52)
+
+
+def test_replica_hands_its_free_heap_back_every_few_calls(model_dir):
+    from pipeline.restore_core import TRIM_HEAP_EVERY_CALLS
+
+    restorer = ImageRestorer(model_dir, RestoreSettings(tile=32, tile_overlap=8))
+    if restorer.trim_heap is None:
+        pytest.skip("not glibc: no malloc_trim")
+    trims = []
+    restorer.trim_heap = lambda pad: trims.append(pad) or 1
+    image = encode_png(np.zeros((8, 8), np.uint8), "L")
+    for _ in range(2 * TRIM_HEAP_EVERY_CALLS + 1):
+        restorer({"image_id": np.array(["a"], dtype=object), "image": np.array([image], dtype=object)})
+    assert trims == [0, 0]
