@@ -28,6 +28,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pipeline.raycluster import WORKER_ENV
 from pipeline.processes import descendants, free_ports, kill_group, pid_alive, stop_pid, wait_until
 
 DEFAULT_DIR = Path(os.environ.get("RESFLOW_HOME", Path.home() / ".resflow")) / "cluster"
@@ -76,6 +77,8 @@ def node_env() -> dict[str, str]:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.pop("RAY_ADDRESS", None)
     env["RAY_USAGE_STATS_ENABLED"] = "0"
+    for key, value in WORKER_ENV.items():
+        env.setdefault(key, value)
     env.update(AUTH_ENV)
     return env
 

@@ -153,6 +153,23 @@ def test_bad_input_stops_before_any_work(trained_model, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_ray_workers_allocate_arrow_memory_with_the_system_allocator(ray_local):
+    import os
+
+    import ray
+
+    if os.environ.get("ARROW_DEFAULT_MEMORY_POOL", "system") != "system":
+        pytest.skip("ARROW_DEFAULT_MEMORY_POOL set by the user")
+
+    @ray.remote(num_cpus=0.1)
+    def backend() -> str:
+        import pyarrow
+
+        return pyarrow.default_memory_pool().backend_name
+
+    assert ray.get(backend.remote()) == "system"
+
+
 def test_rows_per_model_call_default_to_the_device_and_the_user_wins():
     from pipeline.cli import build_parser
     from pipeline.restore import CPU_BATCH_SIZE, GPU_BATCH_SIZE
