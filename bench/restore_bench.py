@@ -17,7 +17,8 @@ images:
 
 Peak memory is the summed PSS of the pipeline process and all its children (Ray's raylet,
 workers, object store), sampled once a second from this process; the S3 server is storage,
-not pipeline, and is not counted. Writes bench/results/restore_<device>.json.
+not pipeline, and is not counted. Writes bench/results/restore_<device>.json (another
+--scale: restore_<device>_scale<N>.json).
 """
 
 from __future__ import annotations
@@ -257,7 +258,8 @@ def run(args) -> None:
         f"memory_ratio_{args.scale}x_vs_1x": large["peak_pss_mb"] / small["peak_pss_mb"],
     }
     device = "gpu" if torch.cuda.is_available() else "cpu"
-    out = REPO / "bench" / "results" / f"restore_{device}.json"
+    suffix = "" if args.scale == 10 else f"_scale{args.scale}"  # the default run is what `make bench` records
+    out = REPO / "bench" / "results" / f"restore_{device}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print()
