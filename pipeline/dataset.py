@@ -45,10 +45,6 @@ def read_metadata(file_uri: str, filesystem=None) -> pq.FileMetaData:
         raise DatasetError(f"{file_uri} is not a readable Parquet file: {error}") from error
 
 
-def read_schema(file_uri: str) -> pa.Schema:
-    return read_metadata(file_uri).schema.to_arrow_schema()
-
-
 FOOTER_THREADS = 16  # footer reads are latency-bound: one at a time costs a round trip per file
 
 

@@ -46,6 +46,11 @@ def physical_cores() -> int:
         return os.cpu_count() or 1
 
 
+def footer_readers(resources: dict) -> int:
+    """Ray Data's footer-reading actors per Parquet read: one per 16 CPUs (its default is 32)."""
+    return max(1, min(32, int(resources.get("CPU", 1)) // 16))
+
+
 def _tune_parquet_reads(resources: dict) -> dict:
     """Ray Data (2.60) defaults that suit big analytic scans, not image restoration:
 
@@ -60,7 +65,6 @@ def _tune_parquet_reads(resources: dict) -> dict:
 
     Ray Data reads both variables when a read is planned, in this process; values the user
     set win."""
-    readers = max(1, min(32, int(resources.get("CPU", 1)) // 16))
-    os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", str(readers))
+    os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", str(footer_readers(resources)))
     os.environ.setdefault("RAY_DATA_PARQUET_BIN_PACKING_BYTES", str(8 * 2**20))
     return resources

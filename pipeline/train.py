@@ -37,9 +37,16 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import storage
-from pipeline.dataset import check_dataset, read_schema
+from pipeline.dataset import check_dataset, inspect_dataset
 from pipeline.degrade import Degradation
-from pipeline.images import DecodeLimits, ImageColumns, decode, from_float, to_float
+from pipeline.images import (
+    DecodeLimits,
+    ImageColumns,
+    decode,
+    from_float,
+    to_float,
+    validate_schema,
+)
 from pipeline.metrics import psnr, ssim
 from pipeline.models import build_model
 
@@ -461,9 +468,12 @@ def train(data: str, val_data: str, output: str, config: TrainConfig, run_name: 
     from pipeline.modelio import load_model, save_model
 
     columns = config.columns
-    schema = read_schema(check_dataset(data, columns)[0].uri)
-    paired = columns.target in schema.names
-    train_files = check_dataset(data, columns, need_target=paired)
+    inspected = inspect_dataset(data, columns)  # lists the files and reads each footer once
+    paired = columns.target in inspected[0][1].schema.to_arrow_schema().names
+    if paired:  # then every file must carry the target
+        for info, footer in inspected:
+            validate_schema(footer.schema.to_arrow_schema(), columns, need_target=True, where=info.uri)
+    train_files = [info for info, _ in inspected]
     val_files = check_dataset(val_data, columns, need_target=paired)
     fingerprint = data_fingerprint(train_files, config.degradation)
     run_name = run_name or f"train-{time.strftime('%Y%m%d-%H%M%S')}-{fingerprint[:6]}"

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline import metrics, s3server, storage
+from pipeline import metrics, raycluster, s3server, storage
 from pipeline.dataset import DatasetError, Manifest, read_table
 from pipeline.degrade import Degradation
 from pipeline.images import SchemaError, decode, encode_png
@@ -65,7 +65,7 @@ def test_parquet_footers_are_read_by_a_small_pool(ray_local, noisy_set12, traine
 
     before = footer_readers()
     restore_dataset(job(noisy_set12, s3_prefix, trained_model))
-    allowed = max(1, min(32, int(ray.cluster_resources()["CPU"]) // 16))
+    allowed = raycluster.footer_readers(ray.cluster_resources())
     assert 1 <= footer_readers() - before <= allowed
 
 
