@@ -74,3 +74,32 @@ def test_replica_hands_its_free_heap_back_every_few_calls(model_dir):
     for _ in range(2 * TRIM_HEAP_EVERY_CALLS + 1):
         restorer({"image_id": np.array(["a"], dtype=object), "image": np.array([image], dtype=object)})
     assert trims == [0, 0]
+
+
+def test_io_threads_and_concurrent_calls_return_each_call_whole(model_dir):
+    """How a GPU replica runs (restore.py): PNG work on several threads, two calls at once.
+    Each call still returns its own rows, in order, equal to one thread's, and bad rows
+    still fail alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.images import decode
+
+    rng = np.random.default_rng(0)
+    values = [encode_png(rng.integers(0, 256, (24 + i, 40), dtype=np.uint8), "L") for i in range(12)] + [b"junk"]
+    batches = [{"image_id": np.array([f"{call}-{row}" for row in range(5)], dtype=object),
+                "image": np.array([values[(call * 5 + row) % len(values)] for row in range(5)], dtype=object)}
+               for call in range(8)]
+    expected = [ImageRestorer(model_dir, RestoreSettings(threads=1))(batch) for batch in batches]
+    threaded = ImageRestorer(model_dir, RestoreSettings(threads=1, io_threads=3))
+    with ThreadPoolExecutor(2) as calls:
+        results = list(calls.map(threaded, batches))
+    assert threaded.io_pool is not None and threaded.calls == len(batches)
+    for want, got in zip(expected, results):
+        assert list(got["image_id"]) == list(want["image_id"])
+        assert list(got["status"]) == list(want["status"])
+        assert [error is None for error in got["error"]] == [error is None for error in want["error"]]
+        for got_png, want_png in zip(got["image"], want["image"]):
+            assert (got_png is None) == (want_png is None)
+            if got_png is not None:
+                assert np.array_equal(decode(got_png).pixels, decode(want_png).pixels)
+    assert "failed" in [status for result in results for status in result["status"]]
