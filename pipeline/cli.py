@@ -190,13 +190,13 @@ def cmd_restore(args) -> int:
     from pipeline.restore import RestoreJob, format_report, restore_dataset
 
     job = RestoreJob(input=args.input, output=args.output, model=args.model, workers=args.workers, use_gpu=args.gpu,
-                     cpus_per_worker=args.cpus_per_worker, batch_size=args.batch_size, tile=args.tile, tile_overlap=args.tile_overlap, force=args.force,
+                     cpus_per_worker=args.cpus_per_worker, batch_size=args.batch_size, io_threads=args.io_threads, tile=args.tile, tile_overlap=args.tile_overlap, force=args.force,
                      stall_timeout_s=args.stall_timeout, columns=_columns(args), progress=not args.json)
     def progress(done: int, total: int) -> None:  # one line per published file: readable in Ray job logs
         print(f"{PROGRESS_PREFIX}{done}/{total} images", file=sys.stderr, flush=True)
 
     report = restore_dataset(job, log=(lambda message: print(message, file=sys.stderr)) if args.json else print,
-                             on_progress=progress if args.json else None)
+                             on_progress=progress if args.json else None, ray_dashboard=False)
     print(json.dumps(report.to_dict()) if args.json else format_report(report))
     return 0
 
@@ -295,7 +295,9 @@ def build_parser(extend=None) -> argparse.ArgumentParser:
     p.add_argument("--gpu", action="store_true", help="one GPU per replica, bf16")
     p.add_argument("--cpus-per-worker", type=float, default=0.5,
                    help="logical CPUs a CPU replica reserves (leave some for reads and writes)")
-    p.add_argument("--batch-size", type=int, help="rows per model call (default: 4 on CPU, 8 on GPU)")
+    p.add_argument("--batch-size", type=int, help="rows per model call (default: 4 on CPU, 16 on GPU)")
+    p.add_argument("--io-threads", type=int,
+                   help="PNG decode/encode threads per replica (default: 1 on CPU; on GPU half the node's CPUs per GPU)")
     p.add_argument("--tile", type=int, default=512)
     p.add_argument("--tile-overlap", type=int, default=64)
     p.add_argument("--force", action="store_true", help="restore every file, even those already done")

@@ -40,7 +40,15 @@ SOURCE_COLUMN = "path"  # Ray Data's include_paths column: the input file of eac
 # activations of 8 BSD68-sized images leave the cache (cpu preset, one thread: 0.73 MP/s
 # at 4 rows, 0.52 at 8; two threads: 1.29 vs 0.91). GPUs want more rows per call.
 CPU_BATCH_SIZE = 4
-GPU_BATCH_SIZE = 8
+GPU_BATCH_SIZE = 16
+# A GPU replica's forward pass outruns one core's PNG decoding and encoding many times over
+# (H200, DnCNN-S in bf16: ~120 MP/s at 16 rows per call; one core decodes and encodes under
+# 10 MP/s): it decodes and encodes on half of its node's CPUs per GPU (the other half read),
+# runs two calls at once so that one's PNG work overlaps the other's forward, and is fed by
+# several read tasks (one read ~50 files/s from a local S3 server here).
+GPU_CALLS_AT_ONCE = 2
+GPU_READ_TASKS_PER_REPLICA = 4
+GPU_NODE_CPUS_WHEN_NONE_IS_UP = 8  # infra/kuberay's GPU workers: the autoscaler starts them on demand
 
 
 class StallError(RuntimeError):
@@ -56,6 +64,8 @@ class RestoreJob:
     use_gpu: bool = False  # one GPU per replica, bf16
     cpus_per_worker: float = 0.5  # logical CPUs a replica reserves; fractions keep reads and writes running
     batch_size: int | None = None  # rows per model call (tiles of one size are batched); None: per device, above
+    io_threads: int | None = None  # PNG decode/encode threads per replica; None: 1 on CPU, per GPU node on GPU (above)
+    read_tasks: int | None = None  # Parquet read tasks at once; None: 1 per CPU replica, 4 per GPU replica
     tile: int = 512
     tile_overlap: int = 64
     force: bool = False  # restore every file, even those the manifest says are done
@@ -66,6 +76,9 @@ class RestoreJob:
     def __post_init__(self):
         if self.workers is not None and self.workers < 1:
             raise ValueError("workers must be >= 1")
+        for name in ("io_threads", "read_tasks"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
         if self.stall_timeout_s <= 0:
             raise ValueError("stall_timeout_s must be positive")
         RestoreSettings(tile=self.tile, tile_overlap=self.tile_overlap, batch_size=self.rows_per_call)
@@ -183,9 +196,12 @@ class _FileWriter:
         storage.write_atomically(self.uri, write)
 
 
-def restore_dataset(job: RestoreJob, log=print, on_progress=None) -> RestoreReport:
+def restore_dataset(job: RestoreJob, log=print, on_progress=None, ray_dashboard: bool = True) -> RestoreReport:
     """Restore every new or changed input file. `on_progress(images_done, images_total)` is
-    called after each published output file (orchestrators draw progress from it)."""
+    called after each published output file (orchestrators draw progress from it).
+    `ray_dashboard=False` starts local Ray (when this call starts it) without its dashboard:
+    `resflow restore`, a process of its own, saves ~300 MB and ~3% of a 2-core machine;
+    a process that trains later (the nightly flow) needs it."""
     import ray
     import ray.data
 
@@ -198,18 +214,27 @@ def restore_dataset(job: RestoreJob, log=print, on_progress=None) -> RestoreRepo
         report.seconds = time.time() - started
         return report
     storage.ensure_bucket(job.output)
-    resources = raycluster.connect()
+    resources = raycluster.connect(dashboard=ray_dashboard)
     workers = job.workers or (max(1, int(resources.get("GPU", 1))) if job.use_gpu
                               else max(1, int(resources.get("CPU", 2) // 2)))
-    threads = max(1, raycluster.physical_cores() // workers) if not job.use_gpu else None
+    if job.use_gpu:
+        threads = None
+        io_threads = job.io_threads or max(1, (raycluster.cpus_per_gpu() or GPU_NODE_CPUS_WHEN_NONE_IS_UP) // 2)
+        actor_options = {"num_gpus": 1, "num_cpus": io_threads}
+        calls_at_once, read_tasks = GPU_CALLS_AT_ONCE, job.read_tasks or GPU_READ_TASKS_PER_REPLICA * workers
+    else:
+        threads, io_threads = max(1, raycluster.physical_cores() // workers), job.io_threads or 1
+        actor_options = {"num_cpus": job.cpus_per_worker}
+        calls_at_once, read_tasks = 1, job.read_tasks or workers
     settings = RestoreSettings(tile=job.tile, tile_overlap=job.tile_overlap, batch_size=job.rows_per_call,
-                               device="cuda" if job.use_gpu else "cpu", threads=threads)
+                               device="cuda" if job.use_gpu else "cpu", threads=threads, io_threads=io_threads)
 
     report.images_total = sum(expected.values())
     if on_progress:
         on_progress(0, report.images_total)
     log(f"restoring {len(todo)} file(s), {sum(expected.values())} images, with model {model_version} on "
-        f"{workers} {'GPU' if job.use_gpu else 'CPU'} replica(s); {len(skipped)} file(s) already done")
+        f"{workers} {'GPU' if job.use_gpu else 'CPU'} replica(s) ({job.rows_per_call} rows per call, "
+        f"{io_threads} PNG thread(s) each, {read_tasks} read task(s)); {len(skipped)} file(s) already done")
 
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # rows of one file arrive together, in input order
@@ -218,10 +243,10 @@ def restore_dataset(job: RestoreJob, log=print, on_progress=None) -> RestoreRepo
     uri_of_path = {storage.parse(info.uri).path: info.uri for info in todo}
     # One read over all files (a union of per-file reads schedules badly: 8x slower here);
     # include_paths tags each row with its file, which is how rows find their output file.
-    # One read task per replica at most: reads keep up with restoration, and memory does not
-    # grow with the number of files that could be read at once.
+    # A bounded number of read tasks (one per CPU replica): reads keep up with restoration,
+    # and memory does not grow with the number of files that could be read at once.
     dataset = ray.data.read_parquet(list(uri_of_path), filesystem=filesystem, include_paths=True,
-                                    concurrency=workers)
+                                    concurrency=read_tasks)
     # That limit is a cap: a small input arrives as one listing block and needs one read
     # task, which Ray Data reports as a warning in every small job's log.
     warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks for 'ReadFiles",
@@ -231,7 +256,6 @@ def restore_dataset(job: RestoreJob, log=print, on_progress=None) -> RestoreRepo
     dataset = dataset.repartition(target_num_rows_per_block=job.rows_per_call)
     from pipeline.restore_core import ImageRestorer
 
-    actor_options = {"num_gpus": 1} if job.use_gpu else {"num_cpus": job.cpus_per_worker}
     restored = dataset.map_batches(
         ImageRestorer,
         fn_constructor_kwargs={"model_uri": planned.model_folder, "settings": settings, "columns": job.columns,
@@ -239,7 +263,10 @@ def restore_dataset(job: RestoreJob, log=print, on_progress=None) -> RestoreRepo
         batch_size=job.rows_per_call, batch_format="numpy",
         # Every replica starts at once (model loads overlap the first reads); the pool may
         # shrink to one when a node is lost.
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers, initial_size=workers), **actor_options,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers, initial_size=workers,
+                                           max_concurrent_calls_per_actor=calls_at_once,
+                                           enable_true_multi_threading=calls_at_once > 1),
+        **actor_options,
     )
 
     manifest = Manifest(job.output, "manifest")

@@ -134,3 +134,16 @@ def publish_version(model_folder: str, registry_uri: str, version: str) -> str:
     model, card = load_model(model_folder)
     save_model(registry.version_uri(registry_uri, version), model, version=version, degradation=card.degradation)
     return registry.version_uri(registry_uri, version)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` run only where torch sees a CUDA device (CI has none)."""
+    gpu_tests = [item for item in items if "gpu" in item.keywords]
+    if not gpu_tests:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in gpu_tests:
+            item.add_marker(skip)

@@ -218,3 +218,33 @@ def test_s3_restart_mid_run_loses_and_duplicates_nothing(ray_local, s3_server, t
     source_ids = [i for f in files for i in read_table(f.uri, columns=["image_id"])["image_id"].to_pylist()]
     assert sorted(out["image_id"].to_pylist()) == sorted(source_ids)  # every row exactly once
     assert set(out["status"].to_pylist()) == {"ok"}
+
+
+def test_resflow_restore_runs_local_ray_without_its_dashboard(monkeypatch):
+    """`resflow restore` is a process of its own, so its local Ray leaves the dashboard out
+    (11 processes, ~300 MB); a restore inside a longer process keeps it for training."""
+    import inspect
+    import os
+    import subprocess
+    import sys
+
+    from pipeline import cli, restore
+
+    asked = {}
+
+    def fake_restore(job, log=print, on_progress=None, ray_dashboard=True):
+        asked["ray_dashboard"] = ray_dashboard
+        return restore.RestoreReport(job.output, "v1")
+
+    monkeypatch.setattr(restore, "restore_dataset", fake_restore)
+    assert cli.main(["restore", "--input", "a", "--output", "b", "--model", "m"]) == 0
+    assert asked == {"ray_dashboard": False}
+    assert inspect.signature(restore_dataset).parameters["ray_dashboard"].default is True
+
+    code = ("import ray; from pipeline import raycluster; raycluster.connect(num_cpus=1, dashboard={}); "
+            "print(bool(ray._private.worker.get_dashboard_url())); ray.shutdown()")
+    for dashboard in (False, True):
+        started = subprocess.run([sys.executable, "-c", code.format(dashboard)], capture_output=True, text=True,
+                                 timeout=180, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+        assert started.returncode == 0, started.stderr
+        assert started.stdout.strip().splitlines()[-1] == str(dashboard)
