@@ -1,6 +1,8 @@
 """Restoration throughput and memory: the Ray Data pipeline against its own ceiling.
 
     make bench        # or: .venv/bin/python -m bench.restore_bench [--scale 10] [--preset cpu]
+    # a GPU node (CUDA torch): the paper's network, more data, local files
+    python -m bench.restore_bench --preset dncnn-paper --scale 100 --storage local
 
 Data: BSD68 with Gaussian noise (sigma 25), 4 images per Parquet file, replicated 1x and
 10x. Model: the architecture of the training preset, freshly initialised (speed does not
@@ -19,6 +21,10 @@ Peak memory is the summed PSS of the pipeline process and all its children (Ray'
 workers, object store), sampled once a second from this process; the S3 server is storage,
 not pipeline, and is not counted. Writes bench/results/restore_<device>.json (another
 --scale: restore_<device>_scale<N>.json).
+
+With CUDA, every measurement runs on the GPU in bf16 (the pipeline as `--gpu`: one replica
+per GPU) and the pipeline's GPU busy time is sampled: the share of NVML's samples in which
+a kernel ran. `--storage local` keeps the data on local disk instead of a local S3 server.
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ from pipeline.degrade import Degradation
 from pipeline.images import decode, encode_png, from_float, to_float
 from pipeline.ingest import degrade_dataset, ingest
 from pipeline.modelio import load_model, save_model
-from pipeline.restore import RestoreJob, restore_dataset
+from pipeline.restore import CPU_BATCH_SIZE, GPU_BATCH_SIZE, RestoreJob, restore_dataset
 from pipeline.restore_core import ModelRunner, RestoreSettings
 from pipeline.models import build_model
 from pipeline.train import train_preset
@@ -89,15 +95,52 @@ class PeakMemory:
         self._thread.join()
 
 
+class GpuBusy:
+    """The share of time GPU 0 ran a kernel while the block runs (NVML's utilisation, read
+    every 0.2 s); None without NVML (pip package nvidia-ml-py)."""
+
+    def __init__(self, interval: float = 0.2):
+        self.interval, self.samples = interval, []
+        self._stop = threading.Event()
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._read = lambda handle=pynvml.nvmlDeviceGetHandleByIndex(0): \
+                pynvml.nvmlDeviceGetUtilizationRates(handle).gpu
+        except Exception:  # no NVML here: nothing to sample
+            self._read = None
+
+    def busy(self, start: float, end: float) -> float | None:
+        """Busy share between two time.time() stamps."""
+        inside = [percent for stamp, percent in self.samples if start <= stamp <= end]
+        return sum(inside) / len(inside) / 100 if inside else None
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.samples.append((time.time(), self._read()))
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._sample, daemon=True) if self._read else None
+        if self._thread:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+
+
 def replicate(source: str, destination: str, times: int) -> int:
-    files = storage.list_files(source)
+    tables = {info.uri.rsplit("/", 1)[1]: read_table(info.uri) for info in storage.list_files(source)}
     for copy in range(times):
-        for info in files:
-            table = read_table(info.uri)
+        for base_name, table in tables.items():
             ids = pa.array([f"{copy}/{i}" for i in table["image_id"].to_pylist()])
-            name = f"copy{copy:03d}-{info.uri.rsplit('/', 1)[1]}"
-            storage.write_bytes(storage.join(destination, name), _parquet_bytes(table.set_column(0, "image_id", ids)))
-    return len(files) * times
+            storage.write_bytes(storage.join(destination, f"copy{copy:03d}-{base_name}"),
+                                _parquet_bytes(table.set_column(0, "image_id", ids)))
+    return len(tables) * times
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:
@@ -117,10 +160,10 @@ def decoded_images(data: str) -> list[np.ndarray]:
     return images
 
 
-def pure_forward(model_uri: str, images: list[np.ndarray], threads: int, batch_size: int) -> dict:
+def pure_forward(model_uri: str, images: list[np.ndarray], threads: int, batch_size: int, device: str = "cpu") -> dict:
     torch.set_num_threads(threads)
     model, _ = load_model(model_uri)
-    runner = ModelRunner(model, RestoreSettings(batch_size=batch_size))
+    runner = ModelRunner(model, RestoreSettings(batch_size=batch_size, device=device))
     runner.run(images[:batch_size])  # warm-up: oneDNN picks its kernels on the first call
     passes = []
     for _ in range(3):  # the median of three passes: one pass is short enough to catch a noisy moment
@@ -133,10 +176,10 @@ def pure_forward(model_uri: str, images: list[np.ndarray], threads: int, batch_s
             "passes_seconds": passes}
 
 
-def plain_loop(model_uri: str, data: str, output: str, threads: int, batch_size: int) -> dict:
+def plain_loop(model_uri: str, data: str, output: str, threads: int, batch_size: int, device: str = "cpu") -> dict:
     torch.set_num_threads(threads)
     model, card = load_model(model_uri)
-    runner = ModelRunner(model, RestoreSettings(batch_size=batch_size))
+    runner = ModelRunner(model, RestoreSettings(batch_size=batch_size, device=device))
     started = time.perf_counter()
     megapixels = 0.0
     for info in storage.list_files(data):
@@ -152,17 +195,24 @@ def plain_loop(model_uri: str, data: str, output: str, threads: int, batch_size:
     return {"megapixels": megapixels, "seconds": seconds, "mp_per_s": megapixels / seconds}
 
 
-def pipeline(model_uri: str, data: str, output: str, batch_size: int) -> dict:
-    """`restore_dataset` in a child process with its own local Ray; its tree's memory is sampled here."""
-    command = [sys.executable, "-m", "bench.restore_bench", "--pipeline-run",
-               json.dumps({"model": model_uri, "data": data, "output": output, "batch_size": batch_size})]
+def pipeline(model_uri: str, data: str, output: str, batch_size: int, use_gpu: bool = False,
+             variant: dict | None = None) -> dict:
+    """`restore_dataset` in a child process with its own local Ray; its tree's memory (and
+    the GPU's busy time) is sampled here. `variant`: RestoreJob fields to override."""
+    spec = {"model": model_uri, "data": data, "output": output, "batch_size": batch_size, "use_gpu": use_gpu,
+            "variant": variant or {}}
+    command = [sys.executable, "-m", "bench.restore_bench", "--pipeline-run", json.dumps(spec)]
     child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, text=True)
-    with PeakMemory(child.pid) as memory:
+    with PeakMemory(child.pid) as memory, GpuBusy() as gpu:
         out, _ = child.communicate()
     if child.returncode != 0:
         raise RuntimeError(f"the pipeline run failed (exit {child.returncode})")
     result = json.loads(out.strip().splitlines()[-1])
     result["peak_pss_mb"] = memory.peak / 2**20
+    if gpu.samples:  # while the job ran (Ray's start is not counted), and after its first rows
+        end = result["started_at"] + result["seconds"]
+        result["gpu_busy"] = gpu.busy(result["started_at"], end)
+        result["gpu_busy_after_first_rows"] = gpu.busy(result["started_at"] + result["first_rows_seconds"], end)
     return result
 
 
@@ -190,36 +240,53 @@ def _wait_until_quiet(cpu_fraction: float = 0.15, timeout: float = 30.0) -> None
 
 def pipeline_run(spec: dict) -> None:
     """The child side of `pipeline`: start Ray (not timed), restore, print one JSON line."""
-    raycluster.connect()
+    raycluster.connect(dashboard=False)  # as `resflow restore` starts it
     _wait_until_quiet()  # Ray's raylet is still starting its prestarted workers: part of Ray's start
     notes = []
     job = RestoreJob(input=spec["data"], output=spec["output"], model=spec["model"], batch_size=spec["batch_size"],
-                     progress=False)
+                     use_gpu=spec["use_gpu"], progress=False, **spec["variant"])
+    started_at = time.time()
     report = restore_dataset(job, log=notes.append)
     steady = report.megapixels / max(report.seconds - report.first_rows_seconds, 1e-9)
-    print(json.dumps({"megapixels": report.megapixels, "seconds": report.seconds, "mp_per_s": report.megapixels_per_s,
+    print(json.dumps({"started_at": started_at, "megapixels": report.megapixels, "seconds": report.seconds,
+                      "mp_per_s": report.megapixels_per_s,
                       "first_rows_seconds": report.first_rows_seconds, "mp_per_s_after_first_rows": steady,
                       "images": report.images_ok, "failed": report.images_failed, "files": report.files_restored,
                       "workers_note": notes[0] if notes else ""}), flush=True)
+
+
+def _variant(text: str) -> dict:
+    return {field: int(value) for field, value in (part.split("=") for part in text.split(","))}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--scale", type=int, default=10, help="the larger dataset is this many copies of BSD68")
     parser.add_argument("--preset", default="cpu", help="training preset whose architecture is benchmarked")
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, help=f"rows per model call (default: the pipeline's, "
+                                                       f"{CPU_BATCH_SIZE} on CPU, {GPU_BATCH_SIZE} on GPU)")
+    parser.add_argument("--storage", choices=("s3", "local"), default="s3",
+                        help="s3: a local SeaweedFS server (as the tests); local: files under --dir")
+    parser.add_argument("--variant", action="append", default=[], type=_variant, metavar="FIELD=N[,FIELD=N]",
+                        help="one more pipeline run at --scale with these RestoreJob fields (io_threads, read_tasks, "
+                             "workers); repeatable")
     parser.add_argument("--dir", default=str(REPO / ".bench" / "s3-restore"))
     parser.add_argument("--pipeline-run", help=argparse.SUPPRESS)  # internal: the measured child process
     args = parser.parse_args()
     if args.pipeline_run:
         pipeline_run(json.loads(args.pipeline_run))
         return
+    if args.storage == "local":
+        run(args, str(Path(args.dir).resolve() / f"bench-restore-{time.strftime('%Y%m%d-%H%M%S')}"))
+        return
     with s3server.embedded(args.dir, buckets=("resflow",)):
-        run(args)
+        run(args, f"s3://resflow/bench-restore-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-def run(args) -> None:
-    root = f"s3://resflow/bench-restore-{time.strftime('%Y%m%d-%H%M%S')}"
+def run(args, root: str) -> None:
+    use_gpu = torch.cuda.is_available()
+    device = "cuda" if use_gpu else "cpu"
+    batch_size = args.batch_size or (GPU_BATCH_SIZE if use_gpu else CPU_BATCH_SIZE)
     ingest(str(DATA / "BSD68"), f"{root}/clean", rows_per_file=4, progress=False)
     degrade_dataset(f"{root}/clean", f"{root}/x1", Degradation(noise_sigma=25), progress=False)
     replicate(f"{root}/x1", f"{root}/x{args.scale}", args.scale)
@@ -228,35 +295,49 @@ def run(args) -> None:
     model_uri = f"{root}/model"
     save_model(model_uri, build_model(config.model, **config.model_config))
     threads = raycluster.physical_cores()
-    print(f"model: {config.model} {config.model_config}; {threads} cores", flush=True)
+    print(f"model: {config.model} {config.model_config}; {threads} cores; {device}"
+          f"{' (' + torch.cuda.get_device_name() + ', bf16)' if use_gpu else ''}; {batch_size} rows per call",
+          flush=True)
 
     # This machine's speed drifts by 10-20% over minutes (shared host), so every measurement
     # is bracketed by forward passes and compared with the mean of the two around it.
     images = decoded_images(f"{root}/x1")
 
     def forward():
-        measured = pure_forward(model_uri, images, threads, args.batch_size)
+        measured = pure_forward(model_uri, images, threads, batch_size, device)
         print(f"forward  {measured['mp_per_s']:.3f} MP/s", flush=True)
         return measured
 
+    def restore(scale: int, variant: dict | None = None) -> dict:
+        name = f"x{scale}" + "".join(f"-{field}{value}" for field, value in (variant or {}).items())
+        measured = pipeline(model_uri, f"{root}/x{scale}", f"{root}/out-{name}", batch_size, use_gpu, variant)
+        busy = f", GPU busy {measured['gpu_busy']:.0%}" if measured.get("gpu_busy") is not None else ""
+        print(f"pipeline {measured['mp_per_s']:.3f} MP/s at {name}, peak {measured['peak_pss_mb']:.0f} MB{busy}",
+              flush=True)
+        return measured
+
     forwards = [forward()]
-    loop = plain_loop(model_uri, f"{root}/x1", f"{root}/loop-out", threads, args.batch_size)
+    loop = plain_loop(model_uri, f"{root}/x1", f"{root}/loop-out", threads, batch_size, device)
     print(f"loop     {loop['mp_per_s']:.3f} MP/s", flush=True)
     forwards.append(forward())
-    small = pipeline(model_uri, f"{root}/x1", f"{root}/out-x1", args.batch_size)
-    print(f"pipeline {small['mp_per_s']:.3f} MP/s at 1x, peak {small['peak_pss_mb']:.0f} MB", flush=True)
+    rows = [("plain single-process loop", loop), ("pipeline, 1x", restore(1))]
     forwards.append(forward())
-    large = pipeline(model_uri, f"{root}/x{args.scale}", f"{root}/out-x{args.scale}", args.batch_size)
-    print(f"pipeline {large['mp_per_s']:.3f} MP/s at {args.scale}x, peak {large['peak_pss_mb']:.0f} MB", flush=True)
+    rows.append((f"pipeline, {args.scale}x", restore(args.scale)))
     forwards.append(forward())
-    for row, (before, after) in zip((loop, small, large), itertools.pairwise(forwards)):
+    for variant in args.variant:
+        rows.append((f"pipeline, {args.scale}x, " + ", ".join(f"{k}={v}" for k, v in variant.items()),
+                     restore(args.scale, variant)))
+        forwards.append(forward())
+    for (_, row), (before, after) in zip(rows, itertools.pairwise(forwards)):
         row["forward_mp_per_s"] = (before["mp_per_s"] + after["mp_per_s"]) / 2  # the bracket's reference
         row["vs_forward"] = row["mp_per_s"] / row["forward_mp_per_s"]
         if "mp_per_s_after_first_rows" in row:
             row["after_first_rows_vs_forward"] = row["mp_per_s_after_first_rows"] / row["forward_mp_per_s"]
 
+    loop, small, large = (row for _, row in rows[:3])
     result = {
-        "model": {"name": config.model, "config": config.model_config}, "cores": threads, "batch_size": args.batch_size,
+        "model": {"name": config.model, "config": config.model_config}, "cores": threads, "batch_size": batch_size,
+        "device": torch.cuda.get_device_name() if use_gpu else "cpu", "storage": args.storage,
         "forward": forwards, "loop": loop, "pipeline_1x": small, f"pipeline_{args.scale}x": large,
         "ratio_pipeline_vs_forward_1x": small["vs_forward"],
         f"ratio_pipeline_vs_forward_{args.scale}x": large["vs_forward"],
@@ -264,22 +345,27 @@ def run(args) -> None:
         "ratio_loop_vs_forward": loop["vs_forward"],
         f"memory_ratio_{args.scale}x_vs_1x": large["peak_pss_mb"] / small["peak_pss_mb"],
     }
-    device = "gpu" if torch.cuda.is_available() else "cpu"
+    for variant, (_, row) in zip(args.variant, rows[3:]):
+        result[f"pipeline_{args.scale}x_" + "_".join(f"{k}{v}" for k, v in variant.items())] = row
     suffix = "" if args.scale == 10 else f"_scale{args.scale}"  # the default run is what `make bench` records
-    out = REPO / "bench" / "results" / f"restore_{device}{suffix}.json"
+    out = REPO / "bench" / "results" / f"restore_{'gpu' if use_gpu else 'cpu'}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print()
     print("| measurement | MP | seconds | MP/s | forward MP/s around it | vs forward | first rows after s | "
-          "MP/s after them (vs forward) | peak PSS MB |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for name, row in [("plain single-process loop", loop), ("pipeline, 1x", small), (f"pipeline, {args.scale}x", large)]:
+          "MP/s after them (vs forward) | peak PSS MB |" + (" GPU busy (after first rows) |" if use_gpu else ""))
+    print("| --- " * (10 if use_gpu else 9) + "|")
+    for name, row in rows:
         peak = f"{row['peak_pss_mb']:.0f}" if "peak_pss_mb" in row else ""
         first = f"{row['first_rows_seconds']:.1f}" if "first_rows_seconds" in row else ""
         after = (f"{row['mp_per_s_after_first_rows']:.3f} ({row['after_first_rows_vs_forward']:.2f}x)"
                  if "mp_per_s_after_first_rows" in row else "")
+        busy = ""
+        if use_gpu:
+            busy = (f" {row['gpu_busy']:.0%} ({row['gpu_busy_after_first_rows']:.0%}) |"
+                    if row.get("gpu_busy") is not None else " |")
         print(f"| {name} | {row['megapixels']:.1f} | {row['seconds']:.1f} | {row['mp_per_s']:.3f} | "
-              f"{row['forward_mp_per_s']:.3f} | {row['vs_forward']:.2f}x | {first} | {after} | {peak} |")
+              f"{row['forward_mp_per_s']:.3f} | {row['vs_forward']:.2f}x | {first} | {after} | {peak} |{busy}")
     rates = ", ".join(f"{measured['mp_per_s']:.3f}" for measured in forwards)
     print(f"\nforward, before and after each measurement: {rates} MP/s; "
           f"memory {args.scale}x / 1x: {result[f'memory_ratio_{args.scale}x_vs_1x']:.2f}; written to {out}")

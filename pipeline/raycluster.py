@@ -35,8 +35,9 @@ def connect(address: str | None = None, num_cpus: int | None = None, dashboard: 
             os.environ.setdefault(key, value)  # the user's value wins
         logical = num_cpus or max(LOCAL_MIN_LOGICAL_CPUS, os.cpu_count() or 1)
         # The dashboard binds to 127.0.0.1. Training needs it (Ray Train's cleanup polls its
-        # state API and logs an error every second without it); `resflow restore` does not
-        # (its 11 processes held ~300 MB and ~3% of a 2-core machine in a 10x benchmark).
+        # state API and logs an error every second without it); `resflow restore` does not:
+        # without it Ray keeps 1 of the dashboard's 11 processes (75 MB instead of 286 MB,
+        # 0.9 instead of ~4 core-s over a 10x benchmark run on 2 cores).
         ray.init(num_cpus=logical, include_dashboard=dashboard, dashboard_host="127.0.0.1", **quiet)
     return _tune_parquet_reads(ray.cluster_resources())
 

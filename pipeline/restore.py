@@ -200,8 +200,8 @@ def restore_dataset(job: RestoreJob, log=print, on_progress=None, ray_dashboard:
     """Restore every new or changed input file. `on_progress(images_done, images_total)` is
     called after each published output file (orchestrators draw progress from it).
     `ray_dashboard=False` starts local Ray (when this call starts it) without its dashboard:
-    `resflow restore`, a process of its own, saves ~300 MB and ~3% of a 2-core machine;
-    a process that trains later (the nightly flow) needs it."""
+    `resflow restore`, a process of its own, saves ~210 MB and 10 processes
+    (raycluster.connect); a process that trains later (the nightly flow) needs it."""
     import ray
     import ray.data
 

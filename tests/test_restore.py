@@ -222,7 +222,7 @@ def test_s3_restart_mid_run_loses_and_duplicates_nothing(ray_local, s3_server, t
 
 def test_resflow_restore_runs_local_ray_without_its_dashboard(monkeypatch):
     """`resflow restore` is a process of its own, so its local Ray leaves the dashboard out
-    (11 processes, ~300 MB); a restore inside a longer process keeps it for training."""
+    (10 processes, ~210 MB); a restore inside a longer process keeps it for training."""
     import inspect
     import os
     import subprocess
