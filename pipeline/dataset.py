@@ -1,7 +1,7 @@
 """Parquet image datasets: listing, schema checks, atomic writes and the done-manifest.
 
 A dataset is a folder or prefix of Parquet files (DESIGN.md). Outputs are written one file
-per input file through `storage.write_atomically`, then recorded in a manifest entry
+per input file, whole (`storage.write_bytes`, `storage.write_atomically`), then recorded in a manifest entry
 (`_resflow/manifest/<file>.json`): an output counts as done only once its entry exists,
 so a rerun skips finished files and redoes anything a crash interrupted.
 """

@@ -192,10 +192,13 @@ class _FileWriter:
             position = table.schema.get_field_index(name)
             table = table.set_column(position, name, table.column(name).cast(kind))
 
-        def write(fs, path):
-            pq.write_table(table, path, filesystem=fs, compression="zstd")
-
-        storage.write_atomically(self.uri, write)
+        # Serialised here and stored whole: one PUT on S3 (s3fs aborts a failed multipart
+        # upload), write-then-rename locally, so a reader never sees half a file. Half the
+        # storage round trips of writing a temporary object and moving it: 15 vs 31-33 ms per
+        # 4-image file against SeaweedFS, which is what capped a GPU replica (~28 files/s).
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd")
+        storage.write_bytes(self.uri, sink.getvalue().to_pybytes())
 
 
 def restore_dataset(job: RestoreJob, log=print, on_progress=None, ray_dashboard: bool = True) -> RestoreReport:
