@@ -149,6 +149,8 @@ def decode(value, limits: DecodeLimits = DecodeLimits(), base_dir: str | None = 
             image.load()
             fmt = image.format or ""
             pixels, mode = _to_array(image)
+    except Image.UnidentifiedImageError:  # its message names the in-memory buffer's address, not the problem
+        return Decoded(None, error=f"cannot decode image: not a format Pillow reads (starts with {data[:8]!r})")
     except Exception as error:
         return Decoded(None, error=f"cannot decode image: {type(error).__name__}: {error}")
     return Decoded(pixels, mode, fmt)

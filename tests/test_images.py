@@ -93,6 +93,12 @@ def test_bad_values_fail_with_a_reason(name):
     decoded = images.decode(value)
     assert not decoded.ok and decoded.pixels is None
     assert reason in decoded.error
+    assert "object at 0x" not in decoded.error  # the same bad row reads the same in every run
+
+
+def test_unknown_format_says_what_the_bytes_start_with():
+    decoded = images.decode(b"GIF89-not-really" * 8)
+    assert decoded.error == "cannot decode image: not a format Pillow reads (starts with b'GIF89-no')"
 
 
 def test_bomb_is_rejected_before_decoding():
