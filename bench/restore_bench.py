@@ -42,11 +42,10 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from pipeline import raycluster, s3server, storage
-from pipeline.dataset import read_table
+from pipeline.dataset import read_table, write_table
 from pipeline.degrade import Degradation
 from pipeline.images import decode, encode_png, from_float, to_float
 from pipeline.ingest import degrade_dataset, ingest
@@ -60,33 +59,23 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("RESFLOW_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
-class PeakMemory:
-    """Peak summed PSS of a process tree (default: this one) while the block runs. Sampling
-    reads /proc for every process; once a second keeps that cost near 2% of a core."""
+class _Sampler:
+    """Calls `sample()` on a thread every `interval` seconds while the block runs, until it
+    returns False."""
 
-    def __init__(self, pid: int | None = None, interval: float = 1.0):
-        self.pid, self.interval = pid, interval
-        self.peak = 0
+    def __init__(self, interval: float):
+        self.interval = interval
         self._stop = threading.Event()
 
-    def _sample(self):
-        root = psutil.Process(self.pid)
-        while not self._stop.is_set():
-            total = 0
-            try:
-                tree = [root] + root.children(recursive=True)
-            except psutil.NoSuchProcess:
-                return
-            for process in tree:
-                try:
-                    total += process.memory_full_info().pss
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    pass
-            self.peak = max(self.peak, total)
+    def sample(self) -> bool:
+        raise NotImplementedError
+
+    def _loop(self):
+        while not self._stop.is_set() and self.sample() is not False:
             self._stop.wait(self.interval)
 
     def __enter__(self):
-        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
         return self
 
@@ -95,13 +84,37 @@ class PeakMemory:
         self._thread.join()
 
 
-class GpuBusy:
+class PeakMemory(_Sampler):
+    """Peak summed PSS of a process tree (default: this one) while the block runs. Sampling
+    reads /proc for every process; once a second keeps that cost near 2% of a core."""
+
+    def __init__(self, pid: int | None = None, interval: float = 1.0):
+        super().__init__(interval)
+        self.pid, self.peak = pid, 0
+
+    def sample(self) -> bool:
+        try:
+            root = psutil.Process(self.pid)
+            tree = [root] + root.children(recursive=True)
+        except psutil.NoSuchProcess:
+            return False
+        total = 0
+        for process in tree:
+            try:
+                total += process.memory_full_info().pss
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        self.peak = max(self.peak, total)
+        return True
+
+
+class GpuBusy(_Sampler):
     """The share of time GPU 0 ran a kernel while the block runs (NVML's utilisation, read
-    every 0.2 s); None without NVML (pip package nvidia-ml-py)."""
+    every 0.2 s); no samples without NVML (pip package nvidia-ml-py)."""
 
     def __init__(self, interval: float = 0.2):
-        self.interval, self.samples = interval, []
-        self._stop = threading.Event()
+        super().__init__(interval)
+        self.samples = []
         try:
             import pynvml
 
@@ -116,21 +129,11 @@ class GpuBusy:
         inside = [percent for stamp, percent in self.samples if start <= stamp <= end]
         return sum(inside) / len(inside) / 100 if inside else None
 
-    def _sample(self):
-        while not self._stop.is_set():
-            self.samples.append((time.time(), self._read()))
-            self._stop.wait(self.interval)
-
-    def __enter__(self):
-        self._thread = threading.Thread(target=self._sample, daemon=True) if self._read else None
-        if self._thread:
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        if self._thread:
-            self._thread.join()
+    def sample(self) -> bool:
+        if self._read is None:
+            return False
+        self.samples.append((time.time(), self._read()))
+        return True
 
 
 def replicate(source: str, destination: str, times: int) -> int:
@@ -138,15 +141,8 @@ def replicate(source: str, destination: str, times: int) -> int:
     for copy in range(times):
         for base_name, table in tables.items():
             ids = pa.array([f"{copy}/{i}" for i in table["image_id"].to_pylist()])
-            storage.write_bytes(storage.join(destination, f"copy{copy:03d}-{base_name}"),
-                                _parquet_bytes(table.set_column(0, "image_id", ids)))
+            write_table(storage.join(destination, f"copy{copy:03d}-{base_name}"), table.set_column(0, "image_id", ids))
     return len(tables) * times
-
-
-def _parquet_bytes(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    return sink.getvalue().to_pybytes()
 
 
 def decoded_images(data: str) -> list[np.ndarray]:
@@ -190,7 +186,7 @@ def plain_loop(model_uri: str, data: str, output: str, threads: int, batch_size:
         encoded = [encode_png(from_float(r.transpose(1, 2, 0), d.mode), d.mode) for r, d in zip(restored, decoded)]
         megapixels += sum(d.pixels.shape[0] * d.pixels.shape[1] for d in decoded) / 1e6
         out = table.set_column(table.schema.get_field_index("image"), "image", pa.array(encoded, pa.binary()))
-        storage.write_bytes(storage.join(output, info.uri.rsplit("/", 1)[1]), _parquet_bytes(out))
+        write_table(storage.join(output, info.uri.rsplit("/", 1)[1]), out)
     seconds = time.perf_counter() - started
     return {"megapixels": megapixels, "seconds": seconds, "mp_per_s": megapixels / seconds}
 

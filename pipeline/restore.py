@@ -27,10 +27,9 @@ import warnings
 from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline import raycluster, registry, storage
-from pipeline.dataset import Manifest, inspect_dataset
+from pipeline.dataset import Manifest, inspect_dataset, write_table
 from pipeline.images import DecodeLimits, ImageColumns
 from pipeline.modelio import load_model
 from pipeline.restore_core import RestoreSettings
@@ -192,13 +191,7 @@ class _FileWriter:
             position = table.schema.get_field_index(name)
             table = table.set_column(position, name, table.column(name).cast(kind))
 
-        # Serialised here and stored whole: one PUT on S3 (s3fs aborts a failed multipart
-        # upload), write-then-rename locally, so a reader never sees half a file. Half the
-        # storage round trips of writing a temporary object and moving it: 15 vs 31-33 ms per
-        # 4-image file against SeaweedFS, which is what capped a GPU replica (~28 files/s).
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, compression="zstd")
-        storage.write_bytes(self.uri, sink.getvalue().to_pybytes())
+        write_table(self.uri, table)
 
 
 def restore_dataset(job: RestoreJob, log=print, on_progress=None, ray_dashboard: bool = True) -> RestoreReport:
