@@ -264,7 +264,7 @@ def main() -> None:
     parser.add_argument("--storage", choices=("s3", "local"), default="s3",
                         help="s3: a local SeaweedFS server (as the tests); local: files under --dir")
     parser.add_argument("--variant", action="append", default=[], type=_variant, metavar="FIELD=N[,FIELD=N]",
-                        help="one more pipeline run at --scale with these RestoreJob fields (io_threads, read_tasks, "
+                        help="one more pipeline run at --scale with these RestoreJob fields (io_threads, "
                              "workers); repeatable")
     parser.add_argument("--dir", default=str(REPO / ".bench" / "s3-restore"))
     parser.add_argument("--pipeline-run", help=argparse.SUPPRESS)  # internal: the measured child process

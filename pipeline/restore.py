@@ -5,11 +5,13 @@
     # cluster: RAY_ADDRESS set, one GPU per model replica
     resflow restore --input s3://... --output s3://... --model s3://... --workers 8 --gpu --batch-size 16
 
-Read (Ray Data, Parquet from object storage) -> restore in an actor pool of model
-replicas (`ImageRestorer`: decode, tiled forward, encode) -> the driver collects the
-results of one input file at a time, publishes its output file atomically when the last
-row arrives, then records it in the manifest (`_resflow/manifest/`). Memory is bounded by
-Ray Data's streaming backpressure plus one file's restored rows.
+Ray Data hands input files to an actor pool of model replicas (`FileRestorer`). A replica
+streams its file's row groups from object storage, restores them (`ImageRestorer`:
+decode, tiled forward, encode), stores the output file whole (one PUT: atomic) and returns
+one summary row; the driver records each finished file in the manifest
+(`_resflow/manifest/`). Image bytes never pass through the driver or Ray's object store, so
+reading and writing scale with the replicas; a replica holds one row group of its file's
+input and the file's restored output.
 
 A rerun restores only input files that are new, changed (ETag/size) or were restored by
 another model version; `--force` redoes all. A run that makes no progress for
@@ -19,37 +21,43 @@ another model version; `--force` redoes all. A run that makes no progress for
 from __future__ import annotations
 
 import datetime as dt
+import json
 import posixpath
 import queue
 import threading
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline import raycluster, registry, storage
-from pipeline.dataset import Manifest, inspect_dataset, write_table
+from pipeline.dataset import Manifest, inspect_dataset
 from pipeline.images import DecodeLimits, ImageColumns
 from pipeline.modelio import load_model
-from pipeline.restore_core import RestoreSettings
+from pipeline.restore_core import OUTPUT_COLUMNS, ImageRestorer, RestoreSettings
 
-SOURCE_COLUMN = "path"  # Ray Data's include_paths column: the input file of each row, dropped before writing
 # Rows per model call when the job does not say. On CPU, larger batches are slower: the
 # activations of 8 BSD68-sized images leave the cache (cpu preset, one thread: 0.73 MP/s
 # at 4 rows, 0.52 at 8; two threads: 1.29 vs 0.91). GPUs want more rows per call (H200,
-# DnCNN-S, bf16: 105 / 114 / 119 / 127 MP/s at 4 / 8 / 16 / 32 rows); 16 keeps two calls
-# in flight per replica without large batches of large tiles.
+# DnCNN-S, bf16: 105 / 114 / 119 / 127 MP/s at 4 / 8 / 16 / 32 rows); 16 keeps several
+# files in flight per replica without large batches of large tiles.
 CPU_BATCH_SIZE = 4
 GPU_BATCH_SIZE = 16
 # A GPU replica's forward pass outruns one core's PNG decoding and encoding many times over
 # (H200, DnCNN-S in bf16: ~120 MP/s at 16 rows per call; one core decodes and encodes under
-# 10 MP/s): it decodes and encodes on half of its node's CPUs per GPU (the other half read),
-# runs two calls at once so that one's PNG work overlaps the other's forward, and is fed by
-# several read tasks (one read ~50 files/s from a local S3 server here).
-GPU_CALLS_AT_ONCE = 2
-GPU_READ_TASKS_PER_REPLICA = 4
+# 10 MP/s): it decodes and encodes on its node's CPUs per GPU but one (left to Ray), and
+# restores several files at once, so that their reads, writes and PNG work overlap one
+# another's forward passes (a 4-image file costs ~25 ms of storage round trips here against
+# ~5 ms of H200 forward).
+GPU_FILES_AT_ONCE = 4
 GPU_NODE_CPUS_WHEN_NONE_IS_UP = 8  # infra/kuberay's GPU workers: the autoscaler starts them on demand
+# Ray Data keeps one block per input file (the unit a replica takes), up to this many; a
+# larger dataset packs several files into a block, which one replica restores in turn.
+MAX_BLOCKS = 10_000
+# While no file finishes, the driver asks the replicas' row counter this often whether rows
+# are still being restored (a large file can take minutes), before calling it a stall.
+PROGRESS_POLL_S = 5.0
 
 
 class StallError(RuntimeError):
@@ -66,7 +74,6 @@ class RestoreJob:
     cpus_per_worker: float = 0.5  # logical CPUs a replica reserves; fractions keep reads and writes running
     batch_size: int | None = None  # rows per model call (tiles of one size are batched); None: per device, above
     io_threads: int | None = None  # PNG decode/encode threads per replica; None: 1 on CPU, per GPU node on GPU (above)
-    read_tasks: int | None = None  # Parquet read tasks at once; None: 1 per CPU replica, 4 per GPU replica
     tile: int = 512
     tile_overlap: int = 64
     force: bool = False  # restore every file, even those the manifest says are done
@@ -77,9 +84,8 @@ class RestoreJob:
     def __post_init__(self):
         if self.workers is not None and self.workers < 1:
             raise ValueError("workers must be >= 1")
-        for name in ("io_threads", "read_tasks"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
+        if self.io_threads is not None and self.io_threads < 1:
+            raise ValueError("io_threads must be >= 1")
         if self.stall_timeout_s <= 0:
             raise ValueError("stall_timeout_s must be positive")
         RestoreSettings(tile=self.tile, tile_overlap=self.tile_overlap, batch_size=self.rows_per_call)
@@ -138,10 +144,6 @@ def plan(job: RestoreJob) -> RestorePlan:
     model_folder = registry.resolve(job.model)
     _, card = load_model(model_folder)
     inspected = inspect_dataset(job.input, job.columns)
-    for info, footer in inspected:
-        if SOURCE_COLUMN in footer.schema.to_arrow_schema().names:  # top-level columns, not nested fields
-            raise ValueError(f"{info.uri} has a column named {SOURCE_COLUMN!r}, which Ray Data's reader uses for the "
-                             f"source file of each row; rename it (e.g. to source_path) before restoring")
     manifest = Manifest(job.output, "manifest")
     done = manifest.all()
     todo, skipped = [], []
@@ -159,44 +161,111 @@ def _manifest_key(job: RestoreJob, info: storage.FileInfo) -> str:
     return posixpath.relpath(storage.parse(output_uri(job, info)).path, storage.parse(job.output).path)
 
 
-class _FileWriter:
-    """Collects the restored rows of one input file (they arrive in order, one file at a
-    time) and publishes the output file atomically once the last row is in."""
+def output_schema(schema: pa.Schema, columns: ImageColumns) -> pa.Schema:
+    """The input's columns in place (the image now PNG bytes), then status, error and
+    model_version (replaced in place when the input already has them: a restored dataset
+    restored again)."""
+    fields = [pa.field(f.name, pa.binary()) if f.name == columns.image else f for f in schema]
+    for name in OUTPUT_COLUMNS:
+        added = pa.field(name, pa.string())
+        position = schema.get_field_index(name)
+        if position >= 0:
+            fields[position] = added
+        else:
+            fields.append(added)
+    return pa.schema(fields)
 
-    def __init__(self, job: RestoreJob, info: storage.FileInfo, expected_rows: int):
-        self.job, self.info, self.expected = job, info, expected_rows
-        self.rows = self.ok = self.failed = 0
-        self.uri = output_uri(job, info)
-        self.tables: list[pa.Table] = []
 
-    def add(self, table: pa.Table) -> None:
-        self.tables.append(table)
-        self.rows += table.num_rows
-        status = table.column("status").to_pylist()
-        self.ok += status.count("ok")
-        self.failed += status.count("failed")
+class FileRestorer:
+    """A model replica, as Ray Data's actor pool runs it: restores whole input files.
 
-    @property
-    def complete(self) -> bool:
-        return self.rows >= self.expected
+    For each file of a batch it streams the input's row groups from storage, restores their
+    rows `settings.batch_size` at a time (`ImageRestorer`), writes one output row group per
+    input row group into an in-memory Parquet file, and stores that file whole (one PUT,
+    so a reader never sees part of it). The other columns pass through as Arrow, types
+    untouched. Returns one summary row per file. A storage error while reading retries the
+    file from its start; `progress` (an actor handle with `add`) hears of every restored
+    chunk, which is how the driver tells a long file from a stall."""
 
-    def publish(self) -> None:
-        table = pa.concat_tables(self.tables, promote_options="permissive") if self.tables else None
-        if table is None or table.num_rows != self.expected:
-            raise RuntimeError(f"{self.info.uri}: expected {self.expected} rows, got {0 if table is None else table.num_rows}")
+    def __init__(self, model_uri: str, settings: RestoreSettings, columns: ImageColumns = ImageColumns(),
+                 limits: DecodeLimits = DecodeLimits(), base_dir: str | None = None, progress=None):
+        self.images = ImageRestorer(model_uri, settings, columns, limits, base_dir)
+        self.rows_per_call = settings.batch_size
+        self.columns = columns
+        self.progress = progress
+        self.filesystem = storage.pyarrow_filesystem(base_dir)[0] if base_dir else None
 
-        typed = {self.job.columns.image: pa.binary(), "status": pa.string(), "error": pa.string(),
-                 "model_version": pa.string()}
-        for name, kind in typed.items():  # an all-null block comes back as type null
-            position = table.schema.get_field_index(name)
-            table = table.set_column(position, name, table.column(name).cast(kind))
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        summaries = [self.restore_file(source, target)
+                     for source, target in zip(batch.column("input").to_pylist(), batch.column("output").to_pylist())]
+        return pa.Table.from_pylist(summaries, schema=SUMMARY_SCHEMA)
 
-        write_table(self.uri, table)
+    def restore_file(self, input_uri: str, output_uri: str) -> dict:
+        restored, summary = storage.retry(lambda: self._restore(input_uri), what=f"reading {input_uri}")
+        storage.write_bytes(output_uri, restored)
+        return {"input": input_uri, "output": output_uri, **summary}
+
+    def _restore(self, input_uri: str) -> tuple[bytes, dict]:
+        filesystem = self.filesystem or storage.pyarrow_filesystem(input_uri)[0]
+        summary = {"rows": 0, "ok": 0, "failed": 0, "megapixels": 0.0, "failures": []}
+        sink = pa.BufferOutputStream()
+        with filesystem.open_input_file(storage.parse(input_uri).path) as handle:
+            parquet = pq.ParquetFile(handle)
+            schema = output_schema(parquet.schema_arrow, self.columns)
+            with pq.ParquetWriter(sink, schema, compression="zstd") as writer:
+                for group in range(parquet.num_row_groups):
+                    rows = parquet.read_row_group(group)
+                    parts = [self._restore_rows(rows.slice(start, self.rows_per_call), schema, summary)
+                             for start in range(0, rows.num_rows, self.rows_per_call)]
+                    if parts:
+                        writer.write_table(pa.concat_tables(parts))
+        summary["failures"] = json.dumps(summary["failures"])
+        return sink.getvalue().to_pybytes(), summary
+
+    def _restore_rows(self, rows: pa.Table, schema: pa.Schema, summary: dict) -> pa.Table:
+        image = self.columns.image
+        out = self.images({image: rows.column(image).to_pylist()})
+        restored = {name: rows.column(name) for name in rows.column_names}
+        restored[image] = pa.array(out[image], pa.binary())
+        for name in OUTPUT_COLUMNS:
+            restored[name] = pa.array(out[name], pa.string())
+        table = pa.table([restored[field.name] for field in schema], schema=schema)
+        status = out["status"].tolist()
+        summary["rows"] += table.num_rows
+        summary["ok"] += status.count("ok")
+        summary["failed"] += status.count("failed")
+        summary["megapixels"] += _megapixels(table, image)
+        for image_id, error in zip(rows.column(self.columns.id).to_pylist(), out["error"].tolist()):
+            if error and len(summary["failures"]) < MAX_FAILURES_KEPT:
+                summary["failures"].append([str(image_id), error])
+        if self.progress is not None:
+            self.progress.add.remote(table.num_rows)  # fire and forget: the counter is only a heartbeat
+        return table
+
+
+MAX_FAILURES_KEPT = 20  # per file and per report: the first few reasons, not every failed row
+SUMMARY_SCHEMA = pa.schema([("input", pa.string()), ("output", pa.string()), ("rows", pa.int64()),
+                            ("ok", pa.int64()), ("failed", pa.int64()), ("megapixels", pa.float64()),
+                            ("failures", pa.string())])
+
+
+class RowCounter:
+    """Rows restored so far by all replicas: the driver's evidence that a job whose files
+    take long is still moving (a Ray actor with no CPU of its own)."""
+
+    def __init__(self):
+        self.rows = 0
+
+    def add(self, rows: int) -> None:
+        self.rows += rows
+
+    def total(self) -> int:
+        return self.rows
 
 
 def restore_dataset(job: RestoreJob, log=print, on_progress=None, ray_dashboard: bool = True) -> RestoreReport:
     """Restore every new or changed input file. `on_progress(images_done, images_total)` is
-    called after each published output file (orchestrators draw progress from it).
+    called after each finished output file (orchestrators draw progress from it).
     `ray_dashboard=False` starts local Ray (when this call starts it) without its dashboard:
     `resflow restore`, a process of its own, saves ~210 MB and 10 processes
     (raycluster.connect); a process that trains later (the nightly flow) needs it."""
@@ -217,106 +286,86 @@ def restore_dataset(job: RestoreJob, log=print, on_progress=None, ray_dashboard:
                               else max(1, int(resources.get("CPU", 2) // 2)))
     if job.use_gpu:
         threads = None
-        io_threads = job.io_threads or max(1, (raycluster.cpus_per_gpu() or GPU_NODE_CPUS_WHEN_NONE_IS_UP) // 2)
+        node_cpus = raycluster.cpus_per_gpu() or GPU_NODE_CPUS_WHEN_NONE_IS_UP
+        io_threads = job.io_threads or max(1, node_cpus - 1)
         actor_options = {"num_gpus": 1, "num_cpus": io_threads}
-        calls_at_once, read_tasks = GPU_CALLS_AT_ONCE, job.read_tasks or GPU_READ_TASKS_PER_REPLICA * workers
+        files_at_once = GPU_FILES_AT_ONCE
     else:
         threads, io_threads = max(1, raycluster.physical_cores() // workers), job.io_threads or 1
         actor_options = {"num_cpus": job.cpus_per_worker}
-        calls_at_once, read_tasks = 1, job.read_tasks or workers
+        files_at_once = 1  # one torch thread per core: a second file at once would only contend for it
     settings = RestoreSettings(tile=job.tile, tile_overlap=job.tile_overlap, batch_size=job.rows_per_call,
                                device="cuda" if job.use_gpu else "cpu", threads=threads, io_threads=io_threads)
 
     report.images_total = sum(expected.values())
     if on_progress:
         on_progress(0, report.images_total)
-    log(f"restoring {len(todo)} file(s), {sum(expected.values())} images, with model {model_version} on "
+    if len(todo) < workers:
+        log(f"note: {len(todo)} file(s) for {workers} replicas: a file is restored by one replica, so "
+            f"{workers - len(todo)} will idle; a dataset of more, smaller files spreads over more replicas")
+    log(f"restoring {len(todo)} file(s), {report.images_total} images, with model {model_version} on "
         f"{workers} {'GPU' if job.use_gpu else 'CPU'} replica(s) ({job.rows_per_call} rows per call, "
-        f"{io_threads} PNG thread(s) each, {read_tasks} read task(s)); {len(skipped)} file(s) already done")
+        f"{io_threads} PNG thread(s) and {files_at_once} file(s) at once each); {len(skipped)} file(s) already done")
 
     context = ray.data.DataContext.get_current()
-    context.execution_options.preserve_order = True  # rows of one file arrive together, in input order
     context.enable_progress_bars = job.progress
-    filesystem, _ = storage.pyarrow_filesystem(todo[0].uri)
-    uri_of_path = {storage.parse(info.uri).path: info.uri for info in todo}
-    # One read over all files (a union of per-file reads schedules badly: 8x slower here);
-    # include_paths tags each row with its file, which is how rows find their output file.
-    # A bounded number of read tasks (one per CPU replica): reads keep up with restoration,
-    # and memory does not grow with the number of files that could be read at once.
-    dataset = ray.data.read_parquet(list(uri_of_path), filesystem=filesystem, include_paths=True,
-                                    concurrency=read_tasks)
-    # That limit is a cap: a small input arrives as one listing block and needs one read
-    # task, which Ray Data reports as a warning in every small job's log.
-    warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks for 'ReadFiles",
-                            category=UserWarning)
-    # The reader packs small files into one block and keeps a large file whole: cut blocks
-    # to one batch so that rows spread over the replicas.
-    dataset = dataset.repartition(target_num_rows_per_block=job.rows_per_call)
-    from pipeline.restore_core import ImageRestorer
-
-    restored = dataset.map_batches(
-        ImageRestorer,
+    counter = ray.remote(num_cpus=0)(RowCounter).remote()
+    units = [{"input": info.uri, "output": output_uri(job, info)} for info in todo]
+    restored = ray.data.from_items(units, override_num_blocks=min(len(units), MAX_BLOCKS)).map_batches(
+        FileRestorer,
         fn_constructor_kwargs={"model_uri": planned.model_folder, "settings": settings, "columns": job.columns,
-                               "limits": DecodeLimits(), "base_dir": job.input},
-        batch_size=job.rows_per_call, batch_format="numpy",
-        # Every replica starts at once (model loads overlap the first reads); the pool may
-        # shrink to one when a node is lost.
+                               "limits": DecodeLimits(), "base_dir": job.input, "progress": counter},
+        batch_size=1, batch_format="pyarrow",
+        # Every replica starts at once (model loads overlap one another); the pool may shrink
+        # to one when a node is lost, and Ray Data retries a lost replica's files elsewhere.
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers, initial_size=workers,
-                                           max_concurrent_calls_per_actor=calls_at_once,
-                                           enable_true_multi_threading=calls_at_once > 1),
+                                           max_concurrent_calls_per_actor=files_at_once,
+                                           enable_true_multi_threading=files_at_once > 1),
         **actor_options,
     )
 
+    def rows_restored() -> int:
+        try:
+            return ray.get(counter.total.remote(), timeout=PROGRESS_POLL_S)
+        except Exception:  # an unreachable counter proves nothing either way
+            return -1
+
+    def where() -> str:
+        return (f"{report.files_restored}/{len(todo)} file(s) written, {report.images_ok + report.images_failed} "
+                f"rows in them; the replicas last reported {max(rows_restored(), 0)} rows restored")
+
     manifest = Manifest(job.output, "manifest")
     by_uri = {info.uri: info for info in todo}
-    writer: _FileWriter | None = None
-    for batch in _batches_with_watchdog(restored, job.stall_timeout_s, lambda: _where(report, writer, expected)):
-        report.first_rows_seconds = report.first_rows_seconds or time.time() - started
-        for source_path, part in _split_by_source(batch):
-            source = uri_of_path[source_path]
-            if writer is None or writer.info.uri != source:
-                if writer is not None:
-                    raise RuntimeError(f"rows of {source} arrived before {writer.info.uri} was complete")
-                writer = _FileWriter(job, by_uri[source], expected[source])
-            writer.add(part)
-            if writer.complete:
-                writer.publish()
-                manifest.put(_manifest_key(job, writer.info), {
-                    "input": writer.info.uri, "input_etag": writer.info.etag, "input_size": writer.info.size,
-                    "output": writer.uri, "model_version": model_version, "rows": writer.rows, "ok": writer.ok,
-                    "failed": writer.failed, "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    try:
+        for batch in _batches_with_watchdog(restored, job.stall_timeout_s, where, rows_restored):
+            report.first_rows_seconds = report.first_rows_seconds or time.time() - started
+            for done in batch.to_pylist():
+                info = by_uri[done["input"]]
+                if done["rows"] != expected[info.uri]:
+                    raise RuntimeError(f"{info.uri} had {expected[info.uri]} rows when planned and {done['rows']} "
+                                       f"when restored: it changed during the run; rerun to restore it again")
+                manifest.put(_manifest_key(job, info), {
+                    "input": info.uri, "input_etag": info.etag, "input_size": info.size, "output": done["output"],
+                    "model_version": model_version, "rows": done["rows"], "ok": done["ok"], "failed": done["failed"],
+                    "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 })
                 report.files_restored += 1
-                report.images_ok += writer.ok
-                report.images_failed += writer.failed
-                report.outputs.append(writer.uri)
-                writer = None
+                report.images_ok += done["ok"]
+                report.images_failed += done["failed"]
+                report.megapixels += done["megapixels"]
+                report.outputs.append(done["output"])
+                for image_id, reason in json.loads(done["failures"]):
+                    if len(report.failures) < MAX_FAILURES_KEPT:
+                        report.failures.append((image_id, reason))
                 if on_progress:
                     on_progress(report.images_ok + report.images_failed, report.images_total)
-            report.megapixels += _megapixels(part, job.columns.image)
-            if len(report.failures) < 20:
-                for image_id, status, error in zip(part.column(job.columns.id).to_pylist(),
-                                                   part.column("status").to_pylist(), part.column("error").to_pylist()):
-                    if status == "failed" and len(report.failures) < 20:
-                        report.failures.append((image_id, error))
-    if writer is not None or report.files_restored != len(todo):
+    finally:
+        ray.kill(counter)
+    if report.files_restored != len(todo):
         raise RuntimeError(f"restore ended early: {report.files_restored} of {len(todo)} file(s) complete; "
                            f"rerun to finish (done files are skipped)")
     report.seconds = time.time() - started
     return report
-
-
-def _split_by_source(batch: dict) -> list[tuple[str, pa.Table]]:
-    """Consecutive runs of rows from the same input file, as tables without the tag column."""
-    table = batch if isinstance(batch, pa.Table) else pa.table(batch)
-    sources = table.column(SOURCE_COLUMN).to_pylist()
-    table = table.drop_columns([SOURCE_COLUMN])
-    runs, start = [], 0
-    for index in range(1, len(sources) + 1):
-        if index == len(sources) or sources[index] != sources[start]:
-            runs.append((sources[start], table.slice(start, index - start)))
-            start = index
-    return runs
 
 
 def _megapixels(table: pa.Table, image_column: str) -> float:
@@ -328,14 +377,9 @@ def _megapixels(table: pa.Table, image_column: str) -> float:
     return total / 1e6
 
 
-def _where(report: RestoreReport, writer, expected: dict) -> str:
-    current = f"{writer.info.uri} at row {writer.rows}/{writer.expected}" if writer else "the next file"
-    return (f"{report.files_restored}/{len(expected)} file(s) written, {report.images_ok + report.images_failed} rows "
-            f"done; waiting for {current}")
-
-
-def _batches_with_watchdog(dataset, stall_timeout_s: float, where):
-    """Iterate the dataset in a thread; raise StallError when nothing arrives for too long.
+def _batches_with_watchdog(dataset, stall_timeout_s: float, where, rows_restored=lambda: -1):
+    """Iterate the dataset in a thread; raise StallError when for `stall_timeout_s` neither a
+    result arrives nor `rows_restored()` (polled every PROGRESS_POLL_S while waiting) grows.
     Leaving early (a stall, an error) tells the thread to close the iterator, which shuts
     Ray Data's execution down once the thread wakes."""
     channel: queue.Queue = queue.Queue(maxsize=2)
@@ -354,18 +398,25 @@ def _batches_with_watchdog(dataset, stall_timeout_s: float, where):
 
     thread = threading.Thread(target=pump, name="resflow-restore-results", daemon=True)
     thread.start()
+    last_progress, last_rows = time.monotonic(), rows_restored()
     try:
         while True:
             try:
-                item = channel.get(timeout=stall_timeout_s)
+                item = channel.get(timeout=min(stall_timeout_s, PROGRESS_POLL_S))
             except queue.Empty:
-                raise StallError(f"no restored rows for {stall_timeout_s:.0f} s: {where()}. The pipeline is stuck (a "
-                                 f"lost node, a hung storage call?); this run is abandoned, finished files are kept, "
-                                 f"and a rerun restores the rest") from None
+                rows = rows_restored()
+                if rows > last_rows:
+                    last_progress, last_rows = time.monotonic(), rows
+                elif time.monotonic() - last_progress >= stall_timeout_s:
+                    raise StallError(f"no restored rows for {stall_timeout_s:.0f} s: {where()}. The pipeline is "
+                                     f"stuck (a lost node, a hung storage call?); this run is abandoned, finished "
+                                     f"files are kept, and a rerun restores the rest") from None
+                continue
             if item is finished:
                 return
             if isinstance(item, BaseException):
                 raise item
+            last_progress = time.monotonic()
             yield item
     finally:
         stop.set()

@@ -1,8 +1,10 @@
 """Restoring images with a model: whole or tile by tile, batched, one row at a time failing.
 
-`ImageRestorer` is the callable class that Ray Data wraps in an actor pool (STYLE.md 7):
-it loads the model once in `__init__` and restores a batch (a dict of numpy arrays, Ray
-Data's batch format) in `__call__`. It knows nothing about Ray; a plain loop can call it.
+`ImageRestorer` loads the model once in `__init__` and restores a batch of rows (a dict
+of arrays: image values, and any other columns, which pass through) in `__call__`. It
+knows nothing about Ray or storage: `restore.FileRestorer`, the callable class that Ray
+Data runs in an actor pool (STYLE.md 7), calls it on the rows of each file; a plain loop
+can too.
 
 Tiling: an image larger than `tile` is cut into tiles that overlap by `tile_overlap`
 pixels. Each tile's output is weighted by a ramp that is zero within overlap/4 of an

@@ -104,7 +104,7 @@ def test_restore_spreads_over_nodes_and_a_lost_node_loses_no_row(cluster, heavy_
     manifest = Manifest(output, "manifest")
     wait_for(lambda: manifest.all(), 300, "the first restored file")
     # Both replicas start at once, one per worker node (2 CPUs each on 3-CPU nodes).
-    wait_for(lambda: len(actor_nodes(cluster, "ImageRestorer")) == 2, 120, "replicas on both worker nodes")
+    wait_for(lambda: len(actor_nodes(cluster, "FileRestorer")) == 2, 120, "replicas on both worker nodes")
 
     localcluster.kill_raylet(cluster, "node-2")  # the machine is gone, mid-run
     status = wait(cluster, first)

@@ -53,22 +53,6 @@ def test_restore_set12_improves_psnr_and_keeps_rows(ray_local, noisy_set12, trai
     assert 0 < report.first_rows_seconds <= report.seconds
 
 
-def test_parquet_footers_are_read_by_a_small_pool(ray_local, noisy_set12, trained_model, s3_prefix):
-    """Ray Data's default is 32 footer-reading actors per read, each its own process: on a
-    small node that storm delays the first row by seconds. resflow sizes it to the cluster."""
-    import ray
-    from ray.util.state import list_actors
-
-    def footer_readers() -> int:
-        return len(list_actors(filters=[("class_name", "=", "FooterReader")], limit=10_000,
-                               raise_on_missing_output=False))
-
-    before = footer_readers()
-    restore_dataset(job(noisy_set12, s3_prefix, trained_model))
-    allowed = raycluster.footer_readers(ray.cluster_resources())
-    assert 1 <= footer_readers() - before <= allowed
-
-
 def test_rerun_is_a_noop_and_only_new_files_are_restored(ray_local, noisy_set12, trained_model, s3_prefix):
     restore_dataset(job(noisy_set12, s3_prefix, trained_model))
     again = restore_dataset(job(noisy_set12, s3_prefix, trained_model))
@@ -131,6 +115,30 @@ def test_hugging_face_parquet_input(ray_local, trained_model, tmp_path):
     assert decode(out["image"][0].as_py()).pixels.shape == decode(paths[0].read_bytes()).pixels.shape
 
 
+def test_other_columns_pass_through_with_their_types(ray_local, trained_model, tmp_path):
+    """Replicas read and write Arrow directly: a column resflow does not touch keeps its type
+    and values (timestamps, lists, structs, dictionaries), and input row groups stay row groups."""
+    good = (shared_data("Set12") / "01.png").read_bytes()
+    count = 5
+    table = pa.table({
+        "image_id": [f"r{i}" for i in range(count)],
+        "taken": pa.array([1_700_000_000_000_000 + i for i in range(count)], pa.timestamp("us", tz="UTC")),
+        "image": pa.array([good] * count, pa.binary()),
+        "tags": pa.array([["a", str(i)] for i in range(count)], pa.list_(pa.string())),
+        "box": pa.array([{"x": i, "y": 2.5} for i in range(count)], pa.struct([("x", pa.int16()), ("y", pa.float32())])),
+        "camera": pa.array(["nikon", "canon", "nikon", None, "canon"]).dictionary_encode(),
+    })
+    pq.write_table(table, tmp_path / "in.parquet", row_group_size=2)  # 3 row groups: 2 + 2 + 1
+    restore_dataset(job(str(tmp_path), str(tmp_path / "out"), trained_model, batch_size=4))
+    out_file = pq.ParquetFile(tmp_path / "out" / "in.parquet")
+    out = out_file.read()
+    assert out.column_names == [*table.column_names, "status", "error", "model_version"]
+    for name in ("image_id", "taken", "tags", "box", "camera"):
+        assert out.schema.field(name).type == table.schema.field(name).type, name
+        assert out[name].to_pylist() == table[name].to_pylist(), name
+    assert out_file.num_row_groups == 3 and set(out["status"].to_pylist()) == {"ok"}
+
+
 def test_bad_input_stops_before_any_work(trained_model, tmp_path):
     pq.write_table(pa.table({"image_id": ["a"], "picture": [b"x"]}), tmp_path / "missing.parquet")
     with pytest.raises(SchemaError, match="no image column 'image'"):
@@ -190,6 +198,33 @@ def test_stall_fails_with_a_message_and_rerun_completes(ray_local, noisy_set12, 
     report = restore_dataset(job(noisy_set12, s3_prefix, trained_model))
     assert report.files_restored + report.files_skipped == 3
     assert len(rows(s3_prefix)) == 12
+
+
+class _SlowResults:
+    """Stands in for a dataset whose first result takes `first_after` seconds."""
+
+    def __init__(self, first_after: float):
+        self.first_after = first_after
+
+    def iter_batches(self, **_):
+        time.sleep(self.first_after)
+        yield "file done"
+
+
+def test_watchdog_waits_while_rows_are_restored_and_stops_when_they_are_not(monkeypatch):
+    """A file can take minutes; the watchdog counts the replicas' restored rows, not files."""
+    from pipeline import restore
+
+    monkeypatch.setattr(restore, "PROGRESS_POLL_S", 0.05)
+    clock = time.monotonic()
+    rising = lambda: int((time.monotonic() - clock) * 100)  # noqa: E731  rows keep coming
+    results = restore._batches_with_watchdog(_SlowResults(1.5), 0.5, lambda: "somewhere", rising)
+    assert list(results) == ["file done"]  # 3x the stall timeout before the file finished: no stall
+    stuck = restore._batches_with_watchdog(_SlowResults(30), 0.5, lambda: "at row 7", lambda: 7)
+    started = time.monotonic()
+    with pytest.raises(StallError, match="no restored rows for 0 s: at row 7"):
+        list(stuck)
+    assert time.monotonic() - started < 10
 
 
 def test_s3_restart_mid_run_loses_and_duplicates_nothing(ray_local, s3_server, trained_model, s3_prefix):

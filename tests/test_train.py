@@ -56,6 +56,25 @@ def test_rerun_with_the_same_name_resumes_on_paired_data(ray_local, train400_sma
     assert second.metrics["val_psnr"] > second.metrics["val_noisy_psnr"]
 
 
+def test_parquet_footers_are_read_by_a_small_pool(ray_local, train400_small):
+    """Ray Data's default is 32 footer-reading actors per read, each its own process: on a
+    small node that storm delays the first batch by seconds. resflow sizes it to the cluster."""
+    import ray
+    from ray.util.state import list_actors
+
+    from pipeline import raycluster
+    from pipeline.train import read_image_dataset
+
+    def footer_readers() -> int:
+        return len(list_actors(filters=[("class_name", "=", "FooterReader")], limit=10_000,
+                               raise_on_missing_output=False))
+
+    before = footer_readers()
+    assert read_image_dataset(storage.list_files(train400_small + "/val"), ["image_id"]).take_all()
+    allowed = raycluster.footer_readers(ray.cluster_resources())
+    assert 1 <= footer_readers() - before <= allowed
+
+
 def test_config_validation_and_schedule():
     with pytest.raises(ValueError, match="patch_size"):
         TrainConfig(patch_size=2)
