@@ -294,10 +294,10 @@ def build_parser(extend=None) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="model replicas (default: from the cluster's CPUs or GPUs)")
     p.add_argument("--gpu", action="store_true", help="one GPU per replica, bf16")
     p.add_argument("--cpus-per-worker", type=float, default=0.5,
-                   help="logical CPUs a CPU replica reserves (leave some for reads and writes)")
+                   help="logical CPUs a CPU replica reserves (fractions leave Ray's own tasks room)")
     p.add_argument("--batch-size", type=int, help="rows per model call (default: 4 on CPU, 16 on GPU)")
     p.add_argument("--io-threads", type=int,
-                   help="PNG decode/encode threads per replica (default: 1 on CPU; on GPU half the node's CPUs per GPU)")
+                   help="PNG decode/encode threads per replica (default: 1 on CPU; on GPU the node's CPUs per GPU but one)")
     p.add_argument("--tile", type=int, default=512)
     p.add_argument("--tile-overlap", type=int, default=64)
     p.add_argument("--force", action="store_true", help="restore every file, even those already done")

@@ -21,7 +21,6 @@ another model version; `--force` redoes all. A run that makes no progress for
 from __future__ import annotations
 
 import datetime as dt
-import json
 import posixpath
 import queue
 import threading
@@ -71,7 +70,7 @@ class RestoreJob:
     model: str  # a model folder, or a registry (its champion)
     workers: int | None = None  # model replicas; None: one per 2 logical CPUs locally, one per GPU with use_gpu
     use_gpu: bool = False  # one GPU per replica, bf16
-    cpus_per_worker: float = 0.5  # logical CPUs a replica reserves; fractions keep reads and writes running
+    cpus_per_worker: float = 0.5  # logical CPUs a replica reserves; fractions leave Ray's own tasks room
     batch_size: int | None = None  # rows per model call (tiles of one size are batched); None: per device, above
     io_threads: int | None = None  # PNG decode/encode threads per replica; None: 1 on CPU, per GPU node on GPU (above)
     tile: int = 512
@@ -219,7 +218,6 @@ class FileRestorer:
                              for start in range(0, rows.num_rows, self.rows_per_call)]
                     if parts:
                         writer.write_table(pa.concat_tables(parts))
-        summary["failures"] = json.dumps(summary["failures"])
         return sink.getvalue().to_pybytes(), summary
 
     def _restore_rows(self, rows: pa.Table, schema: pa.Schema, summary: dict) -> pa.Table:
@@ -234,7 +232,7 @@ class FileRestorer:
         summary["rows"] += table.num_rows
         summary["ok"] += status.count("ok")
         summary["failed"] += status.count("failed")
-        summary["megapixels"] += _megapixels(table, image)
+        summary["megapixels"] += _megapixels(out[image])
         for image_id, error in zip(rows.column(self.columns.id).to_pylist(), out["error"].tolist()):
             if error and len(summary["failures"]) < MAX_FAILURES_KEPT:
                 summary["failures"].append([str(image_id), error])
@@ -246,7 +244,7 @@ class FileRestorer:
 MAX_FAILURES_KEPT = 20  # per file and per report: the first few reasons, not every failed row
 SUMMARY_SCHEMA = pa.schema([("input", pa.string()), ("output", pa.string()), ("rows", pa.int64()),
                             ("ok", pa.int64()), ("failed", pa.int64()), ("megapixels", pa.float64()),
-                            ("failures", pa.string())])
+                            ("failures", pa.list_(pa.list_(pa.string())))])  # [image id, reason]
 
 
 class RowCounter:
@@ -354,7 +352,7 @@ def restore_dataset(job: RestoreJob, log=print, on_progress=None, ray_dashboard:
                 report.images_failed += done["failed"]
                 report.megapixels += done["megapixels"]
                 report.outputs.append(done["output"])
-                for image_id, reason in json.loads(done["failures"]):
+                for image_id, reason in done["failures"]:
                     if len(report.failures) < MAX_FAILURES_KEPT:
                         report.failures.append((image_id, reason))
                 if on_progress:
@@ -368,10 +366,10 @@ def restore_dataset(job: RestoreJob, log=print, on_progress=None, ray_dashboard:
     return report
 
 
-def _megapixels(table: pa.Table, image_column: str) -> float:
+def _megapixels(encoded) -> float:
     # Read from the PNG header (width and height at bytes 16-24) rather than decoding again.
     total = 0
-    for value in table.column(image_column).to_pylist():
+    for value in encoded:
         if value and len(value) >= 24:
             total += int.from_bytes(value[16:20], "big") * int.from_bytes(value[20:24], "big")
     return total / 1e6

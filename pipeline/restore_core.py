@@ -161,7 +161,6 @@ class ImageRestorer:
         self.base_dir = base_dir
         self.io_pool = (ThreadPoolExecutor(settings.io_threads, thread_name_prefix="resflow-io")
                         if settings.io_threads > 1 else None)
-        self.megapixels = 0.0
         self.calls = 0
         self.trim_heap = _heap_trimmer()
         self._counting = threading.Lock()
@@ -224,18 +223,14 @@ class ImageRestorer:
             restored = []
             for row in decoded_rows:
                 errors[row] = f"restoration failed: {type(error).__name__}: {error}"
-        megapixels = 0.0
-        for row, pixels, (png, error) in zip(decoded_rows, restored, self._each(self._encode, zip(restored, modes))):
+        for row, (png, error) in zip(decoded_rows, self._each(self._encode, zip(restored, modes))):
             encoded[row], errors[row] = png, error
-            if png is not None:
-                megapixels += pixels.shape[0] * pixels.shape[1] / 1e6
         out = {key: value for key, value in batch.items() if key != self.columns.image}
         out[self.columns.image] = np.array(encoded, dtype=object)
         out["status"] = np.array(["failed" if error else "ok" for error in errors], dtype=object)
         out["error"] = np.array(errors, dtype=object)
         out["model_version"] = np.array([self.model_version] * count, dtype=object)
         with self._counting:
-            self.megapixels += megapixels
             self.calls += 1
             trim = self.trim_heap is not None and self.calls % TRIM_HEAP_EVERY_CALLS == 0
         if trim:

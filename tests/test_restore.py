@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline import metrics, raycluster, s3server, storage
+from pipeline import metrics, s3server, storage
 from pipeline.dataset import DatasetError, Manifest, read_table
 from pipeline.degrade import Degradation
 from pipeline.images import SchemaError, decode, encode_png
