@@ -16,7 +16,6 @@ restoration as long as the overlap covers the network's receptive field.
 from __future__ import annotations
 
 import ctypes
-import threading
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,19 +27,31 @@ from pipeline.images import DecodeLimits, ImageColumns, color_channels, decode, 
 from pipeline.modelio import load_model
 
 OUTPUT_COLUMNS = ("status", "error", "model_version")
-# glibc keeps the heap that freed activations leave behind, fragmented by the replica's
-# other threads (Ray's) and by images of varying sizes: in a 10x benchmark run each
-# replica grew ~150 MB beyond its size at 1x. Handing the free heap back every few calls
-# keeps a replica at its working set; after every call it cost 4-6% of the throughput
-# (the next call faults the pages in again), every 8 calls it is within the noise.
-TRIM_HEAP_EVERY_CALLS = 8
+# A forward pass frees its activations layer by layer and allocates the same sizes again
+# for the next layer and the next call (~30 MB each for four BSD68-sized images in the cpu
+# preset). glibc's defaults hand that memory back to the kernel as soon as it is free (the
+# main heap is trimmed; a thread's heap, and a Ray replica runs its calls on one, is
+# unmapped once empty), so the next layer faults every page back in, zeroed: in a 10x
+# benchmark run each CPU replica took 3-4 million page faults and spent 5-9 of its ~85 s in
+# the kernel, and the plain forward pass lost 10-13% of its time the same way. These keep
+# freed memory for the next layer: blocks up to glibc's 32 MB cap come from the heap, not
+# fresh mappings; a heap keeps up to 256 MB free at its top; 64 MB of padding keeps a
+# thread's heap from being unmapped and mapped again call after call. With them a replica
+# took 0.2 million faults and 1 s in the kernel, and the run was 11-17% faster; the cost
+# is that a replica holds its working set between calls (benchmark peak +135 MB at 1x,
+# +280-420 MB at 10x-30x, still flat with the data: 10x/1x 1.09, 30x/1x 1.10).
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # mallopt parameters (malloc.h)
+CPU_MALLOC_SETTINGS = {_M_MMAP_THRESHOLD: 32 * 2**20, _M_TRIM_THRESHOLD: 256 * 2**20, _M_TOP_PAD: 64 * 2**20}
 
 
-def _heap_trimmer():
+def keep_freed_memory() -> bool:
+    """Apply CPU_MALLOC_SETTINGS to this process; False where the C library is not glibc
+    (which has its own policy) or refused them."""
     try:
-        return ctypes.CDLL("libc.so.6").malloc_trim  # glibc only; elsewhere nothing to do
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
-        return None
+        return False
+    return all(mallopt(parameter, value) == 1 for parameter, value in CPU_MALLOC_SETTINGS.items())
 
 
 @dataclass(frozen=True)
@@ -100,6 +111,10 @@ class ModelRunner:
         # Channels-last convolutions: ~40% faster on CPU (oneDNN); on GPUs the tensor cores'
         # native layout for bf16.
         self.model = self.model.to(memory_format=torch.channels_last)
+        # Process-wide, set by the process that runs the model on CPU: a replica, the
+        # benchmark's forward pass and loop, evaluation. (On GPU the activations live on the
+        # device, in torch's caching allocator.)
+        self.keeps_freed_memory = settings.device == "cpu" and keep_freed_memory()
 
     @torch.inference_mode()
     def _forward(self, pieces: list[np.ndarray]) -> list[np.ndarray]:
@@ -161,9 +176,6 @@ class ImageRestorer:
         self.base_dir = base_dir
         self.io_pool = (ThreadPoolExecutor(settings.io_threads, thread_name_prefix="resflow-io")
                         if settings.io_threads > 1 else None)
-        self.calls = 0
-        self.trim_heap = _heap_trimmer()
-        self._counting = threading.Lock()
 
     def _each(self, function, items) -> list:
         """`function` over `items`, on the I/O threads when there are several."""
@@ -230,9 +242,4 @@ class ImageRestorer:
         out["status"] = np.array(["failed" if error else "ok" for error in errors], dtype=object)
         out["error"] = np.array(errors, dtype=object)
         out["model_version"] = np.array([self.model_version] * count, dtype=object)
-        with self._counting:
-            self.calls += 1
-            trim = self.trim_heap is not None and self.calls % TRIM_HEAP_EVERY_CALLS == 0
-        if trim:
-            self.trim_heap(0)
         return out
