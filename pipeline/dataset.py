@@ -86,13 +86,16 @@ def iter_batches(file_uri: str, batch_size: int = 16, columns: list[str] | None 
         yield from parquet.iter_batches(batch_size=batch_size, columns=columns)
 
 
+PARQUET_COMPRESSION = "zstd"  # every Parquet file resflow writes: datasets, restored outputs
+
+
 def write_table(file_uri: str, table: pa.Table) -> None:
     """Write a whole Parquet file atomically: serialised in memory, then stored whole (one
     PUT on S3, where s3fs aborts a failed multipart upload; write-then-rename locally).
     Half the storage round trips of a temporary object and a move: 15 vs 31-33 ms per
     4-image file against SeaweedFS, the per-file cost that capped a GPU restore."""
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
+    pq.write_table(table, sink, compression=PARQUET_COMPRESSION)
     storage.write_bytes(file_uri, sink.getvalue().to_pybytes())
 
 

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import raycluster, registry, storage
-from pipeline.dataset import Manifest, inspect_dataset
+from pipeline.dataset import PARQUET_COMPRESSION, Manifest, inspect_dataset
 from pipeline.images import DecodeLimits, ImageColumns
 from pipeline.modelio import load_model
 from pipeline.restore_core import OUTPUT_COLUMNS, ImageRestorer, RestoreSettings
@@ -192,7 +192,7 @@ class FileRestorer:
         self.rows_per_call = settings.batch_size
         self.columns = columns
         self.progress = progress
-        self.filesystem = storage.pyarrow_filesystem(base_dir)[0] if base_dir else None
+        self.filesystem = None  # the inputs' (one job's files share it), made on the first file
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         summaries = [self.restore_file(source, target)
@@ -205,13 +205,14 @@ class FileRestorer:
         return {"input": input_uri, "output": output_uri, **summary}
 
     def _restore(self, input_uri: str) -> tuple[bytes, dict]:
-        filesystem = self.filesystem or storage.pyarrow_filesystem(input_uri)[0]
+        if self.filesystem is None:
+            self.filesystem = storage.pyarrow_filesystem(input_uri)[0]
         summary = {"rows": 0, "ok": 0, "failed": 0, "megapixels": 0.0, "failures": []}
         sink = pa.BufferOutputStream()
-        with filesystem.open_input_file(storage.parse(input_uri).path) as handle:
+        with self.filesystem.open_input_file(storage.parse(input_uri).path) as handle:
             parquet = pq.ParquetFile(handle)
             schema = output_schema(parquet.schema_arrow, self.columns)
-            with pq.ParquetWriter(sink, schema, compression="zstd") as writer:
+            with pq.ParquetWriter(sink, schema, compression=PARQUET_COMPRESSION) as writer:
                 for group in range(parquet.num_row_groups):
                     rows = parquet.read_row_group(group)
                     parts = [self._restore_rows(rows.slice(start, self.rows_per_call), schema, summary)
