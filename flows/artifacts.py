@@ -13,12 +13,14 @@ import base64
 import io
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from pipeline import metrics, storage
-from pipeline.dataset import Manifest, read_table
+from pipeline.dataset import read_table
+from pipeline.manifest import Manifest
 from pipeline.images import ImageColumns, decode
 
 PREVIEW_SIDE = 256  # px; 10-40 KB per JPEG keeps the artifact page fast
@@ -39,9 +41,11 @@ def jpeg_data_uri(pixels: np.ndarray, side: int = PREVIEW_SIDE) -> str:
 
 
 def sample_restored(output: str, count: int, only: set[str] | None = None,
-                    columns: ImageColumns = ImageColumns()) -> list[dict]:
+                    columns: ImageColumns = ImageColumns(), input_root: str | None = None) -> list[dict]:
     """Up to `count` restored rows (of the output files in `only`, else of all) with their
-    input image and, for paired input, the clean target: image_id, before, after, target."""
+    input image and, for paired input, the clean target: image_id, before, after, target.
+    Input and output rows are paired by position (an output file holds its input's rows in
+    order), never by id, which need not be unique."""
     rows: list[dict] = []
     for entry in sorted(Manifest(output, "manifest").all().values(), key=lambda e: e["output"]):
         if only is not None and entry["output"] not in only:
@@ -50,17 +54,16 @@ def sample_restored(output: str, count: int, only: set[str] | None = None,
             break
         restored = read_table(entry["output"])
         wanted = [name for name in (columns.id, columns.image, columns.target) if name in restored.schema.names]
-        restored = restored.select(wanted + ["status"])
+        restored = restored.select(wanted + ["status"]).append_column("_row", pa.array(range(restored.num_rows)))
         restored = restored.filter(pc.equal(restored.column("status"), "ok")).slice(0, count - len(rows))
         if restored.num_rows == 0:
             continue
-        inputs = read_table(entry["input"], columns=[columns.id, columns.image])
-        before = dict(zip(inputs.column(columns.id).to_pylist(), inputs.column(columns.image).to_pylist()))
+        before = read_table(entry["input"], columns=[columns.image]).column(columns.image)
         has_target = columns.target in restored.schema.names
         for record in restored.to_pylist():
             rows.append({
                 "image_id": record[columns.id],
-                "before": decode(before[record[columns.id]]).pixels,
+                "before": decode(before[record["_row"]].as_py(), base_dir=input_root).pixels,
                 "after": decode(record[columns.image]).pixels,
                 "target": decode(record[columns.target]).pixels if has_target and record[columns.target] else None,
             })
@@ -69,7 +72,8 @@ def sample_restored(output: str, count: int, only: set[str] | None = None,
 
 def quality(rows: list[dict]) -> dict:
     """Mean PSNR/SSIM before and after over the rows that have a clean target."""
-    scored = [row for row in rows if row["target"] is not None and row["target"].shape == row["after"].shape]
+    scored = [row for row in rows if row["target"] is not None and row["before"] is not None
+              and row["target"].shape == row["after"].shape == row["before"].shape]
     if not scored:
         return {}
     top = lambda row: 65535.0 if row["target"].dtype == np.uint16 else 255.0  # noqa: E731
@@ -94,7 +98,7 @@ def previews_markdown(rows: list[dict]) -> str:
 
 def restore_artifacts(report: dict, input_uri: str, model: str, previews: int, sample: int) -> dict:
     """Table, markdown summary with previews, and a link; returns the metrics row."""
-    rows = (sample_restored(report["output"], max(previews, sample), only=set(report["outputs"]))
+    rows = (sample_restored(report["output"], max(previews, sample), only=set(report["outputs"]), input_root=input_uri)
             if report.get("files_restored") else [])
     scores = quality(rows[:sample])
     row = {"model_version": report["model_version"], "files_restored": report["files_restored"],

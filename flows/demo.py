@@ -78,25 +78,24 @@ def run(minutes: float, started: float, state: dict | None) -> None:
 
 
 def print_table(noisy_uri: str, restored_uri: str) -> None:
+    """Noisy and restored PSNR per image; output rows pair with input rows by position."""
     from pipeline import metrics, storage
     from pipeline.dataset import read_table
     from pipeline.images import decode
 
-    noisy = {}
-    for info in storage.list_files(noisy_uri):
-        table = read_table(info.uri)
-        for image_id, image, target in zip(*(table[c].to_pylist() for c in ("image_id", "image", "target"))):
-            noisy[image_id] = (image, target)
     rows = []
-    for info in storage.list_files(restored_uri):
-        table = read_table(info.uri)
-        for image_id, image, status in zip(*(table[c].to_pylist() for c in ("image_id", "image", "status"))):
-            noisy_image, target = noisy[image_id]
+    for info in storage.list_files(noisy_uri):
+        noisy = read_table(info.uri, columns=["image_id", "image"])
+        restored = read_table(storage.join(restored_uri, storage.relative_path(noisy_uri, info.uri)),
+                              columns=["image", "target", "status"])
+        for image_id, noisy_image, image, target, status in zip(
+                noisy["image_id"].to_pylist(), noisy["image"].to_pylist(),
+                *(restored[c].to_pylist() for c in ("image", "target", "status"))):
             clean = decode(target).pixels
             rows.append((image_id, metrics.psnr(clean, decode(noisy_image).pixels),
                          metrics.psnr(clean, decode(image).pixels) if status == "ok" else float("nan")))
     print(f"\n{'image':<10} {'noisy PSNR':>11} {'restored PSNR':>14}")
-    for image_id, before, after in sorted(rows):
+    for image_id, before, after in rows:
         print(f"{image_id:<10} {before:>11.2f} {after:>14.2f}")
     print(f"{'mean':<10} {sum(r[1] for r in rows) / len(rows):>11.2f} {sum(r[2] for r in rows) / len(rows):>14.2f}")
 

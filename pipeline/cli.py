@@ -313,10 +313,15 @@ def main(argv: list[str] | None = None, extend=None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "bucket", "unset") is None:
         args.bucket = [s3server.DEFAULT_BUCKET]
+    from pipeline.lease import LeaseHeld
+
     try:
         return args.func(args)
     except KeyboardInterrupt:
         return 130
+    except LeaseHeld as error:  # another run is writing the output: try again later (EX_TEMPFAIL)
+        print(f"resflow {args.command}: busy: {error}", file=sys.stderr)
+        return 75
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         # job-level errors: one clear line, no traceback (RESFLOW_DEBUG=1 shows it)
         if os.environ.get("RESFLOW_DEBUG"):

@@ -1,17 +1,14 @@
-"""Parquet image datasets: listing, schema checks, atomic writes and the done-manifest.
+"""Parquet image datasets: listing, schema checks, reading and atomic writes.
 
-A dataset is a folder or prefix of Parquet files (DESIGN.md). Outputs are written one file
-per input file, whole (`write_table`), then recorded in a manifest entry
-(`_resflow/manifest/<file>.json`): an output counts as done only once its entry exists,
-so a rerun skips finished files and redoes anything a crash interrupted.
+A dataset is a folder or prefix of Parquet files (DESIGN.md), nested as deep as the data
+is (folders, Hive partitions, Hugging Face shards); a file's path relative to the
+dataset's root is its key everywhere (`storage.relative_path`). What a job has finished
+is recorded in its manifest (pipeline/manifest.py).
 """
 
 from __future__ import annotations
 
-import json
-import posixpath
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -97,43 +94,3 @@ def write_table(file_uri: str, table: pa.Table) -> None:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression=PARQUET_COMPRESSION)
     storage.write_bytes(file_uri, sink.getvalue().to_pybytes())
-
-
-def output_name(input_uri: str) -> str:
-    return posixpath.basename(storage.parse(input_uri).path)
-
-
-@dataclass
-class Manifest:
-    """Done-records of one kind of job under `<dataset>/_resflow/<kind>/`, one small JSON
-    object per output file, so parallel writers never contend on one object."""
-
-    root: str
-    kind: str = "manifest"
-
-    def _entry_uri(self, name: str) -> str:
-        return storage.join(self.root, storage.RESFLOW_DIR, self.kind, name + ".json")
-
-    def get(self, name: str) -> dict | None:
-        try:
-            return json.loads(storage.read_bytes(self._entry_uri(name)))
-        except FileNotFoundError:
-            return None
-
-    def put(self, name: str, record: dict) -> None:
-        storage.write_bytes(self._entry_uri(name), json.dumps(record, sort_keys=True).encode())
-
-    def remove(self, name: str) -> None:
-        storage.delete(self._entry_uri(name))
-
-    def all(self) -> dict[str, dict]:
-        folder = storage.join(self.root, storage.RESFLOW_DIR, self.kind)
-        fs, path = storage.fsspec_filesystem(folder)
-        if not storage.exists(folder):
-            return {}
-        entries = {}
-        for entry in fs.find(path):
-            if entry.endswith(".json"):
-                uri = storage.join(folder, posixpath.relpath(entry, path))
-                entries[posixpath.basename(entry)[: -len(".json")]] = json.loads(storage.read_bytes(uri))
-        return entries

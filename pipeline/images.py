@@ -5,21 +5,32 @@ Face `datasets` layout struct<bytes: binary, path: string>. Decoding never raise
 bad image: `decode` returns a `Decoded` with `error` set, so one corrupt row becomes one
 `failed` row and the rest of the batch goes on (STYLE.md: errors are values at row level).
 
+Only the formats of the data contract are decoded (PNG, JPEG, TIFF, WebP, BMP); anything
+else Pillow could open (EPS, which calls Ghostscript, GIF, PSD, ...) is a failed row, as is a
+multi-frame image (animated PNG or WebP, multi-page TIFF). A Hugging Face value without
+bytes is read from its `path` only when that path lies inside the dataset (`dataset_path`).
+
 Pixel arrays keep the input's mode and depth:
-    L     uint8  (H, W)        gray
-    I;16  uint16 (H, W)        16-bit gray
-    RGB   uint8  (H, W, 3)
-    RGBA  uint8  (H, W, 4)     alpha is carried through untouched
-    LA    uint8  (H, W, 2)     gray + alpha
+    L        uint8  (H, W)        gray
+    I;16     uint16 (H, W)        16-bit gray
+    RGB      uint8  (H, W, 3)
+    RGBA     uint8  (H, W, 4)     alpha is carried through untouched
+    LA       uint8  (H, W, 2)     gray + alpha
+    RGB;16   uint16 (H, W, 3)     16-bit colour (PNG, TIFF), which Pillow would cut to 8 bits
+    RGBA;16  uint16 (H, W, 4)
 Palette and 1-bit images are expanded to RGB(A) / L, since a restored image is no longer
-limited to a palette.
+limited to a palette. The EXIF orientation is kept beside the pixels (which stay as
+stored), so the output PNG carries the same tag and a viewer shows it the same way (8-bit
+TIFF is the exception: Pillow turns its pixels upright while loading, so the output holds
+them upright, untagged).
 """
 
 from __future__ import annotations
 
 import io
-import os
+import struct
 import warnings
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +43,9 @@ Image.MAX_IMAGE_PIXELS = None
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey stripe
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp")
+ACCEPTED_FORMATS = ("PNG", "JPEG", "TIFF", "WEBP", "BMP")  # Pillow's names; DESIGN.md's data contract
+SIXTEEN_BIT_MODES = ("I;16", "RGB;16", "RGBA;16")
+EXIF_ORIENTATION = 0x0112
 
 
 @dataclass(frozen=True)
@@ -64,6 +78,7 @@ class Decoded:
     mode: str = ""
     format: str = ""
     error: str | None = None
+    orientation: int | None = None  # EXIF orientation 2-8 when the input had one (1, the default, is left out)
 
     @property
     def ok(self) -> bool:
@@ -100,35 +115,64 @@ def validate_schema(schema: pa.Schema, columns: ImageColumns = ImageColumns(), *
                           f"Columns present: {names}. Name other columns with --id-column/--image-column/--target-column.")
 
 
-def image_bytes(value, base_dir: str | None = None) -> tuple[bytes | None, str | None]:
+def dataset_path(path: str, base: str) -> str | None:
+    """The URI an image `path` names inside the dataset at `base`, or None when it would
+    leave it: absolute paths, other schemes or buckets, `..` out of the base, and (locally)
+    symbolic links that point outside it are all refused."""
+    from pipeline import storage
+
+    if "://" in path:
+        candidate = path
+    elif path.startswith(("/", "\\", "~")) or (len(path) > 1 and path[1] == ":"):
+        return None
+    else:
+        candidate = storage.join(base, path)
+    try:
+        return candidate if storage.contains(base, candidate) else None
+    except storage.StorageError:  # an unsupported scheme
+        return None
+
+
+def image_bytes(value, base_dir: str | None = None, max_bytes: int | None = None) -> tuple[bytes | None, str | None]:
     """The encoded bytes of an image cell, or (None, reason).
 
     A Hugging Face Image cell built from file paths stores bytes=None and only a path;
-    such a path is read relative to `base_dir` (the dataset's location) when relative."""
+    such a path is read, at most `max_bytes` of it, only when it lies inside `base_dir`
+    (the dataset's own location). A refused path is never opened, so nothing of what it
+    names can reach an error message, a log or an output."""
     if value is None:
         return None, "the image value is null"
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value), None
     if isinstance(value, dict):
         data = value.get("bytes")
+        if isinstance(data, str):
+            return None, "the image struct's bytes field holds text, not binary image data"
         if data is not None:
             return bytes(data), None
         path = value.get("path")
         if not path:
             return None, "the image struct has neither bytes nor a path"
+        if not isinstance(path, str):
+            return None, f"the image struct's path is a {type(path).__name__}, not a string"
+        if base_dir is None:
+            return None, f"the image struct has no bytes and its path {path!r} cannot be resolved here"
+        uri = dataset_path(path, base_dir)
+        if uri is None:
+            return None, f"path outside the dataset: {path!r} (image paths are read only inside {base_dir})"
         from pipeline import storage
 
-        if base_dir is not None and "://" not in path and not os.path.isabs(path):
-            path = storage.join(base_dir, path)
         try:
-            return storage.read_bytes(path), None
+            return storage.read_bytes(uri, max_bytes=max_bytes), None
+        except ValueError:
+            return None, f"the image file {path!r} is larger than the limit of {max_bytes} bytes"
         except Exception as error:  # the row fails, not the batch
             return None, f"the image struct has no bytes and its path {path!r} could not be read: {error}"
     return None, f"unsupported image value of type {type(value).__name__}"
 
 
 def decode(value, limits: DecodeLimits = DecodeLimits(), base_dir: str | None = None) -> Decoded:
-    data, reason = image_bytes(value, base_dir)
+    data, reason = image_bytes(value, base_dir, limits.max_bytes)
     if data is None:
         return Decoded(None, error=reason)
     if len(data) == 0:
@@ -138,7 +182,7 @@ def decode(value, limits: DecodeLimits = DecodeLimits(), base_dir: str | None = 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))  # reads the header only
+            image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)  # reads the header only
             width, height = image.size
             if width * height > limits.max_pixels:
                 return Decoded(None, error=f"image declares {width}x{height} = {width * height} pixels, over the "
@@ -146,14 +190,46 @@ def decode(value, limits: DecodeLimits = DecodeLimits(), base_dir: str | None = 
             if min(width, height) < limits.min_side:
                 return Decoded(None, error=f"image is {width}x{height} pixels, smaller than the minimum "
                                            f"{limits.min_side}x{limits.min_side}")
-            image.load()
+            frames = getattr(image, "n_frames", 1)
+            if frames > 1:
+                return Decoded(None, error=f"{image.format} image with {frames} frames: resflow restores single "
+                                           f"images; store each frame as a row of its own")
             fmt = image.format or ""
-            pixels, mode = _to_array(image)
+            orientation = image.getexif().get(EXIF_ORIENTATION)
+            if _is_sixteen_bit_colour(image, data):
+                pixels, mode = _decode_sixteen_bit_colour(data)
+            else:
+                image.load()
+                pixels, mode = _to_array(image)
+                if fmt == "TIFF":  # Pillow turns TIFF pixels upright as it loads them: no tag left to carry
+                    orientation = None
     except Image.UnidentifiedImageError:  # its message names the in-memory buffer's address, not the problem
-        return Decoded(None, error=f"cannot decode image: not a format Pillow reads (starts with {data[:8]!r})")
+        return Decoded(None, error=f"cannot decode image: not one of the accepted formats "
+                                   f"({', '.join(ACCEPTED_FORMATS)}); it starts with {data[:8]!r}")
     except Exception as error:
         return Decoded(None, error=f"cannot decode image: {type(error).__name__}: {error}")
-    return Decoded(pixels, mode, fmt)
+    return Decoded(pixels, mode, fmt, orientation=orientation if orientation in range(2, 9) else None)
+
+
+def _is_sixteen_bit_colour(image: Image.Image, data: bytes) -> bool:
+    """Pillow opens 16-bit colour PNG and TIFF as 8-bit RGB(A); tell them apart by header."""
+    if image.format == "PNG" and data[12:16] == b"IHDR":
+        return data[24] == 16 and data[25] in (2, 6)  # bit depth, colour type RGB / RGBA
+    if image.format == "TIFF":
+        bits = image.tag_v2.get(258) or (8,)
+        samples = image.tag_v2.get(277) or 1
+        return max(bits if isinstance(bits, tuple) else (bits,)) == 16 and samples >= 3
+    return False
+
+
+def _decode_sixteen_bit_colour(data: bytes) -> tuple[np.ndarray, str]:
+    import cv2  # Pillow cannot hold 16-bit colour; OpenCV decodes it exactly
+
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if pixels is None or pixels.dtype != np.uint16 or pixels.ndim != 3 or pixels.shape[2] not in (3, 4):
+        raise ValueError("a 16-bit colour image that could not be decoded as 3 or 4 channels")
+    order = [2, 1, 0] if pixels.shape[2] == 3 else [2, 1, 0, 3]  # BGR(A) -> RGB(A)
+    return np.ascontiguousarray(pixels[:, :, order]), "RGB;16" if pixels.shape[2] == 3 else "RGBA;16"
 
 
 def _to_array(image: Image.Image) -> tuple[np.ndarray, str]:
@@ -179,27 +255,50 @@ def _to_array(image: Image.Image) -> tuple[np.ndarray, str]:
     return np.array(image), mode
 
 
-def encode_png(pixels: np.ndarray, mode: str, compress_level: int = 3) -> bytes:
-    """Lossless PNG in the given mode; level 3 is near level 6's size at a fraction of its time."""
-    if mode == "I;16":
-        image = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint16))  # -> I;16
+def encode_png(pixels: np.ndarray, mode: str, compress_level: int = 3, orientation: int | None = None) -> bytes:
+    """Lossless PNG in the given mode, carrying an EXIF orientation when given; level 3 is
+    near level 6's size at a fraction of its time."""
+    if mode in ("RGB;16", "RGBA;16"):
+        import cv2
+
+        order = [2, 1, 0] if mode == "RGB;16" else [2, 1, 0, 3]  # RGB(A) -> BGR(A)
+        ok, encoded = cv2.imencode(".png", np.ascontiguousarray(pixels[:, :, order], dtype=np.uint16),
+                                   [cv2.IMWRITE_PNG_COMPRESSION, compress_level])
+        if not ok:
+            raise ValueError(f"OpenCV could not encode a {mode} PNG")
+        png = encoded.tobytes()
     else:
-        image = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8), mode=mode)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=compress_level)
-    return buffer.getvalue()
+        if mode == "I;16":
+            image = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint16))  # -> I;16
+        else:
+            image = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8), mode=mode)
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", compress_level=compress_level)
+        png = buffer.getvalue()
+    return _with_orientation(png, orientation) if orientation else png
+
+
+def _with_orientation(png: bytes, orientation: int) -> bytes:
+    """Insert an eXIf chunk holding only the orientation tag right after IHDR."""
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = orientation
+    payload = exif.tobytes()
+    payload = payload[6:] if payload.startswith(b"Exif\x00\x00") else payload  # PNG stores the bare TIFF header
+    chunk = struct.pack(">I", len(payload)) + b"eXIf" + payload + struct.pack(">I", zlib.crc32(b"eXIf" + payload))
+    end_of_header = 8 + 8 + 13 + 4  # signature, IHDR length + type, its 13 bytes, CRC
+    return png[:end_of_header] + chunk + png[end_of_header:]
 
 
 # --- pixels <-> float, the representation models work in ----------------------------------
 
 
 def max_value(mode: str) -> float:
-    return 65535.0 if mode == "I;16" else 255.0
+    return 65535.0 if mode in SIXTEEN_BIT_MODES else 255.0
 
 
 def color_channels(mode: str) -> int:
     """How many channels a restoration model sees (alpha is not restored)."""
-    return 3 if mode in ("RGB", "RGBA") else 1
+    return 3 if mode in ("RGB", "RGBA", "RGB;16", "RGBA;16") else 1
 
 
 def split_alpha(pixels: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -220,7 +319,7 @@ def to_float(pixels: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray | No
 def from_float(color: np.ndarray, mode: str, alpha: np.ndarray | None = None) -> np.ndarray:
     """Clip, round and re-attach alpha: the inverse of `to_float`."""
     top = max_value(mode)
-    dtype = np.uint16 if mode == "I;16" else np.uint8
+    dtype = np.uint16 if mode in SIXTEEN_BIT_MODES else np.uint8
     quantised = np.clip(np.rint(color * top), 0, top).astype(dtype)
     if alpha is not None:
         quantised = np.concatenate([quantised, alpha[:, :, None].astype(dtype)], axis=2)

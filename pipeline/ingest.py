@@ -20,7 +20,8 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from pipeline import storage
-from pipeline.dataset import Manifest, check_dataset, output_name, read_table, write_table
+from pipeline.dataset import check_dataset, read_table, write_table
+from pipeline.manifest import Manifest
 from pipeline.degrade import Degradation
 from pipeline.images import (IMAGE_SUFFIXES, DecodeLimits, ImageColumns, decode, encode_png, from_float, image_bytes,
                              to_float)
@@ -64,6 +65,11 @@ def ingest(source: str, destination: str, rows_per_file: int = 64, progress: boo
     images, root = find_images(source)
     if not images:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {source}")
+    if globlib.has_magic(storage.parse(source).path):  # a glob reads only its matches
+        for info in images:
+            storage.check_disjoint(info.uri, destination)
+    else:
+        storage.check_disjoint(root, destination)
     storage.ensure_bucket(destination)
     manifest = Manifest(destination, "ingest")
     report = IngestReport(images=len(images), output=destination)
@@ -124,8 +130,9 @@ def degrade_dataset(source: str, destination: str, degradation: Degradation, see
     report = DegradeReport(output=destination)
     recipe = {"degradation": degradation.to_dict(), "seed": seed, "seed_per_image": seed_per_image}
     bar = tqdm(total=len(files), desc="degrade", unit="file", disable=not progress, file=sys.stderr)
+    storage.check_disjoint(source, destination)
     for info in files:
-        name = output_name(info.uri)
+        name = storage.relative_path(source, info.uri)  # nested layouts keep their folders
         done = manifest.get(name)
         if done and done.get("input_etag") == info.etag and done.get("recipe") == recipe:
             report.files_skipped += 1
@@ -171,12 +178,14 @@ def split_dataset(source: str, train_destination: str, val_destination: str, val
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be within (0, 1), got {val_fraction}")
     counts = [0, 0]
+    for destination in (train_destination, val_destination):
+        storage.check_disjoint(source, destination)
     for info in check_dataset(source, columns):
         table = read_table(info.uri)
         mask = np.array([held_out(image_id, val_fraction, seed) for image_id in table[columns.id].to_pylist()], bool)
         for index, (destination, part) in enumerate([(train_destination, table.filter(pa.array(~mask))),
                                                      (val_destination, table.filter(pa.array(mask)))]):
             storage.ensure_bucket(destination)
-            write_table(storage.join(destination, output_name(info.uri)), part)
+            write_table(storage.join(destination, storage.relative_path(source, info.uri)), part)
             counts[index] += part.num_rows
     return counts[0], counts[1]

@@ -21,7 +21,7 @@ another model version; `--force` redoes all. A run that makes no progress for
 from __future__ import annotations
 
 import datetime as dt
-import posixpath
+import io
 import queue
 import threading
 import time
@@ -31,8 +31,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import raycluster, registry, storage
-from pipeline.dataset import PARQUET_COMPRESSION, Manifest, inspect_dataset
+from pipeline.dataset import PARQUET_COMPRESSION, inspect_dataset
+from pipeline.manifest import Manifest
 from pipeline.images import DecodeLimits, ImageColumns
+from pipeline.lease import OutputLease
 from pipeline.modelio import load_model
 from pipeline.restore_core import OUTPUT_COLUMNS, ImageRestorer, RestoreSettings
 
@@ -77,6 +79,8 @@ class RestoreJob:
     tile_overlap: int = 64
     force: bool = False  # restore every file, even those the manifest says are done
     stall_timeout_s: float = 600.0  # fail when no row arrives for this long
+    lease_wait_s: float = 0.0  # how long to wait for another run's lease on the output before giving up
+    lease_ttl_s: float = 120.0  # a crashed run's lease is taken over this long after its last renewal
     columns: ImageColumns = ImageColumns()
     progress: bool = True
 
@@ -87,6 +91,8 @@ class RestoreJob:
             raise ValueError("io_threads must be >= 1")
         if self.stall_timeout_s <= 0:
             raise ValueError("stall_timeout_s must be positive")
+        if self.lease_wait_s < 0 or self.lease_ttl_s <= 0:
+            raise ValueError("lease_wait_s must be >= 0 and lease_ttl_s positive")
         RestoreSettings(tile=self.tile, tile_overlap=self.tile_overlap, batch_size=self.rows_per_call)
 
     @property
@@ -121,11 +127,8 @@ class RestoreReport:
 
 
 def output_uri(job: RestoreJob, input_info: storage.FileInfo) -> str:
-    """Same relative path (so the same base name) under the output prefix."""
-    relative = posixpath.relpath(storage.parse(input_info.uri).path, storage.parse(job.input).path)
-    if relative == ".":
-        relative = storage.parse(input_info.uri).name
-    return storage.join(job.output, relative)
+    """The input's path relative to the input prefix, under the output prefix."""
+    return storage.join(job.output, storage.relative_path(job.input, input_info.uri))
 
 
 @dataclass
@@ -138,26 +141,35 @@ class RestorePlan:
 
 
 def plan(job: RestoreJob) -> RestorePlan:
-    """Check everything that can be checked before any work: the model loads (safetensors,
-    architecture), the input is non-empty and every file has the contract's columns."""
+    """Check everything that can be checked before any work: input and output apart, the
+    model loads (safetensors, architecture), the input is non-empty and every file has the
+    contract's columns. A file counts as done only when its manifest entry matches the
+    input (ETag, size), the model version, and an output that still exists unchanged."""
+    storage.check_disjoint(job.input, job.output)
     model_folder = registry.resolve(job.model)
     _, card = load_model(model_folder)
     inspected = inspect_dataset(job.input, job.columns)
-    manifest = Manifest(job.output, "manifest")
-    done = manifest.all()
+    done = Manifest(job.output, "manifest").all()
+    outputs = {storage.relative_path(job.output, info.uri): info for info in _existing_outputs(job.output)}
     todo, skipped = [], []
     for info, _ in inspected:
-        entry = done.get(_manifest_key(job, info))
-        up_to_date = (entry and entry.get("input_etag") == info.etag and entry.get("input_size") == info.size
-                      and entry.get("model_version") == card.version)
+        key = storage.relative_path(job.input, info.uri)
+        entry, output = done.get(key) or {}, outputs.get(key)
+        up_to_date = (entry.get("input_etag") == info.etag and entry.get("input_size") == info.size
+                      and entry.get("model_version") == card.version and output is not None
+                      and entry.get("output_etag") == output.etag and entry.get("output_size") == output.size)
         (skipped if up_to_date and not job.force else todo).append(info)
     wanted = {info.uri for info in todo}
     rows = {info.uri: footer.num_rows for info, footer in inspected if info.uri in wanted}
     return RestorePlan(todo, skipped, model_folder, card.version, rows)
 
 
-def _manifest_key(job: RestoreJob, info: storage.FileInfo) -> str:
-    return posixpath.relpath(storage.parse(output_uri(job, info)).path, storage.parse(job.output).path)
+def _existing_outputs(output: str) -> list[storage.FileInfo]:
+    """Every Parquet file under the output (one listing), or none when it does not exist yet."""
+    try:
+        return storage.list_files(output)
+    except FileNotFoundError:
+        return []
 
 
 def output_schema(schema: pa.Schema, columns: ImageColumns) -> pa.Schema:
@@ -175,6 +187,38 @@ def output_schema(schema: pa.Schema, columns: ImageColumns) -> pa.Schema:
     return pa.schema(fields)
 
 
+class RetryingInput(io.RawIOBase):
+    """A Parquet input read through `storage.retry`: a storage error (after the operation
+    budget) surfaces as StorageError, so any other error while decoding a row group means
+    the bytes themselves are bad, which fails that group's rows instead of the job."""
+
+    def __init__(self, handle, uri: str):
+        self.handle, self.uri, self.position = handle, uri, 0
+        self.size = storage.retry(handle.size, what=f"sizing {uri}")
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self.position = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence] + offset
+        return self.position
+
+    def readinto(self, buffer) -> int:
+        try:
+            data = storage.retry(lambda: self.handle.read_at(len(buffer), self.position), what=f"reading {self.uri}")
+        except Exception as error:
+            raise storage.StorageError(f"reading {self.uri} at byte {self.position}: {error}") from error
+        buffer[: len(data)] = data
+        self.position += len(data)
+        return len(data)
+
+
 class FileRestorer:
     """A model replica, as Ray Data's actor pool runs it: restores whole input files.
 
@@ -182,9 +226,10 @@ class FileRestorer:
     rows `settings.batch_size` at a time (`ImageRestorer`), writes one output row group per
     input row group into an in-memory Parquet file, and stores that file whole (one PUT,
     so a reader never sees part of it). The other columns pass through as Arrow, types
-    untouched. Returns one summary row per file. A storage error while reading retries the
-    file from its start; `progress` (an actor handle with `add`) hears of every restored
-    chunk, which is how the driver tells a long file from a stall."""
+    untouched. Returns one summary row per file, with the stored output's ETag and size.
+    A bad row (undecodable image, null or non-UTF-8 id, a row group whose bytes are
+    corrupt) is a `failed` row with its reason; `progress` (an actor handle with `add`)
+    hears of every restored chunk, which is how the driver tells a long file from a stall."""
 
     def __init__(self, model_uri: str, settings: RestoreSettings, columns: ImageColumns = ImageColumns(),
                  limits: DecodeLimits = DecodeLimits(), base_dir: str | None = None, progress=None):
@@ -200,50 +245,104 @@ class FileRestorer:
         return pa.Table.from_pylist(summaries, schema=SUMMARY_SCHEMA)
 
     def restore_file(self, input_uri: str, output_uri: str) -> dict:
-        restored, summary = storage.retry(lambda: self._restore(input_uri), what=f"reading {input_uri}")
-        storage.write_bytes(output_uri, restored)
-        return {"input": input_uri, "output": output_uri, **summary}
+        restored, summary = self._restore(input_uri)
+        stored = storage.write_bytes(output_uri, restored)
+        return {"input": input_uri, "output": output_uri, "output_etag": stored.etag, "output_size": stored.size,
+                **summary}
 
     def _restore(self, input_uri: str) -> tuple[bytes, dict]:
         if self.filesystem is None:
             self.filesystem = storage.pyarrow_filesystem(input_uri)[0]
         summary = {"rows": 0, "ok": 0, "failed": 0, "megapixels": 0.0, "failures": []}
         sink = pa.BufferOutputStream()
-        with self.filesystem.open_input_file(storage.parse(input_uri).path) as handle:
-            parquet = pq.ParquetFile(handle)
+        path = storage.parse(input_uri).path
+        handle = storage.retry(lambda: self.filesystem.open_input_file(path), what=f"opening {input_uri}")
+        with handle:
+            parquet = pq.ParquetFile(RetryingInput(handle, input_uri))
             schema = output_schema(parquet.schema_arrow, self.columns)
             with pq.ParquetWriter(sink, schema, compression=PARQUET_COMPRESSION) as writer:
                 for group in range(parquet.num_row_groups):
-                    rows = parquet.read_row_group(group)
+                    try:
+                        rows = parquet.read_row_group(group)
+                    except storage.StorageError:
+                        raise  # storage, not data: the file fails and is retried whole
+                    except Exception as error:
+                        writer.write_table(self._unreadable_group(parquet, group, error, schema, summary))
+                        continue
                     parts = [self._restore_rows(rows.slice(start, self.rows_per_call), schema, summary)
                              for start in range(0, rows.num_rows, self.rows_per_call)]
                     if parts:
                         writer.write_table(pa.concat_tables(parts))
         return sink.getvalue().to_pybytes(), summary
 
+    def _unreadable_group(self, parquet: pq.ParquetFile, group: int, error: Exception, schema: pa.Schema,
+                          summary: dict) -> pa.Table:
+        """A row group whose bytes do not decode: its rows become failed rows, keeping every
+        column that still reads (the id, usually) and null where nothing can be read."""
+        count = parquet.metadata.row_group(group).num_rows
+        columns = {}
+        for field in parquet.schema_arrow:
+            try:
+                columns[field.name] = parquet.read_row_group(group, columns=[field.name]).column(0)
+            except storage.StorageError:
+                raise
+            except Exception:
+                columns[field.name] = pa.nulls(count, field.type)
+        reason = f"row group {group} of the input could not be read ({type(error).__name__}: {error})"
+        columns[self.columns.image] = pa.nulls(count, pa.binary())
+        columns.update({"status": pa.array(["failed"] * count), "error": pa.array([reason] * count),
+                        "model_version": pa.array([self.images.model_version] * count)})
+        summary["rows"] += count
+        summary["failed"] += count
+        if len(summary["failures"]) < MAX_FAILURES_KEPT:
+            summary["failures"].append([f"(row group {group}, {count} rows)", reason])
+        return pa.table([columns[field.name] for field in schema], schema=schema)
+
     def _restore_rows(self, rows: pa.Table, schema: pa.Schema, summary: dict) -> pa.Table:
         image = self.columns.image
-        out = self.images({image: rows.column(image).to_pylist()})
+        ids, id_errors = image_ids(rows.column(self.columns.id))
+        values = [None if problem else value for value, problem in zip(rows.column(image).to_pylist(), id_errors)]
+        out = self.images({image: values})
+        errors = [problem or error for problem, error in zip(id_errors, out["error"].tolist())]
+        status = ["failed" if error else "ok" for error in errors]
         restored = {name: rows.column(name) for name in rows.column_names}
         restored[image] = pa.array(out[image], pa.binary())
-        for name in OUTPUT_COLUMNS:
-            restored[name] = pa.array(out[name], pa.string())
+        restored.update({"status": pa.array(status, pa.string()), "error": pa.array(errors, pa.string()),
+                         "model_version": pa.array(out["model_version"], pa.string())})
         table = pa.table([restored[field.name] for field in schema], schema=schema)
-        status = out["status"].tolist()
         summary["rows"] += table.num_rows
         summary["ok"] += status.count("ok")
         summary["failed"] += status.count("failed")
         summary["megapixels"] += _megapixels(out[image])
-        for image_id, error in zip(rows.column(self.columns.id).to_pylist(), out["error"].tolist()):
+        for image_id, error in zip(ids, errors):
             if error and len(summary["failures"]) < MAX_FAILURES_KEPT:
-                summary["failures"].append([str(image_id), error])
+                summary["failures"].append([image_id, error])
         if self.progress is not None:
             self.progress.add.remote(table.num_rows)  # fire and forget: the counter is only a heartbeat
         return table
 
 
+def image_ids(column: pa.ChunkedArray) -> tuple[list[str], list[str | None]]:
+    """Printable ids and, per row, why the id is unusable (null, not UTF-8) or None. Read
+    as bytes: one bad value must not make the whole column unreadable."""
+    printable, problems = [], []
+    for raw in column.cast(pa.large_binary()).to_pylist():
+        if raw is None:
+            printable.append("(null id)")
+            problems.append("the image id is null")
+            continue
+        try:
+            printable.append(raw.decode("utf-8"))
+            problems.append(None)
+        except UnicodeDecodeError:
+            printable.append(repr(raw))
+            problems.append(f"the image id {raw!r} is not valid UTF-8")
+    return printable, problems
+
+
 MAX_FAILURES_KEPT = 20  # per file and per report: the first few reasons, not every failed row
-SUMMARY_SCHEMA = pa.schema([("input", pa.string()), ("output", pa.string()), ("rows", pa.int64()),
+SUMMARY_SCHEMA = pa.schema([("input", pa.string()), ("output", pa.string()), ("output_etag", pa.string()),
+                            ("output_size", pa.int64()), ("rows", pa.int64()),
                             ("ok", pa.int64()), ("failed", pa.int64()), ("megapixels", pa.float64()),
                             ("failures", pa.list_(pa.list_(pa.string())))])  # [image id, reason]
 
@@ -267,7 +366,16 @@ def restore_dataset(job: RestoreJob, log=print, on_progress=None, ray_dashboard:
     called after each finished output file (orchestrators draw progress from it).
     `ray_dashboard=False` starts local Ray (when this call starts it) without its dashboard:
     `resflow restore`, a process of its own, saves ~210 MB and 10 processes
-    (raycluster.connect); a process that trains later (the nightly flow) needs it."""
+    (raycluster.connect); a process that trains later (the nightly flow) needs it.
+
+    The run holds the output's lease (pipeline/lease.py) from before planning to the end,
+    so a second run on the same output waits or stops instead of writing beside it."""
+    storage.check_disjoint(job.input, job.output)  # before the lease, which writes under the output
+    with OutputLease(job.output, ttl_s=job.lease_ttl_s, wait_s=job.lease_wait_s, log=log) as lease:
+        return _restore_holding_lease(job, lease, log, on_progress, ray_dashboard)
+
+
+def _restore_holding_lease(job: RestoreJob, lease: OutputLease, log, on_progress, ray_dashboard: bool) -> RestoreReport:
     import ray
     import ray.data
 
@@ -343,8 +451,10 @@ def restore_dataset(job: RestoreJob, log=print, on_progress=None, ray_dashboard:
                 if done["rows"] != expected[info.uri]:
                     raise RuntimeError(f"{info.uri} had {expected[info.uri]} rows when planned and {done['rows']} "
                                        f"when restored: it changed during the run; rerun to restore it again")
-                manifest.put(_manifest_key(job, info), {
+                lease.check()  # never record a result once another run may own the output
+                manifest.put(storage.relative_path(job.input, info.uri), {
                     "input": info.uri, "input_etag": info.etag, "input_size": info.size, "output": done["output"],
+                    "output_etag": done["output_etag"], "output_size": done["output_size"],
                     "model_version": model_version, "rows": done["rows"], "ok": done["ok"], "failed": done["failed"],
                     "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 })
@@ -360,6 +470,11 @@ def restore_dataset(job: RestoreJob, log=print, on_progress=None, ray_dashboard:
                     on_progress(report.images_ok + report.images_failed, report.images_total)
     finally:
         ray.kill(counter)
+        try:
+            lease.check()
+            manifest.compact()
+        except Exception as error:  # the entries stay valid one by one; never mask the run's own error
+            log(f"manifest not compacted ({error}); the next run reads its entries one by one")
     if report.files_restored != len(todo):
         raise RuntimeError(f"restore ended early: {report.files_restored} of {len(todo)} file(s) complete; "
                            f"rerun to finish (done files are skipped)")

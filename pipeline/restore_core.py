@@ -206,10 +206,10 @@ class ImageRestorer:
 
         return self._each(finish, plan)
 
-    def _encode(self, pixels_and_mode) -> tuple[bytes | None, str | None]:
-        pixels, mode = pixels_and_mode
+    def _encode(self, pixels_mode_orientation) -> tuple[bytes | None, str | None]:
+        pixels, mode, orientation = pixels_mode_orientation
         try:
-            return encode_png(pixels, mode, self.settings.png_compress_level), None
+            return encode_png(pixels, mode, self.settings.png_compress_level, orientation), None
         except Exception as error:
             return None, f"encoding failed: {type(error).__name__}: {error}"
 
@@ -218,7 +218,7 @@ class ImageRestorer:
         count = len(values)
         encoded: list[bytes | None] = [None] * count
         errors: list[str | None] = [None] * count
-        decoded_rows, pixels_list, modes = [], [], []
+        decoded_rows, pixels_list, modes, orientations = [], [], [], []
         for row, decoded in enumerate(self._each(lambda value: decode(value, self.limits, self.base_dir), values)):
             if not decoded.ok:
                 errors[row] = decoded.error
@@ -229,13 +229,14 @@ class ImageRestorer:
             decoded_rows.append(row)
             pixels_list.append(decoded.pixels)
             modes.append(decoded.mode)
+            orientations.append(decoded.orientation)
         try:
             restored = self.restore_pixels(pixels_list, modes)
         except Exception as error:  # e.g. out of memory on one huge image: fail these rows, keep going
             restored = []
             for row in decoded_rows:
                 errors[row] = f"restoration failed: {type(error).__name__}: {error}"
-        for row, (png, error) in zip(decoded_rows, self._each(self._encode, zip(restored, modes))):
+        for row, (png, error) in zip(decoded_rows, self._each(self._encode, zip(restored, modes, orientations))):
             encoded[row], errors[row] = png, error
         out = {key: value for key, value in batch.items() if key != self.columns.image}
         out[self.columns.image] = np.array(encoded, dtype=object)

@@ -5,14 +5,21 @@ Endpoint and credentials come from the standard AWS variables (AWS_ENDPOINT_URL,
 AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION), so the same code talks to AWS,
 MinIO, Ceph or the local SeaweedFS server. RESFLOW_S3_* variables override them for
 resflow alone, for when the shell's AWS profile must stay untouched.
+
+Retries have one budget per layer (docs/architecture.md, "Retries"): the S3 clients retry
+a single request a few times (throttling, 5xx); `retry` here retries a whole operation
+with jittered backoff for up to about a minute and a half (a storage restart); Ray and
+Prefect retry whole files and steps above that.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
+import fcntl
 import functools
 import os
 import posixpath
-import time
 import uuid
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -20,14 +27,19 @@ from urllib.parse import urlparse
 
 import fsspec
 import pyarrow.fs as pafs
+import tenacity
 
-# Files under this folder of a dataset belong to resflow (manifests, temporary
-# uploads); pyarrow and Ray Data skip "_"-prefixed paths when they discover files.
+# Files under this folder of a dataset belong to resflow (manifests, leases, staged
+# parts); pyarrow and Ray Data skip "_"-prefixed paths when they discover files.
 RESFLOW_DIR = "_resflow"
 
 
 class StorageError(RuntimeError):
     """A storage location that cannot be used, with what to do about it."""
+
+
+class OverlapError(ValueError):
+    """An output location that would write into the input (or contain it)."""
 
 
 @dataclass(frozen=True)
@@ -36,6 +48,7 @@ class S3Settings:
     access_key: str | None = None  # None: the default AWS credential chain
     secret_key: str | None = None
     region: str = "us-east-1"  # SeaweedFS and MinIO accept any region
+    request_timeout_s: float = 60.0  # one request; a hung server is retried, not waited on forever
 
     @classmethod
     def from_env(cls) -> "S3Settings":
@@ -51,6 +64,7 @@ class S3Settings:
             access_key=pick("RESFLOW_S3_ACCESS_KEY_ID", "AWS_ACCESS_KEY_ID"),
             secret_key=pick("RESFLOW_S3_SECRET_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY"),
             region=pick("RESFLOW_S3_REGION", "AWS_REGION", "AWS_DEFAULT_REGION") or "us-east-1",
+            request_timeout_s=float(pick("RESFLOW_S3_REQUEST_TIMEOUT_S") or 60.0),
         )
 
     def __repr__(self) -> str:  # credentials never end up in logs or artifacts
@@ -60,7 +74,8 @@ class S3Settings:
 @dataclass(frozen=True)
 class Location:
     """A parsed URI: `scheme` is "s3" or "file"; `path` is what the filesystem takes
-    (bucket/key for S3, an absolute path locally)."""
+    (bucket/key for S3, an absolute path locally), with `.`, `..` and repeated or
+    trailing slashes resolved."""
 
     scheme: str
     path: str
@@ -83,7 +98,8 @@ def parse(uri: str | os.PathLike) -> Location:
     if parsed.scheme in ("s3", "s3a"):
         if not parsed.netloc:
             raise StorageError(f"{uri!r} names no bucket; write s3://BUCKET/PREFIX")
-        return Location("s3", (parsed.netloc + parsed.path).rstrip("/"))
+        key = posixpath.normpath("/" + parsed.path).lstrip("/")  # ".." cannot climb out of the bucket
+        return Location("s3", f"{parsed.netloc}/{key}" if key else parsed.netloc)
     if parsed.scheme == "file":
         return Location("file", os.path.abspath(parsed.path))
     if parsed.scheme and len(parsed.scheme) > 1:  # a one-letter scheme is a Windows drive
@@ -93,6 +109,39 @@ def parse(uri: str | os.PathLike) -> Location:
 
 def join(uri: str, *parts: str) -> str:
     return parse(uri).join(*parts).uri
+
+
+def _resolved(location: Location) -> Location:
+    """Local paths with symbolic links resolved: a link must not hide that two places are one."""
+    return Location("file", os.path.realpath(location.path)) if location.scheme == "file" else location
+
+
+def contains(outer: str, inner: str) -> bool:
+    """True when `inner` is `outer` or lies inside it (after normalising both)."""
+    a, b = _resolved(parse(outer)), _resolved(parse(inner))
+    return a.scheme == b.scheme and (b.path == a.path or b.path.startswith(a.path.rstrip("/") + "/"))
+
+
+def check_disjoint(input_uri: str, output_uri: str) -> None:
+    """Refuse an output that equals, contains or lies inside the input: the job would
+    overwrite or re-read its own originals."""
+    if contains(input_uri, output_uri) or contains(output_uri, input_uri):
+        relation = ("is the input" if contains(input_uri, output_uri) and contains(output_uri, input_uri) else
+                    "lies inside the input" if contains(input_uri, output_uri) else "contains the input")
+        raise OverlapError(f"the output {output_uri} {relation} {input_uri}: resflow never writes where it reads. "
+                           f"Choose an output prefix outside the input, e.g. a sibling folder")
+
+
+def relative_path(root_uri: str, file_uri: str) -> str:
+    """`file_uri`'s path below `root_uri` ("a/b/part-0.parquet"); a root that is the file
+    itself gives its name. The key of outputs and manifest entries."""
+    root, path = parse(root_uri).path, parse(file_uri).path
+    if path == root:
+        return posixpath.basename(path)
+    relative = posixpath.relpath(path, root)
+    if relative.startswith(".."):
+        raise StorageError(f"{file_uri} is not under {root_uri}")
+    return relative
 
 
 def pyarrow_filesystem(uri: str, settings: S3Settings | None = None) -> tuple[pafs.FileSystem, str]:
@@ -109,10 +158,9 @@ def pyarrow_filesystem(uri: str, settings: S3Settings | None = None) -> tuple[pa
     if settings.access_key and settings.secret_key:
         kwargs["access_key"] = settings.access_key
         kwargs["secret_key"] = settings.secret_key
-    # Short retries inside pyarrow; resflow retries whole operations with backoff on top.
-    kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=5)
-    kwargs["connect_timeout"] = 10
-    kwargs["request_timeout"] = 120
+    kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=CLIENT_ATTEMPTS)
+    kwargs["connect_timeout"] = min(10.0, settings.request_timeout_s)
+    kwargs["request_timeout"] = settings.request_timeout_s
     return pafs.S3FileSystem(**kwargs), location.path
 
 
@@ -124,18 +172,30 @@ def fsspec_filesystem(uri: str, settings: S3Settings | None = None) -> tuple[fss
     return _s3fs(settings or S3Settings.from_env()), location.path
 
 
+# Attempts per HTTP request inside the S3 clients (botocore's standard mode, pyarrow's
+# retry strategy): throttling and 5xx answers. Whole operations are retried by `retry`.
+CLIENT_ATTEMPTS = 3
+
+
 @functools.lru_cache(maxsize=8)
 def _s3fs(settings: S3Settings) -> fsspec.AbstractFileSystem:
     """One S3 client per set of settings: building one costs a session and a connection
-    pool; one per call made ingest of Train400 into S3 11x slower (39.9 s vs 3.5 s).
-    The listing cache is off, so a listing right after a write sees the new object."""
-    kwargs: dict = {"client_kwargs": {"region_name": settings.region}, "config_kwargs": {"retries": {"max_attempts": 5, "mode": "standard"}}}
+    pool (bench/README.md, "S3 clients"). The listing cache is off, so a listing right
+    after a write sees the new object."""
+    kwargs: dict = {
+        "client_kwargs": {"region_name": settings.region},
+        "config_kwargs": {"retries": {"max_attempts": CLIENT_ATTEMPTS, "mode": "standard"},
+                          "connect_timeout": min(10.0, settings.request_timeout_s),
+                          "read_timeout": settings.request_timeout_s},
+    }
     if settings.endpoint_url:
         kwargs["client_kwargs"]["endpoint_url"] = settings.endpoint_url
     if settings.access_key and settings.secret_key:
         kwargs["key"] = settings.access_key
         kwargs["secret"] = settings.secret_key
-    return fsspec.filesystem("s3", skip_instance_cache=True, use_listings_cache=False, **kwargs)
+    filesystem = fsspec.filesystem("s3", skip_instance_cache=True, use_listings_cache=False, **kwargs)
+    filesystem.retries = 1  # s3fs's own retry loop (5 by default) would multiply the attempts above
+    return filesystem
 
 
 # --- small operations every stage needs -------------------------------------------------
@@ -145,29 +205,32 @@ def _s3fs(settings: S3Settings) -> fsspec.AbstractFileSystem:
 class FileInfo:
     uri: str
     size: int
-    etag: str  # S3 ETag, or "mtime_ns-size" for local files: what changes when content does
-
-
-def retry(operation: Callable, *, attempts: int = 10, first_delay: float = 0.5, what: str = "storage call"):
-    """Run `operation` and retry transient errors (connection refused, timeouts, 5xx)
-    with exponential backoff capped at 16 s: 10 attempts span about 80 s, long enough for
-    an S3 server restart. The last error propagates with its cause."""
-    delay = first_delay
-    for attempt in range(1, attempts + 1):
-        try:
-            return operation()
-        except DETERMINISTIC_ERRORS:
-            raise  # retrying cannot help
-        except Exception as error:  # connection refused, timeouts, 5xx, botocore's own error classes
-            if attempt == attempts:
-                raise StorageError(f"{what} failed after {attempts} attempts: {error}") from error
-            time.sleep(delay)
-            delay = min(delay * 2, 16.0)
+    etag: str  # S3 ETag; locally inode, ctime, mtime and size: what changes whenever content does
 
 
 # Errors that say the request itself is wrong: raised at once, never retried.
 DETERMINISTIC_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError,
                         ValueError, TypeError, KeyError, StorageError)
+# One storage operation: jittered exponential backoff from 0.5 s, capped at 16 s per wait,
+# for at most 90 s in all: long enough to ride out a storage server restart.
+OPERATION_BUDGET_S = 90.0
+
+
+def retry(operation: Callable, *, what: str = "storage call", budget_s: float | None = None):
+    """Run `operation`, retrying transient errors (connection refused, timeouts, 5xx) within
+    the operation budget; then raise StorageError naming `what`, with the last error as cause."""
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_not_exception_type(DETERMINISTIC_ERRORS),
+        wait=tenacity.wait_exponential_jitter(initial=0.5, max=16.0),
+        stop=tenacity.stop_after_delay(OPERATION_BUDGET_S if budget_s is None else budget_s),
+        reraise=False,
+    )
+    try:
+        return retrying(operation)
+    except tenacity.RetryError as failed:
+        error = failed.last_attempt.exception()
+        attempts = failed.last_attempt.attempt_number
+        raise StorageError(f"{what} failed after {attempts} attempts: {error}") from error
 
 
 def list_files(uri: str, suffixes: tuple[str, ...] = (".parquet",)) -> list[FileInfo]:
@@ -195,12 +258,19 @@ def list_files(uri: str, suffixes: tuple[str, ...] = (".parquet",)) -> list[File
     return files
 
 
+def _local_etag(path: str) -> str:
+    # ctime moves on every write and cannot be set back (unlike mtime), so a rewrite that
+    # keeps size and mtime is still seen; a replaced file also has a new inode.
+    status = os.stat(path)
+    return f"{status.st_ino}-{status.st_ctime_ns}-{status.st_mtime_ns}-{status.st_size}"
+
+
 def _file_info(location: Location, name: str, info: dict) -> FileInfo:
     uri = f"s3://{name}" if location.scheme == "s3" else name
     if location.scheme == "s3":
         etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
     else:
-        etag = f"{int(os.stat(name).st_mtime_ns)}-{info['size']}"
+        etag = _local_etag(name)
     return FileInfo(uri=uri, size=int(info["size"]), etag=etag)
 
 
@@ -214,26 +284,47 @@ def exists(uri: str) -> bool:
     return bool(retry(lambda: fs.exists(path), what=f"checking {uri}"))
 
 
-def read_bytes(uri: str) -> bytes:
+def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
+    """The whole object; with `max_bytes`, refuse (ValueError) anything larger, reading
+    at most `max_bytes + 1` bytes of it."""
     fs, path = fsspec_filesystem(uri)
-    return retry(lambda: fs.cat_file(path), what=f"reading {uri}")
+    if max_bytes is None:
+        return retry(lambda: fs.cat_file(path), what=f"reading {uri}")
+    data = retry(lambda: fs.cat_file(path, start=0, end=max_bytes + 1), what=f"reading {uri}")
+    if len(data) > max_bytes:
+        raise ValueError(f"{uri} is larger than {max_bytes} bytes")
+    return data
 
 
-def write_bytes(uri: str, data: bytes) -> None:
-    """Write a whole object. On S3 a PUT is atomic; locally write-then-rename, so a
-    reader never sees half a file."""
+def write_bytes(uri: str, data: bytes) -> FileInfo:
+    """Write a whole object; returns what was stored. On S3 a PUT is atomic; locally
+    write-then-rename, so a reader never sees half a file."""
     location = parse(uri)
     fs, path = fsspec_filesystem(uri)
     if location.scheme == "s3":
-        retry(lambda: fs.pipe_file(path, data), what=f"writing {uri}")
-        return
+        response = retry(lambda: fs.pipe_file(path, data), what=f"writing {uri}")
+        etag = (response or {}).get("ETag") if isinstance(response, dict) else None
+        return FileInfo(uri, len(data), etag.strip('"')) if etag else file_info(uri)
+    with _local_temporary(path) as temporary:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    return file_info(uri)
+
+
+@contextlib.contextmanager
+def _local_temporary(path: str) -> Iterator[str]:
+    """A temporary name beside `path` (same filesystem, so the rename is atomic), removed
+    if the block fails."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     temporary = f"{path}.{uuid.uuid4().hex}.tmp"
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    try:
+        yield temporary
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
 
 
 def delete(uri: str) -> None:
@@ -257,28 +348,127 @@ def ensure_bucket(uri: str) -> None:
             pass
 
 
-def write_atomically(uri: str, write: Callable[[pafs.FileSystem, str], None]) -> None:
-    """Call `write(filesystem, temporary_path)` and publish the result under `uri` only
-    when it returns: a crash leaves at most a temporary object under `_resflow/tmp/`,
-    never a half-written file where a reader looks for results."""
-    fs, final_path = pyarrow_filesystem(uri)
-    directory, name = posixpath.split(final_path)
-    if parse(uri).scheme == "file":
-        os.makedirs(posixpath.join(directory, RESFLOW_DIR, "tmp"), exist_ok=True)
+# --- conditional writes: compare-and-swap on one object ---------------------------------------
+#
+# On S3, `If-None-Match: *` (create only if absent) and `If-Match: <etag>` (replace or
+# delete only if unchanged) on PutObject/DeleteObject: AWS S3, MinIO, R2 and SeaweedFS
+# (checked with concurrent PUTs: tests/test_storage.py). Locally the same operations run
+# under an exclusive flock on a sidecar file, which serialises them on one machine.
 
-    def attempt() -> None:  # a fresh temporary object per attempt, so a retry never appends to a broken one
-        temporary = posixpath.join(directory, RESFLOW_DIR, "tmp", f"{uuid.uuid4().hex}-{name}")
+
+def _precondition_failed(error: BaseException) -> bool:
+    cause = getattr(error, "__cause__", None) or error
+    response = getattr(cause, "response", None) or {}
+    return (response.get("Error", {}).get("Code") == "PreconditionFailed"
+            or response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412)
+
+
+def _conditional_s3(uri: str, method: str, **kwargs) -> dict | None:
+    """Call `method` on the object; None when its precondition failed."""
+    fs, path = fsspec_filesystem(uri)
+    bucket, _, key = path.partition("/")
+
+    def call():
         try:
-            write(fs, temporary)
-            fs.move(temporary, final_path)
-        except BaseException:
-            try:
-                fs.delete_file(temporary)
-            except Exception:
-                pass  # the temporary object is invisible to readers; cleanup is best effort
+            return fs.call_s3(method, Bucket=bucket, Key=key, **kwargs)
+        except Exception as error:
+            if _precondition_failed(error):
+                return None
             raise
 
-    retry(attempt, what=f"writing {uri}")
+    return retry(call, what=f"{method} {uri}")
+
+
+@contextlib.contextmanager
+def _local_lock(path: str) -> Iterator[None]:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def create_exclusive(uri: str, data: bytes) -> FileInfo | None:
+    """Store `data` only if nothing is at `uri` yet; None when something is."""
+    location = parse(uri)
+    if location.scheme == "s3":
+        response = _conditional_s3(uri, "put_object", Body=data, IfNoneMatch="*")
+        return None if response is None else FileInfo(uri, len(data), response["ETag"].strip('"'))
+    with _local_lock(location.path):
+        if os.path.exists(location.path):
+            return None
+        return write_bytes(uri, data)
+
+
+def replace_if_match(uri: str, data: bytes, etag: str) -> FileInfo | None:
+    """Replace the object only if it still has `etag`; None when it changed or vanished."""
+    location = parse(uri)
+    if location.scheme == "s3":
+        response = _conditional_s3(uri, "put_object", Body=data, IfMatch=f'"{etag}"')
+        return None if response is None else FileInfo(uri, len(data), response["ETag"].strip('"'))
+    with _local_lock(location.path):
+        try:
+            if _local_etag(location.path) != etag:
+                return None
+        except FileNotFoundError:
+            return None
+        return write_bytes(uri, data)
+
+
+def delete_if_match(uri: str, etag: str) -> bool:
+    """Delete the object only if it still has `etag`."""
+    location = parse(uri)
+    if location.scheme == "s3":
+        return _conditional_s3(uri, "delete_object", IfMatch=f'"{etag}"') is not None
+    with _local_lock(location.path):
+        try:
+            if _local_etag(location.path) != etag:
+                return False
+            os.unlink(location.path)
+            return True
+        except FileNotFoundError:
+            return False
+
+
+def read_with_age(uri: str) -> tuple[bytes, FileInfo, float] | None:
+    """An object's bytes, identity, and seconds since it was last written, measured on the
+    storage's own clock (S3: the response's Date against LastModified), so hosts with
+    skewed clocks agree on the age; None when it does not exist."""
+    location = parse(uri)
+    if location.scheme == "s3":
+        fs, path = fsspec_filesystem(uri)
+        bucket, _, key = path.partition("/")
+
+        def get():
+            try:  # the identity first: if the body changes in between, a swap against this ETag fails safely
+                head = fs.call_s3("head_object", Bucket=bucket, Key=key)
+                return head, fs.cat_file(path)
+            except FileNotFoundError:
+                return None
+
+        got = retry(get, what=f"reading {uri}")
+        if got is None:
+            return None
+        head, body = got
+        server_now = _http_date(head["ResponseMetadata"]["HTTPHeaders"].get("date"))
+        age = (server_now - head["LastModified"]).total_seconds() if server_now else 0.0
+        return body, FileInfo(uri, len(body), head["ETag"].strip('"')), age
+    try:
+        with open(location.path, "rb") as handle:
+            body = handle.read()
+        status = os.stat(location.path)
+    except FileNotFoundError:
+        return None
+    age = dt.datetime.now().timestamp() - status.st_mtime
+    return body, FileInfo(uri, len(body), _local_etag(location.path)), age
+
+
+def _http_date(value: str | None) -> dt.datetime | None:
+    from email.utils import parsedate_to_datetime
+
+    return parsedate_to_datetime(value) if value else None
 
 
 def iter_chunks(items: list, size: int) -> Iterator[list]:

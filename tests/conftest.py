@@ -21,6 +21,9 @@ os.environ.setdefault("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.3")
 # Ray reads its auth mode once per process: the multi-node cluster (token auth, as every
 # Ray 2.60 head) must be reachable from here whichever test imported Ray first.
 os.environ["RAY_AUTH_MODE"] = "token"
+# One S3 request may take at most this long before it is retried: short enough that the
+# outage drills (a paused S3 server) outlast it, long for a loopback server.
+os.environ.setdefault("RESFLOW_S3_REQUEST_TIMEOUT_S", "10")
 SHARED_DATA = Path(os.environ.get("RESFLOW_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 

@@ -73,6 +73,8 @@ def test_hugging_face_struct_with_bytes_and_with_path(tmp_path):
     np.testing.assert_array_equal(from_path.pixels, GRAY)
     missing = images.decode({"bytes": None, "path": "nope.png"}, base_dir=str(tmp_path))
     assert not missing.ok and "nope.png" in missing.error
+    nowhere = images.decode({"bytes": None, "path": "x.png"})  # no dataset to resolve it in
+    assert not nowhere.ok and "cannot be resolved" in nowhere.error
 
 
 def bad_values():
@@ -98,7 +100,103 @@ def test_bad_values_fail_with_a_reason(name):
 
 def test_unknown_format_says_what_the_bytes_start_with():
     decoded = images.decode(b"GIF89-not-really" * 8)
-    assert decoded.error == "cannot decode image: not a format Pillow reads (starts with b'GIF89-no')"
+    assert decoded.error == ("cannot decode image: not one of the accepted formats (PNG, JPEG, TIFF, WEBP, BMP); "
+                             "it starts with b'GIF89-no'")
+
+
+def frames(count: int) -> list:
+    return [Image.fromarray(np.full((16, 16), 40 * index, np.uint8)) for index in range(count)]
+
+
+def saved(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def test_only_the_contract_formats_are_decoded():
+    """EPS would run Ghostscript; GIF, ICO, PCX and the rest are formats Pillow reads but the
+    data contract does not name: all fail, whatever Pillow could do with them."""
+    for fmt in ("EPS", "GIF", "ICO", "PCX", "TGA"):
+        data = saved(Image.fromarray(RGB if fmt != "EPS" else RGB[:16, :16]), fmt)
+        decoded = images.decode(data)
+        assert not decoded.ok and "not one of the accepted formats" in decoded.error, fmt
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF", "WEBP"])
+def test_multi_frame_images_fail_and_say_so(fmt):
+    first, *rest = frames(3)
+    options = {"lossless": True} if fmt == "WEBP" else {}
+    decoded = images.decode(saved(first, fmt, save_all=True, append_images=rest, **options))
+    assert not decoded.ok and "3 frames" in decoded.error
+
+
+def test_sixteen_bit_colour_keeps_sixteen_bits():
+    rgb16 = rng.integers(0, 65536, (21, 34, 3), dtype=np.uint16)
+    rgba16 = rng.integers(0, 65536, (21, 34, 4), dtype=np.uint16)
+    for pixels, mode in ((rgb16, "RGB;16"), (rgba16, "RGBA;16")):
+        decoded = images.decode(images.encode_png(pixels, mode))
+        assert decoded.ok and decoded.mode == mode and decoded.pixels.dtype == np.uint16
+        np.testing.assert_array_equal(decoded.pixels, pixels)
+        color, alpha = images.to_float(pixels, mode)
+        np.testing.assert_array_equal(images.from_float(color, mode, alpha), pixels)
+    import cv2
+
+    tiff = cv2.imencode(".tiff", rgb16[:, :, ::-1])[1].tobytes()  # 48-bit TIFF as cameras and scanners write it
+    decoded = images.decode(tiff)
+    assert decoded.mode == "RGB;16"
+    np.testing.assert_array_equal(decoded.pixels, rgb16)
+
+
+def displayed(data: bytes) -> np.ndarray:
+    """The pixels as a viewer shows them: EXIF orientation applied."""
+    from PIL import ImageOps
+
+    return np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))))
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "TIFF", "WEBP"])
+@pytest.mark.parametrize("orientation", [3, 6])
+def test_the_output_displays_the_way_the_input_did(fmt, orientation):
+    exif = Image.Exif()
+    exif[images.EXIF_ORIENTATION] = orientation
+    data = saved(Image.fromarray(RGB), fmt, exif=exif, **({"lossless": True} if fmt == "WEBP" else {}))
+    decoded = images.decode(data)
+    out = images.encode_png(decoded.pixels, decoded.mode, orientation=decoded.orientation)
+    if fmt == "JPEG":  # lossy: the same orientation and shape on screen
+        assert decoded.orientation == orientation and displayed(out).shape == displayed(data).shape
+        assert decoded.pixels.shape == RGB.shape  # pixels as stored, the tag carried
+    else:
+        np.testing.assert_array_equal(displayed(out), displayed(data))
+    assert images.decode(images.encode_png(RGB, "RGB")).orientation is None
+
+
+def test_image_paths_are_read_only_inside_the_dataset(tmp_path):
+    dataset, outside = tmp_path / "dataset", tmp_path / "secret.png"
+    (dataset / "images").mkdir(parents=True)
+    (dataset / "images" / "a.png").write_bytes(images.encode_png(GRAY, "L"))
+    outside.write_bytes(images.encode_png(GRAY, "L"))
+    (dataset / "images" / "link.png").symlink_to(outside)
+    assert images.decode({"bytes": None, "path": "images/a.png"}, base_dir=str(dataset)).ok
+    assert images.decode({"bytes": None, "path": "images/../images/a.png"}, base_dir=str(dataset)).ok
+    for path in ("../secret.png", "images/../../secret.png", str(outside), f"file://{outside}", "images/link.png",
+                 "s3://other-bucket/secret.png", "~/secret.png"):
+        decoded = images.decode({"bytes": None, "path": path}, base_dir=str(dataset))
+        assert not decoded.ok and decoded.error.startswith("path outside the dataset"), path
+    assert images.dataset_path("x/y.png", "s3://bucket/data") == "s3://bucket/data/x/y.png"
+    assert images.dataset_path("s3://bucket/data/x.png", "s3://bucket/data") == "s3://bucket/data/x.png"
+    assert images.dataset_path("s3://bucket/data2/x.png", "s3://bucket/data") is None
+
+
+def test_image_path_reads_stop_at_the_byte_limit(tmp_path):
+    (tmp_path / "big.png").write_bytes(images.encode_png(GRAY16, "I;16"))
+    decoded = images.decode({"bytes": None, "path": "big.png"}, images.DecodeLimits(max_bytes=100), str(tmp_path))
+    assert not decoded.ok and "larger than the limit of 100 bytes" in decoded.error
+
+
+def test_struct_with_text_in_its_bytes_field_fails_the_row():
+    decoded = images.decode({"bytes": "iVBORw0KGgo=", "path": None})
+    assert not decoded.ok and "holds text" in decoded.error
 
 
 def test_bomb_is_rejected_before_decoding():

@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from pipeline import metrics, storage
-from pipeline.dataset import DatasetError, Manifest, read_table
+from pipeline.dataset import DatasetError, read_table
+from pipeline.manifest import Manifest
 from pipeline.degrade import Degradation
 from pipeline.images import SchemaError, decode
 from pipeline.ingest import degrade_dataset, ingest
@@ -76,6 +77,11 @@ def test_degrade_follows_the_noise_protocol(s3_prefix):
 
 
 def test_composed_degradations_and_blind_sigma(tmp_path):
+    """Each stored image is exactly its recipe applied to its target with its own seed; the
+    blind recipe draws a different sigma per image, inside its range."""
+    from pipeline.images import from_float, to_float
+    from pipeline.ingest import degradation_seed
+
     ingest(str(shared_data("Set12")), str(tmp_path / "clean"), progress=False)
     recipes = [Degradation(noise_sigma=None, blur_sigma=1.5, downscale=2, jpeg_quality=30),
                Degradation(noise_sigma=None, noise_sigma_range=(5, 55))]
@@ -83,10 +89,16 @@ def test_composed_degradations_and_blind_sigma(tmp_path):
         degrade_dataset(str(tmp_path / "clean"), str(tmp_path / f"out{index}"), recipe, seed_per_image=True,
                         progress=False)
         table = read_dataset(str(tmp_path / f"out{index}"))
-        scores = [metrics.psnr(decode(t).pixels, decode(i).pixels)
-                  for i, t in zip(table["image"].to_pylist(), table["target"].to_pylist())]
-        assert 15 < np.mean(scores) < 40
-        assert np.std(scores) > 0.1  # a blind sigma, or different content, gives different scores
+        sigmas = []
+        for image_id, image, target in zip(*(table[c].to_pylist() for c in ("image_id", "image", "target"))):
+            clean = decode(target)
+            rng = np.random.RandomState(degradation_seed(0, image_id, per_image=True))
+            expected = from_float(recipe.apply(to_float(clean.pixels, clean.mode)[0], rng), clean.mode)
+            np.testing.assert_array_equal(decode(image).pixels, expected)
+            sigmas.append(float(np.std(decode(image).pixels.astype(float) - clean.pixels.astype(float))))
+        if recipe.noise_sigma_range:
+            assert all(4 < sigma < 56 for sigma in sigmas)  # clipping at 0 and 255 lowers it a little
+            assert max(sigmas) - min(sigmas) > 15  # drawn per image across the range
 
 
 def test_corrupt_rows_fail_with_reasons_while_the_rest_succeed(tmp_path):
@@ -94,9 +106,10 @@ def test_corrupt_rows_fail_with_reasons_while_the_rest_succeed(tmp_path):
     bad = bad_values()
     ids = ["good-1"] + list(bad) + ["good-2"]
     values = [good] + [value for value, _ in bad.values()] + [good]
+    (tmp_path / "in").mkdir()
     pq.write_table(pa.table({"image_id": ids, "image": pa.array(values, pa.binary()), "label": list(range(len(ids)))}),
-                   tmp_path / "in.parquet")
-    report = degrade_dataset(str(tmp_path), str(tmp_path / "out"), Degradation(noise_sigma=15), progress=False)
+                   tmp_path / "in" / "in.parquet")
+    report = degrade_dataset(str(tmp_path / "in"), str(tmp_path / "out"), Degradation(noise_sigma=15), progress=False)
     assert report.images == 2
     reasons = {image_id: reason for _, image_id, reason in report.failed}
     assert set(reasons) == set(bad)
@@ -107,7 +120,7 @@ def test_corrupt_rows_fail_with_reasons_while_the_rest_succeed(tmp_path):
     assert out["label"].to_pylist() == [0, len(ids) - 1]  # other columns carried through
 
 
-def test_hugging_face_datasets_parquet_is_read(tmp_path):
+def test_hugging_face_datasets_parquet_is_read(tmp_path, monkeypatch):
     datasets = pytest.importorskip("datasets")
     paths = sorted(shared_data("Set12").glob("*.png"))[:3]
     embedded = datasets.Dataset.from_dict(
@@ -115,10 +128,14 @@ def test_hugging_face_datasets_parquet_is_read(tmp_path):
     ).cast_column("image", datasets.Image())
     (tmp_path / "hf").mkdir()
     embedded.to_parquet(str(tmp_path / "hf" / "train.parquet"))
-    by_path = datasets.Dataset.from_dict({"image_id": [p.name for p in paths], "image": [str(p) for p in paths]}
-                                         ).cast_column("image", datasets.Image())
-    (tmp_path / "hfpath").mkdir()
+    (tmp_path / "hfpath" / "images").mkdir(parents=True)  # image files inside the dataset, paths relative to it
+    for path in paths:
+        (tmp_path / "hfpath" / "images" / path.name).write_bytes(path.read_bytes())
+    by_path = datasets.Dataset.from_dict({"image_id": [p.name for p in paths],
+                                          "image": [f"images/{p.name}" for p in paths]}).cast_column("image", datasets.Image())
+    monkeypatch.chdir(tmp_path / "hfpath")  # `datasets` sizes the files through the relative paths
     by_path.to_parquet(str(tmp_path / "hfpath" / "train.parquet"))
+    monkeypatch.undo()
     for name in ("hf", "hfpath"):
         image_type = pq.read_schema(tmp_path / name / "train.parquet").field("image").type
         assert pa.types.is_struct(image_type)
@@ -129,9 +146,10 @@ def test_hugging_face_datasets_parquet_is_read(tmp_path):
 
 
 def test_wrong_schema_and_empty_input_stop_before_work(tmp_path):
-    pq.write_table(pa.table({"image_id": ["a"], "picture": [b"x"]}), tmp_path / "in.parquet")
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"image_id": ["a"], "picture": [b"x"]}), tmp_path / "in" / "in.parquet")
     with pytest.raises(SchemaError, match="no image column 'image'"):
-        degrade_dataset(str(tmp_path), str(tmp_path / "out"), Degradation(), progress=False)
+        degrade_dataset(str(tmp_path / "in"), str(tmp_path / "out"), Degradation(), progress=False)
     assert not (tmp_path / "out").exists() or storage.list_files(str(tmp_path / "out")) == []
     with pytest.raises(DatasetError, match="no Parquet files"):
         degrade_dataset(str(tmp_path / "empty"), str(tmp_path / "out"), Degradation(), progress=False)

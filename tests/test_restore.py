@@ -1,7 +1,9 @@
 """Ray Data batch restoration against SeaweedFS and local Ray."""
 
+import json
 import threading
 import time
+import uuid
 
 import numpy as np
 import pyarrow as pa
@@ -10,11 +12,13 @@ import pytest
 import torch
 
 from pipeline import metrics, s3server, storage
-from pipeline.dataset import DatasetError, Manifest, read_table
+from pipeline.dataset import DatasetError, read_table
+from pipeline.manifest import Manifest
 from pipeline.degrade import Degradation
 from pipeline.images import SchemaError, decode, encode_png
 from pipeline.ingest import degrade_dataset, ingest
-from pipeline.modelio import ModelLoadError
+from pipeline.modelio import ModelLoadError, save_model
+from pipeline.models import build_model
 from pipeline.restore import RestoreJob, StallError, restore_dataset
 from tests.conftest import shared_data
 from tests.test_images import bad_values
@@ -71,20 +75,157 @@ def test_rerun_is_a_noop_and_only_new_files_are_restored(ray_local, noisy_set12,
     assert forced.files_restored == 4 and len(rows(s3_prefix + "-out")) == 14
 
 
-def test_corrupt_rows_are_failed_with_reasons(ray_local, trained_model, tmp_path):
+def multi_frame_png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    first, *rest = [Image.fromarray(np.full((16, 16), 60 * i, np.uint8)) for i in range(3)]
+    buffer = io.BytesIO()
+    first.save(buffer, format="PNG", save_all=True, append_images=rest)
+    return buffer.getvalue()
+
+
+def eps() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(buffer, format="EPS")
+    return buffer.getvalue()
+
+
+def corrupt_row_group(path, group: int, column: str) -> None:
+    """Overwrite the middle of one column chunk of one row group: the footer still reads."""
+    metadata = pq.read_metadata(path)
+    chunk = metadata.row_group(group).column(metadata.schema.names.index(column))
+    data = bytearray(path.read_bytes())
+    begin = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+    data[begin + 8 : begin + chunk.total_compressed_size - 8] = b"\xaa" * (chunk.total_compressed_size - 16)
+    path.write_bytes(bytes(data))
+
+
+def test_every_bad_row_fails_alone_and_the_rest_succeed(ray_local, trained_model, tmp_path):
+    """One job over files holding each kind of bad row next to good ones: every bad row is
+    `failed` with its reason, every good row `ok`, and the job itself succeeds."""
     good = (shared_data("Set12") / "01.png").read_bytes()
-    bad = bad_values()
+    bad = {**bad_values(), "animated PNG": (multi_frame_png(), "3 frames"),
+           "EPS": (eps(), "not one of the accepted formats")}
+    source = tmp_path / "in"
+    source.mkdir()
     ids = ["good-1"] + list(bad) + ["good-2"]
-    pq.write_table(pa.table({"image_id": ids, "image": pa.array([good] + [v for v, _ in bad.values()] + [good], pa.binary())}),
-                   tmp_path / "in.parquet")
-    report = restore_dataset(job(str(tmp_path), str(tmp_path / "out"), trained_model))
-    assert (report.images_ok, report.images_failed) == (2, len(bad))
+    pq.write_table(pa.table({"image_id": ids, "image": pa.array([good] + [v for v, _ in bad.values()] + [good],
+                                                                 pa.binary())}), source / "a-values.parquet")
+    # ids: null and not UTF-8 (a string column holding raw bytes, as some writers produce)
+    raw_ids = pa.array([b"good-3", None, b"\xff\xfe-latin"], pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"image_id": raw_ids, "image": pa.array([good] * 3, pa.binary())}), source / "b-ids.parquet")
+    # an image struct whose bytes field holds text
+    text_bytes = pa.array([{"bytes": "iVBORw0KGgo=", "path": None}, {"bytes": None, "path": None}],
+                          pa.struct([("bytes", pa.string()), ("path", pa.string())]))
+    pq.write_table(pa.table({"image_id": ["text-bytes", "neither"], "image": text_bytes}), source / "c-struct.parquet")
+    # a row group whose bytes are corrupt, between two good ones
+    pq.write_table(pa.table({"image_id": [f"group-{i}" for i in range(6)], "image": pa.array([good] * 6, pa.binary())}),
+                   source / "d-groups.parquet", row_group_size=2)
+    corrupt_row_group(source / "d-groups.parquet", 1, "image")
+
+    report = restore_dataset(job(str(source), str(tmp_path / "out"), trained_model))
     out = rows(str(tmp_path / "out"))
-    status = dict(zip(out["image_id"].to_pylist(), out["status"].to_pylist()))
-    errors = dict(zip(out["image_id"].to_pylist(), out["error"].to_pylist()))
-    assert status["good-1"] == status["good-2"] == "ok" and errors["good-1"] is None
+    status = out["status"].to_pylist()
+    errors = out["error"].to_pylist()
+    by_id = dict(zip(out["image_id"].cast(pa.large_binary()).to_pylist(), zip(status, errors)))
+    for name in ("good-1", "good-2", "good-3", "group-0", "group-1", "group-4", "group-5"):
+        assert by_id[name.encode()] == ("ok", None), name
     for name, (_, reason) in bad.items():
-        assert status[name] == "failed" and reason in errors[name]
+        assert by_id[name.encode()][0] == "failed" and reason in by_id[name.encode()][1], name
+    assert by_id[None] == ("failed", "the image id is null")
+    assert by_id[b"\xff\xfe-latin"][0] == "failed" and "not valid UTF-8" in by_id[b"\xff\xfe-latin"][1]
+    assert "holds text" in by_id[b"text-bytes"][1] and "neither bytes nor a path" in by_id[b"neither"][1]
+    for name in ("group-2", "group-3"):  # the corrupt group: failed rows that keep their ids
+        assert by_id[name.encode()][0] == "failed" and "row group 1 of the input could not be read" in by_id[name.encode()][1]
+    assert len(out) == len(ids) + 3 + 2 + 6  # every input row once
+    assert (report.images_ok, report.images_failed) == (status.count("ok"), status.count("failed")) == (7, len(bad) + 6)
+
+
+def test_nested_partitioned_and_same_named_files_each_restore_once(ray_local, noisy_set12, trained_model, s3_prefix):
+    """Real layouts: folders several levels deep, Hive partitions, Hugging Face shard names
+    and the same file name in two folders. Outputs mirror every relative path; the manifest
+    is keyed by it, so a rerun restores nothing, and an output that is missing or was
+    changed (as a crashed run by another model would leave it) is restored again, alone."""
+    sources = storage.list_files(noisy_set12)
+    layout = ["a/b/c/part-0.parquet", "date=2026-12-01/part-0.parquet", "data/train-00000-of-00002.parquet",
+              "x/same.parquet", "y/same.parquet", "top.parquet"]
+    source = s3_prefix + "/in"
+    for index, relative in enumerate(layout):
+        storage.write_bytes(storage.join(source, relative), storage.read_bytes(sources[index % len(sources)].uri))
+    output = s3_prefix + "/out"
+    first = restore_dataset(job(source, output, trained_model))
+    assert first.files_restored == len(layout)
+    written = sorted(storage.relative_path(output, info.uri) for info in storage.list_files(output))
+    assert written == sorted(layout)
+    for relative in layout:  # each output holds its own input's rows
+        assert read_table(storage.join(output, relative))["image_id"].to_pylist() == \
+            read_table(storage.join(source, relative))["image_id"].to_pylist()
+    assert restore_dataset(job(source, output, trained_model)).files_restored == 0
+    storage.delete(storage.join(output, "y/same.parquet"))
+    storage.write_bytes(storage.join(output, "a/b/c/part-0.parquet"), b"PAR1 overwritten by another run")
+    again = restore_dataset(job(source, output, trained_model))
+    assert (again.files_restored, again.files_skipped) == (2, len(layout) - 2)
+    assert sorted(storage.relative_path(output, uri) for uri in again.outputs) == ["a/b/c/part-0.parquet",
+                                                                                  "y/same.parquet"]
+    assert restore_dataset(job(source, output, trained_model)).files_restored == 0
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_an_output_that_overlaps_the_input_is_refused_and_the_input_untouched(where, trained_model, noisy_set12,
+                                                                             tmp_path, s3_prefix):
+    from pipeline import cli
+
+    source = str(tmp_path / "in") if where == "local" else s3_prefix + "/in"
+    for info in storage.list_files(noisy_set12):
+        storage.write_bytes(storage.join(source, storage.relative_path(noisy_set12, info.uri)), storage.read_bytes(info.uri))
+    before = {info.uri: storage.read_bytes(info.uri) for info in storage.list_files(source)}
+    outputs = [source, source + "/", source + "/restored", source.rsplit("/", 1)[0]]
+    if where == "local":
+        outputs.append("file://" + source + "/./restored/..")
+    for output in outputs:
+        with pytest.raises(storage.OverlapError):
+            restore_dataset(job(source, output, trained_model))
+        assert cli.main(["restore", "--input", source, "--output", output, "--model", trained_model]) == 2
+    after = {info.uri: storage.read_bytes(info.uri) for info in storage.list_files(source, suffixes=())}
+    assert after == before  # byte-identical, and no other file added
+    assert not storage.exists(storage.join(source, "_resflow"))  # no lease, no manifest either
+
+
+def test_image_paths_outside_the_dataset_are_never_read(ray_local, trained_model, s3_prefix, tmp_path, capfd):
+    """Hugging Face values without bytes: `../x`, an absolute path and another bucket fail
+    as rows, and nothing of the files they name reaches the output or the logs."""
+    secret = b"TOP-SECRET-" + uuid.uuid4().hex.encode()
+    marker_image = encode_png(np.frombuffer((secret * 40)[:32 * 32], np.uint8).reshape(32, 32), "L")
+    storage.write_bytes(s3_prefix + "/secret.png", marker_image)  # beside the dataset, not in it
+    storage.ensure_bucket("s3://other-bucket")
+    storage.write_bytes("s3://other-bucket/secret.png", marker_image)
+    (tmp_path / "secret.png").write_bytes(marker_image)
+    good = (shared_data("Set12") / "02.png").read_bytes()
+    storage.write_bytes(s3_prefix + "/data/images/good.png", good)
+    paths = {"relative-inside": "images/good.png", "dot-dot": "../secret.png", "absolute": str(tmp_path / "secret.png"),
+             "other-bucket": "s3://other-bucket/secret.png", "same-bucket-outside": s3_prefix + "/secret.png"}
+    values = pa.array([{"bytes": None, "path": path} for path in paths.values()],
+                      pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table({"image_id": list(paths), "image": values}), sink)
+    storage.write_bytes(s3_prefix + "/data/part-0.parquet", sink.getvalue().to_pybytes())
+    report = restore_dataset(job(s3_prefix + "/data", s3_prefix + "/out", trained_model))
+    out = rows(s3_prefix + "/out")
+    result = dict(zip(out["image_id"].to_pylist(), zip(out["status"].to_pylist(), out["error"].to_pylist())))
+    assert result["relative-inside"] == ("ok", None)
+    for name in ("dot-dot", "absolute", "other-bucket", "same-bucket-outside"):
+        assert result[name][0] == "failed" and result[name][1].startswith("path outside the dataset"), name
+    assert report.images_failed == 4
+    stored = b"".join(storage.read_bytes(info.uri) for info in storage.list_files(s3_prefix + "/out", suffixes=()))
+    logs = "".join(capfd.readouterr())
+    assert secret not in stored and secret.decode() not in logs
+    assert marker_image not in stored
 
 
 def test_tiled_restore_of_a_large_image_matches_whole(ray_local, trained_model, tmp_path):
@@ -92,9 +233,10 @@ def test_tiled_restore_of_a_large_image_matches_whole(ray_local, trained_model, 
     tiles = [np.asarray(decode((shared_data("BSD68") / f"test00{i}.png").read_bytes()).pixels) for i in (1, 2)]
     large = np.concatenate([tiles[0][:300, :460], tiles[1][:300, :460]], axis=0)  # 600 x 460
     noisy = np.clip(large + rng.normal(0, 25, large.shape), 0, 255).round().astype(np.uint8)
-    pq.write_table(pa.table({"image_id": ["large"], "image": [encode_png(noisy, "L")]}), tmp_path / "in.parquet")
-    restore_dataset(job(str(tmp_path), str(tmp_path / "whole"), trained_model, tile=1024, tile_overlap=0))
-    restore_dataset(job(str(tmp_path), str(tmp_path / "tiled"), trained_model, tile=128, tile_overlap=32))
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"image_id": ["large"], "image": [encode_png(noisy, "L")]}), tmp_path / "in" / "in.parquet")
+    restore_dataset(job(str(tmp_path / "in"), str(tmp_path / "whole"), trained_model, tile=1024, tile_overlap=0))
+    restore_dataset(job(str(tmp_path / "in"), str(tmp_path / "tiled"), trained_model, tile=128, tile_overlap=32))
     whole = decode(rows(str(tmp_path / "whole"))["image"][0].as_py()).pixels.astype(int)
     tiled = decode(rows(str(tmp_path / "tiled"))["image"][0].as_py()).pixels.astype(int)
     assert np.abs(whole - tiled).max() <= 1
@@ -128,8 +270,9 @@ def test_other_columns_pass_through_with_their_types(ray_local, trained_model, t
         "box": pa.array([{"x": i, "y": 2.5} for i in range(count)], pa.struct([("x", pa.int16()), ("y", pa.float32())])),
         "camera": pa.array(["nikon", "canon", "nikon", None, "canon"]).dictionary_encode(),
     })
-    pq.write_table(table, tmp_path / "in.parquet", row_group_size=2)  # 3 row groups: 2 + 2 + 1
-    restore_dataset(job(str(tmp_path), str(tmp_path / "out"), trained_model, batch_size=4))
+    (tmp_path / "in").mkdir()
+    pq.write_table(table, tmp_path / "in" / "in.parquet", row_group_size=2)  # 3 row groups: 2 + 2 + 1
+    restore_dataset(job(str(tmp_path / "in"), str(tmp_path / "out"), trained_model, batch_size=4))
     out_file = pq.ParquetFile(tmp_path / "out" / "in.parquet")
     out = out_file.read()
     assert out.column_names == [*table.column_names, "status", "error", "model_version"]
@@ -140,13 +283,15 @@ def test_other_columns_pass_through_with_their_types(ray_local, trained_model, t
 
 
 def test_bad_input_stops_before_any_work(trained_model, tmp_path):
-    pq.write_table(pa.table({"image_id": ["a"], "picture": [b"x"]}), tmp_path / "missing.parquet")
+    source = tmp_path / "in"
+    source.mkdir()
+    pq.write_table(pa.table({"image_id": ["a"], "picture": [b"x"]}), source / "missing.parquet")
     with pytest.raises(SchemaError, match="no image column 'image'"):
-        restore_dataset(job(str(tmp_path), str(tmp_path / "out"), trained_model))
-    (tmp_path / "missing.parquet").unlink()
-    pq.write_table(pa.table({"image_id": ["a"], "image": [3]}), tmp_path / "typed.parquet")
+        restore_dataset(job(str(source), str(tmp_path / "out"), trained_model))
+    (source / "missing.parquet").unlink()
+    pq.write_table(pa.table({"image_id": ["a"], "image": [3]}), source / "typed.parquet")
     with pytest.raises(SchemaError, match="'image' has type int64"):
-        restore_dataset(job(str(tmp_path), str(tmp_path / "out"), trained_model))
+        restore_dataset(job(str(source), str(tmp_path / "out"), trained_model))
     with pytest.raises(DatasetError, match="no Parquet files"):
         restore_dataset(job(str(tmp_path / "nothing"), str(tmp_path / "out"), trained_model))
     pickled = tmp_path / "pickled"
@@ -154,11 +299,14 @@ def test_bad_input_stops_before_any_work(trained_model, tmp_path):
     for name in ("model.json",):
         (pickled / name).write_bytes((__import__("pathlib").Path(trained_model) / name).read_bytes())
     torch.save({"w": torch.zeros(1)}, pickled / "model.safetensors")
-    (tmp_path / "typed.parquet").unlink()
-    pq.write_table(pa.table({"image_id": ["a"], "image": [b"x"]}), tmp_path / "ok.parquet")
+    (source / "typed.parquet").unlink()
+    pq.write_table(pa.table({"image_id": ["a"], "image": [b"x"]}), source / "ok.parquet")
     with pytest.raises(ModelLoadError, match="refusing to load"):
-        restore_dataset(job(str(tmp_path), str(tmp_path / "out"), str(pickled)))
-    assert not (tmp_path / "out").exists()
+        restore_dataset(job(str(source), str(tmp_path / "out"), str(pickled)))
+    (source / "truncated.parquet").write_bytes((source / "ok.parquet").read_bytes()[:-20])  # no footer
+    with pytest.raises(DatasetError, match="truncated.parquet is not a readable Parquet file"):
+        restore_dataset(job(str(source), str(tmp_path / "out"), trained_model))
+    assert storage.list_files(str(tmp_path / "out")) == []  # no output written, whatever stopped the job
 
 
 def test_ray_workers_allocate_arrow_memory_with_the_system_allocator(ray_local):
@@ -227,32 +375,136 @@ def test_watchdog_waits_while_rows_are_restored_and_stops_when_they_are_not(monk
     assert time.monotonic() - started < 10
 
 
-def test_s3_restart_mid_run_loses_and_duplicates_nothing(ray_local, s3_server, trained_model, s3_prefix):
-    ingest(str(shared_data("BSD68")), s3_prefix + "/in", rows_per_file=4, progress=False)
-    files = storage.list_files(s3_prefix + "/in")
-    manifest = Manifest(s3_prefix + "/out", "manifest")
-    outcome = {}
+def restore_in_background(restore_job: RestoreJob) -> tuple[threading.Thread, dict]:
+    outcome: dict = {}
 
     def run():
         try:
-            outcome["report"] = restore_dataset(job(s3_prefix + "/in", s3_prefix + "/out", trained_model))
-        except Exception as error:
+            outcome["report"] = restore_dataset(restore_job)
+        except Exception as error:  # a clean failure is allowed; the rerun must finish the job
             outcome["error"] = error
 
     worker = threading.Thread(target=run)
     worker.start()
-    deadline = time.time() + 240
-    while not manifest.all() and time.time() < deadline and worker.is_alive():
-        time.sleep(0.5)
+    return worker, outcome
+
+
+def wait_until_some_files_are_done(manifest: Manifest, worker: threading.Thread, timeout: float = 300) -> int:
+    deadline = time.time() + timeout
+    while time.time() < deadline and worker.is_alive():
+        done = len(manifest.all())
+        if done:
+            return done
+        time.sleep(0.3)
+    raise AssertionError("no file was restored before the fault was due")
+
+
+def assert_every_row_exactly_once(source: str, output: str) -> None:
+    expected = {storage.relative_path(source, info.uri): read_table(info.uri, columns=["image_id"])["image_id"].to_pylist()
+                for info in storage.list_files(source)}
+    written = {storage.relative_path(output, info.uri): read_table(info.uri, columns=["image_id", "status"])
+               for info in storage.list_files(output)}
+    assert set(written) == set(expected)  # one output per input, nothing half-written beside them
+    for key, ids in expected.items():
+        assert written[key]["image_id"].to_pylist() == ids  # every row once, in order
+        assert set(written[key]["status"].to_pylist()) == {"ok"}
+
+
+@pytest.fixture(scope="module")
+def bsd68_input(s3_server):
+    """68 BSD68 images in 17 files of 4: enough files that a fault lands mid-run."""
+    root = f"s3://tests/bsd68-{time.time_ns()}"
+    ingest(str(shared_data("BSD68")), root + "/in", rows_per_file=4, progress=False)
+    return root + "/in"
+
+
+def test_s3_restart_mid_run_loses_and_duplicates_nothing(ray_local, s3_server, trained_model, bsd68_input, s3_prefix):
+    files = storage.list_files(bsd68_input)
+    manifest = Manifest(s3_prefix + "/out", "manifest")
+    worker, outcome = restore_in_background(job(bsd68_input, s3_prefix + "/out", trained_model))
+    done_at_fault = wait_until_some_files_are_done(manifest, worker)
     s3server.restart(s3_server.data_dir, down_seconds=3, hard=True)  # a crash and ~10 s outage mid-run
+    assert 0 < done_at_fault < len(files) and worker.is_alive()  # the fault struck mid-run
     worker.join(timeout=600)
     assert not worker.is_alive()
-    if "error" in outcome:  # a clean failure is allowed; the rerun must finish the job
-        restore_dataset(job(s3_prefix + "/in", s3_prefix + "/out", trained_model))
-    out = rows(s3_prefix + "/out")
-    source_ids = [i for f in files for i in read_table(f.uri, columns=["image_id"])["image_id"].to_pylist()]
-    assert sorted(out["image_id"].to_pylist()) == sorted(source_ids)  # every row exactly once
-    assert set(out["status"].to_pylist()) == {"ok"}
+    if "error" in outcome:
+        restore_dataset(job(bsd68_input, s3_prefix + "/out", trained_model))
+    assert_every_row_exactly_once(bsd68_input, s3_prefix + "/out")
+
+
+def test_s3_server_paused_past_the_request_timeout(ray_local, s3_server, trained_model, bsd68_input, s3_prefix):
+    """SIGSTOP: connections are accepted but nothing answers, for longer than one request
+    may take (RESFLOW_S3_REQUEST_TIMEOUT_S); then SIGCONT."""
+    import os
+    import signal
+
+    timeout = float(os.environ["RESFLOW_S3_REQUEST_TIMEOUT_S"])
+    files = storage.list_files(bsd68_input)
+    manifest = Manifest(s3_prefix + "/out", "manifest")
+    worker, outcome = restore_in_background(job(bsd68_input, s3_prefix + "/out", trained_model))
+    done_at_fault = wait_until_some_files_are_done(manifest, worker)
+    server = s3server.read_state(s3_server.data_dir)
+    os.kill(server.pid, signal.SIGSTOP)
+    try:
+        time.sleep(timeout * 1.5)
+        assert worker.is_alive()
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+    assert 0 < done_at_fault < len(files)  # the fault struck mid-run
+    worker.join(timeout=600)
+    assert not worker.is_alive()
+    if "error" in outcome:
+        restore_dataset(job(bsd68_input, s3_prefix + "/out", trained_model))
+    assert_every_row_exactly_once(bsd68_input, s3_prefix + "/out")
+
+
+def test_a_replica_killed_mid_run_loses_and_duplicates_nothing(ray_local, bsd68_input, s3_prefix):
+    """SIGKILL one replica's process while files are in flight: Ray restarts the replica and
+    retries its file whole, or the job fails cleanly and the rerun completes it."""
+    import os
+    import signal
+
+    from ray.util.state import list_actors
+
+    slow = s3_prefix + "/dncnn-s"  # untrained DnCNN-S: ~1 s per BSD68 image here, so the kill lands mid-file
+    save_model(slow, build_model("dncnn", depth=17, width=64), version="dncnn-s-untrained")
+    files = storage.list_files(bsd68_input)
+    manifest = Manifest(s3_prefix + "/out", "manifest")
+    worker, outcome = restore_in_background(job(bsd68_input, s3_prefix + "/out", slow, batch_size=2))
+    done_at_fault = wait_until_some_files_are_done(manifest, worker)
+    replicas = [actor for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+                if "FileRestorer" in actor.class_name]
+    assert replicas and worker.is_alive()
+    os.kill(replicas[0].pid, signal.SIGKILL)
+    assert 0 < done_at_fault < len(files)  # the fault struck mid-run
+    worker.join(timeout=900)
+    assert not worker.is_alive()
+    if "error" in outcome:
+        restore_dataset(job(bsd68_input, s3_prefix + "/out", slow, batch_size=2))
+    assert_every_row_exactly_once(bsd68_input, s3_prefix + "/out")
+
+
+def test_two_restore_processes_on_one_output_never_write_together(s3_server, trained_model, bsd68_input, s3_prefix):
+    """Two `resflow restore` commands on the same output: one holds the lease and restores;
+    the other stops at once, naming the holder. Every row is written exactly once."""
+    import os
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "pipeline.cli", "restore", "--input", bsd68_input, "--output", s3_prefix + "/out",
+               "--model", trained_model, "--workers", "1", "--json"]
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            for _ in range(2)]
+    results = [(run.pid, *run.communicate(timeout=600), run.returncode) for run in runs]
+    winners = [result for result in results if result[3] == 0]
+    losers = [result for result in results if result[3] != 0]
+    assert len(winners) == 1 and len(losers) == 1, [result[3] for result in results]
+    loser_stderr = losers[0][2]
+    assert f"pid {winners[0][0]}" in loser_stderr and "another run is writing to" in loser_stderr
+    assert losers[0][3] == 75  # try again later, not a usage error
+    assert json.loads(winners[0][1].strip().splitlines()[-1])["images_ok"] == 68
+    assert_every_row_exactly_once(bsd68_input, s3_prefix + "/out")
 
 
 def test_resflow_restore_runs_local_ray_without_its_dashboard(monkeypatch):

@@ -50,26 +50,66 @@ def test_same_calls_for_local_and_s3(where, tmp_path, s3_prefix):
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
-def test_write_atomically_publishes_nothing_on_failure(where, tmp_path, s3_prefix):
+def test_output_equal_to_inside_or_around_the_input_is_refused(where, tmp_path, s3_prefix):
+    root = str(tmp_path / "data") if where == "local" else s3_prefix + "/data"
+    refused = [root, root + "/", root + "/./", root + "/sub/..", root + "/out", root + "/a/b/c",
+               root.rsplit("/", 1)[0]]
+    if where == "local":
+        refused += [f"file://{root}", f"file://{root}/out/"]
+        (tmp_path / "link").symlink_to(tmp_path / "data", target_is_directory=True)
+        (tmp_path / "data").mkdir()
+        refused.append(str(tmp_path / "link" / "out"))  # a symbolic link does not hide it
+    for output in refused:
+        with pytest.raises(storage.OverlapError, match="never writes where it reads"):
+            storage.check_disjoint(root, output)
+    for output in (root + "-restored", root.rsplit("/", 1)[0] + "/other/data"):
+        storage.check_disjoint(root, output)  # a shared name prefix is not containment
+
+
+def test_local_etag_changes_when_content_changes_with_same_size_and_mtime(tmp_path):
+    import os
+
+    path = tmp_path / "part-0.parquet"
+    path.write_bytes(b"A" * 100)
+    before = storage.file_info(str(path))
+    stat = os.stat(path)
+    with open(path, "r+b") as handle:  # rewritten in place: same inode, same size
+        handle.write(b"B" * 100)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # and the old mtime put back
+    after = storage.file_info(str(path))
+    assert (after.size, os.stat(path).st_mtime_ns) == (before.size, stat.st_mtime_ns)
+    assert after.etag != before.etag
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_conditional_writes_let_exactly_one_of_many_concurrent_writers_win(where, tmp_path, s3_prefix):
+    """S3 If-None-Match / If-Match (SeaweedFS implements both) and the local flock path:
+    the compare-and-swap that the output lease is built on."""
+    import threading
+
     root = str(tmp_path) if where == "local" else s3_prefix
-    storage.ensure_bucket(root)
-    target = storage.join(root, "out.parquet")
+    for trial in range(3):
+        uri = storage.join(root, f"lease-{trial}.json")
+        barrier, winners = threading.Barrier(8), []
 
-    class SimulatedCrash(BaseException):  # like a killed process: not an error to retry
-        pass
+        def create(index: int) -> None:
+            barrier.wait()
+            if storage.create_exclusive(uri, f"writer {index}".encode()):
+                winners.append(index)
 
-    def half_then_crash(fs, path):
-        with fs.open_output_stream(path) as stream:
-            stream.write(b"PAR1 half a file")
-            raise SimulatedCrash("worker died")
-
-    with pytest.raises(SimulatedCrash, match="worker died"):
-        storage.write_atomically(target, half_then_crash)
-    assert not storage.exists(target)
-    assert storage.list_files(root) == []
-
-    storage.write_atomically(target, lambda fs, path: pq.write_table(pa.table({"x": [1]}), path, filesystem=fs))
-    assert [f.uri for f in storage.list_files(root)] == [target]
+        threads = [threading.Thread(target=create, args=(index,)) for index in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(winners) == 1
+        assert storage.read_bytes(uri) == f"writer {winners[0]}".encode()
+    current = storage.file_info(uri)
+    assert storage.replace_if_match(uri, b"stale", "0" * 32) is None
+    replaced = storage.replace_if_match(uri, b"next", current.etag)
+    assert replaced and storage.read_bytes(uri) == b"next"
+    assert not storage.delete_if_match(uri, current.etag)  # it changed since
+    assert storage.delete_if_match(uri, replaced.etag) and not storage.exists(uri)
 
 
 def test_server_start_is_idempotent_and_status_reports_it(s3_server):

@@ -1,0 +1,88 @@
+"""One writer per output: the lease object, against SeaweedFS and a local folder."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from pipeline import storage
+from pipeline.lease import LeaseHeld, LeaseLost, OutputLease
+from tests.conftest import REPO
+
+
+@pytest.fixture(params=["local", "s3"])
+def output(request, tmp_path, s3_prefix) -> str:
+    return str(tmp_path / "out") if request.param == "local" else s3_prefix + "/out"
+
+
+def test_a_second_run_stops_with_the_holder_named(output):
+    with OutputLease(output, ttl_s=30) as first:
+        with pytest.raises(LeaseHeld) as refused:
+            OutputLease(output, ttl_s=30, wait_s=0).acquire()
+        message = str(refused.value)
+        holder = first.holder
+        assert f"host {holder['host']}" in message and f"pid {os.getpid()}" in message
+        assert holder["started"] in message
+    with OutputLease(output, ttl_s=30):  # released: the next run takes it at once
+        pass
+    assert not storage.exists(storage.join(output, "_resflow", "lease.json"))
+
+
+def test_a_second_run_waits_for_the_first_to_finish(output):
+    order = []
+    first = OutputLease(output, ttl_s=30).acquire()
+
+    def finish_later():
+        time.sleep(2)
+        order.append("first released")
+        first.release()
+
+    releaser = threading.Thread(target=finish_later)
+    releaser.start()
+    with OutputLease(output, ttl_s=30, wait_s=60, poll_s=0.2, log=lambda message: order.append("waiting")):
+        order.append("second holds it")
+    releaser.join()
+    assert order == ["waiting", "first released", "second holds it"]
+
+
+def test_the_holder_renews_and_a_killed_holders_lease_expires(output):
+    # a holder that lives past its time-to-live keeps the lease by renewing it
+    with OutputLease(output, ttl_s=2) as holder:
+        time.sleep(3)
+        holder.check()
+        with pytest.raises(LeaseHeld):
+            OutputLease(output, ttl_s=2).acquire()
+    # a holder that is killed stops renewing: its lease is taken over once expired
+    script = (f"import sys, time; sys.path.insert(0, {str(REPO)!r}); from pipeline.lease import OutputLease; "
+              f"OutputLease({output!r}, ttl_s=3).acquire(); print('held', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=os.environ.copy())
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        record = json.loads(storage.read_bytes(storage.join(output, "_resflow", "lease.json")))
+        assert record["holder"]["pid"] == holder.pid
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        logged = []
+        started = time.monotonic()
+        with OutputLease(output, ttl_s=3, wait_s=60, poll_s=0.5, log=logged.append):
+            waited = time.monotonic() - started
+        assert any(f"pid {holder.pid}" in line and "took over" in line for line in logged)
+        assert waited < 30
+    finally:
+        holder.kill()
+
+
+def test_a_lease_taken_over_is_lost_and_checked(output):
+    lease = OutputLease(output, ttl_s=1.2).acquire()
+    lease._stop.set()  # as if this process hung: no more renewals
+    lease._renewer.join()
+    time.sleep(1.5)
+    with OutputLease(output, ttl_s=30):  # another run takes the expired lease over
+        with pytest.raises(LeaseLost, match="lost its lease"):
+            lease.check()
+    lease.release()
