@@ -26,6 +26,7 @@ e2e: $(STAMP)
 	$(BIN)/python -m tests.e2e_ui
 
 bench: $(STAMP)
+	$(BIN)/python -m bench.cli_help
 	$(BIN)/python -m bench.restore_bench
 
 clean:

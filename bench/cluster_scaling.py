@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.cluster_scaling [--images 200] [--nodes 1 2 3]
 
-Every configuration is a fresh `resflow cluster` (pipeline/localcluster.py): a head with
+Every configuration is a fresh `resflow cluster` (local/ray_nodes.py): a head with
 0 CPUs plus k worker nodes of 2 logical CPUs, one model replica per worker node; the
 restore runs as a Ray job, as the flows run it in cluster mode. All nodes share this
 machine's physical cores, so the figure measures the cost of spreading over nodes
@@ -21,9 +21,11 @@ import time
 from pathlib import Path
 
 from flows import raybridge
-from pipeline import localcluster, s3server
-from pipeline.degrade import Degradation
-from pipeline.ingest import degrade_dataset, ingest
+from local import ray_nodes, s3server
+from pipeline.config import RestoreSettings
+from pipeline.degrade import Degradation, degrade_dataset
+from pipeline.ingest import ingest
+from pipeline.jobs import RestoreJob, read_event
 from pipeline.modelio import save_model
 from pipeline.models import build_model
 
@@ -31,12 +33,12 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("RESFLOW_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
-def run_job(cluster, argv: list[str]) -> tuple[dict, float]:
+def run_job(cluster, job) -> tuple[dict, float]:
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(cluster.dashboard_url)
     started = time.time()
-    submission_id = client.submit_job(entrypoint=raybridge.entrypoint(argv),
+    submission_id = client.submit_job(entrypoint=raybridge.entrypoint(job),
                                       runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}})
     while str(client.get_job_status(submission_id)).split(".")[-1] not in raybridge.TERMINAL:
         time.sleep(0.5)
@@ -44,7 +46,8 @@ def run_job(cluster, argv: list[str]) -> tuple[dict, float]:
     logs = client.get_job_logs(submission_id)
     if not str(client.get_job_status(submission_id)).endswith("SUCCEEDED"):
         raise RuntimeError(logs[-3000:])
-    return raybridge.parse_result(logs), wall
+    events = [event for event in map(read_event, logs.splitlines()) if event]
+    return events[-1]["result"], wall
 
 
 def main() -> None:
@@ -52,7 +55,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--nodes", type=int, nargs="+", default=[1, 2, 3])
     args = parser.parse_args()
-    os.environ.update(localcluster.AUTH_ENV)
+    os.environ.update(ray_nodes.AUTH_ENV)
     results = []
     with s3server.embedded(REPO / ".bench" / "s3", buckets=("bench",)):
         root = f"s3://bench/scaling-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -64,13 +67,13 @@ def main() -> None:
         save_model(root + "/model", build_model("dncnn", depth=10, width=32), version="dncnn-10x32")
         for nodes in args.nodes:
             state_dir = Path(tempfile.mkdtemp(prefix="scaling-cluster-"))
-            cluster = localcluster.start(state_dir, nodes=nodes + 1, cpus_per_node=2, head_cpus=0)
+            cluster = ray_nodes.start(state_dir, nodes=nodes + 1, cpus_per_node=2, head_cpus=0)
             try:
-                argv = ["restore", "--input", root + "/noisy", "--output", f"{root}/out-{nodes}", "--model",
-                        root + "/model", "--workers", str(nodes), "--batch-size", "4", "--json"]
-                report, wall = run_job(cluster, argv)
+                job = RestoreJob(input=root + "/noisy", output=f"{root}/out-{nodes}", model=root + "/model",
+                                 workers=nodes, settings=RestoreSettings(batch_size=4))
+                report, wall = run_job(cluster, job)
             finally:
-                localcluster.stop(state_dir)
+                ray_nodes.stop(state_dir)
             row = {"worker_nodes": nodes, "replicas": nodes, "images": report["images_ok"],
                    "megapixels": round(report["megapixels"], 3), "restore_seconds": round(report["seconds"], 1),
                    "job_wall_seconds": round(wall, 1), "megapixels_per_s": round(report["megapixels_per_s"], 3)}

@@ -44,16 +44,23 @@ import psutil
 import pyarrow as pa
 import torch
 
-from pipeline import raycluster, s3server, storage
+from local import s3server
+from pipeline import raycluster, storage
+from pipeline.config import (
+    CPU_BATCH_SIZE,
+    GPU_BATCH_SIZE,
+    RestoreSettings,
+    train_preset,
+)
 from pipeline.dataset import read_table, write_table
-from pipeline.degrade import Degradation
+from pipeline.degrade import Degradation, degrade_dataset
 from pipeline.images import decode, encode_png, from_float, to_float
-from pipeline.ingest import degrade_dataset, ingest
+from pipeline.inference import ModelRunner
+from pipeline.ingest import ingest
+from pipeline.jobs import Events, RestoreJob
 from pipeline.modelio import load_model, save_model
-from pipeline.restore import CPU_BATCH_SIZE, GPU_BATCH_SIZE, RestoreJob, restore_dataset
-from pipeline.restore_core import ModelRunner, RestoreSettings
 from pipeline.models import build_model
-from pipeline.train import train_preset
+from pipeline.restore import restore_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("RESFLOW_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -194,7 +201,7 @@ def plain_loop(model_uri: str, data: str, output: str, threads: int, batch_size:
 def pipeline(model_uri: str, data: str, output: str, batch_size: int, use_gpu: bool = False,
              variant: dict | None = None) -> dict:
     """`restore_dataset` in a child process with its own local Ray; its tree's memory (and
-    the GPU's busy time) is sampled here. `variant`: RestoreJob fields to override."""
+    the GPU's busy time) is sampled here. `variant`: RestoreSettings fields to override."""
     spec = {"model": model_uri, "data": data, "output": output, "batch_size": batch_size, "use_gpu": use_gpu,
             "variant": variant or {}}
     command = [sys.executable, "-m", "bench.restore_bench", "--pipeline-run", json.dumps(spec)]
@@ -239,10 +246,15 @@ def pipeline_run(spec: dict) -> None:
     raycluster.connect(dashboard=False)  # as `resflow restore` starts it
     _wait_until_quiet()  # Ray's raylet is still starting its prestarted workers: part of Ray's start
     notes = []
-    job = RestoreJob(input=spec["data"], output=spec["output"], model=spec["model"], batch_size=spec["batch_size"],
-                     use_gpu=spec["use_gpu"], progress=False, **spec["variant"])
+
+    class Notes(Events):
+        def log(self, message: str) -> None:
+            notes.append(message)
+
+    job = RestoreJob(input=spec["data"], output=spec["output"], model=spec["model"], use_gpu=spec["use_gpu"],
+                     settings=RestoreSettings(batch_size=spec["batch_size"], **spec["variant"]))
     started_at = time.time()
-    report = restore_dataset(job, log=notes.append)
+    report = restore_dataset(job, Notes())
     steady = report.megapixels / max(report.seconds - report.first_rows_seconds, 1e-9)
     print(json.dumps({"started_at": started_at, "megapixels": report.megapixels, "seconds": report.seconds,
                       "mp_per_s": report.megapixels_per_s,
@@ -264,7 +276,7 @@ def main() -> None:
     parser.add_argument("--storage", choices=("s3", "local"), default="s3",
                         help="s3: a local SeaweedFS server (as the tests); local: files under --dir")
     parser.add_argument("--variant", action="append", default=[], type=_variant, metavar="FIELD=N[,FIELD=N]",
-                        help="one more pipeline run at --scale with these RestoreJob fields (io_threads, "
+                        help="one more pipeline run at --scale with these RestoreSettings fields (io_threads, "
                              "workers); repeatable")
     parser.add_argument("--dir", default=str(REPO / ".bench" / "s3-restore"))
     parser.add_argument("--pipeline-run", help=argparse.SUPPRESS)  # internal: the measured child process
@@ -289,9 +301,9 @@ def run(args, root: str) -> None:
     config = train_preset(args.preset)
     torch.manual_seed(0)
     model_uri = f"{root}/model"
-    save_model(model_uri, build_model(config.model, **config.model_config))
+    save_model(model_uri, build_model(config.architecture, **config.architecture_config))
     threads = raycluster.physical_cores()
-    print(f"model: {config.model} {config.model_config}; {threads} cores; {device}"
+    print(f"model: {config.architecture} {config.architecture_config}; {threads} cores; {device}"
           f"{' (' + torch.cuda.get_device_name() + ', bf16)' if use_gpu else ''}; {batch_size} rows per call",
           flush=True)
 
@@ -332,7 +344,7 @@ def run(args, root: str) -> None:
 
     loop, small, large = (row for _, row in rows[:3])
     result = {
-        "model": {"name": config.model, "config": config.model_config}, "cores": threads, "batch_size": batch_size,
+        "model": {"name": config.architecture, "config": config.architecture_config}, "cores": threads, "batch_size": batch_size,
         "device": torch.cuda.get_device_name() if use_gpu else "cpu", "storage": args.storage,
         "forward": forwards, "loop": loop, "pipeline_1x": small, f"pipeline_{args.scale}x": large,
         "ratio_pipeline_vs_forward_1x": small["vs_forward"],

@@ -18,10 +18,13 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from pipeline import s3server, storage
+from local import s3server
+from pipeline import storage
+from pipeline.config import to_data, train_preset
 from pipeline.evaluate import evaluate
 from pipeline.ingest import ingest, split_dataset
-from pipeline.train import train, train_preset
+from pipeline.jobs import EvaluateJob, TrainJob
+from pipeline.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("RESFLOW_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -48,10 +51,10 @@ def run(args) -> None:
     print(f"Train400: {train_rows} train / {val_rows} validation images", flush=True)
     config = replace(train_preset(args.preset), workers=args.workers, max_minutes=args.minutes, keep_checkpoints=500)
     started = time.time()
-    result = train(f"{root}/train400/train", f"{root}/train400/val", f"{root}/models", config,
-                   run_name=f"bench-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    result = train(TrainJob(data=f"{root}/train400/train", val_data=f"{root}/train400/val", registry=f"{root}/models",
+                            config=config, run_name=f"bench-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"))
     wall = time.time() - started
-    scores = {name: evaluate(result.model_uri, f"{root}/{name.lower()}", noise_sigma=25).summary()
+    scores = {name: evaluate(EvaluateJob(model=result.model_uri, data=f"{root}/{name.lower()}", noise_sigma=25)).summary()
               for name in ("Set12", "BSD68")}
     curve = []
     history = {row["epoch"]: row for row in result.history}
@@ -62,11 +65,11 @@ def run(args) -> None:
         epoch = read_card(checkpoint).training.get("epoch")
         if epoch is None or epoch not in history:
             continue
-        set12 = evaluate(checkpoint, f"{root}/set12", noise_sigma=25).summary()["output_psnr"]
+        set12 = evaluate(EvaluateJob(model=checkpoint, data=f"{root}/set12", noise_sigma=25)).summary()["output_psnr"]
         curve.append({"epoch": epoch, "minutes": history[epoch]["elapsed_s"] / 60, "val_psnr": history[epoch]["val_psnr"],
                       "set12_psnr": set12})
     curve.sort(key=lambda row: row["epoch"])
-    report = {"preset": args.preset, "config": config.to_dict(), "train_images": train_rows, "val_images": val_rows,
+    report = {"preset": args.preset, "config": to_data(config), "train_images": train_rows, "val_images": val_rows,
               "wall_seconds": wall, "model": result.model_uri, "selected_epoch": result.metrics.get("epoch"),
               "val_psnr": result.metrics.get("val_psnr"), "set12": scores["Set12"], "bsd68": scores["BSD68"],
               "curve": curve, "cpus": os.cpu_count()}

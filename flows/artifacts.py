@@ -16,12 +16,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_table_artifact,
+)
 
 from pipeline import metrics, storage
 from pipeline.dataset import read_table
-from pipeline.manifest import Manifest
 from pipeline.images import ImageColumns, decode
+from pipeline.manifest import Manifest
 
 PREVIEW_SIDE = 256  # px; 10-40 KB per JPEG keeps the artifact page fast
 
@@ -71,19 +75,20 @@ def sample_restored(output: str, count: int, only: set[str] | None = None,
 
 
 def quality(rows: list[dict]) -> dict:
-    """Mean PSNR/SSIM before and after over the rows that have a clean target."""
+    """Mean PSNR/SSIM before and after over the rows that have a clean target
+    (metrics.score_restoration, the library's one scoring path)."""
     scored = [row for row in rows if row["target"] is not None and row["before"] is not None
               and row["target"].shape == row["after"].shape == row["before"].shape]
     if not scored:
         return {}
-    top = lambda row: 65535.0 if row["target"].dtype == np.uint16 else 255.0  # noqa: E731
-    return {
-        "scored_images": len(scored),
-        "psnr_before": float(np.mean([metrics.psnr(r["target"], r["before"], top(r)) for r in scored])),
-        "psnr_after": float(np.mean([metrics.psnr(r["target"], r["after"], top(r)) for r in scored])),
-        "ssim_before": float(np.mean([metrics.ssim(r["target"], r["before"], top(r)) for r in scored])),
-        "ssim_after": float(np.mean([metrics.ssim(r["target"], r["after"], top(r)) for r in scored])),
-    }
+    scores = [metrics.score_restoration(row["target"], row["before"], row["after"],
+                                        65535.0 if row["target"].dtype == np.uint16 else 255.0) for row in scored]
+
+    def mean(key: str) -> float:
+        return float(np.mean([score[key] for score in scores]))
+
+    return {"scored_images": len(scored), "psnr_before": mean("input_psnr"), "psnr_after": mean("output_psnr"),
+            "ssim_before": mean("input_ssim"), "ssim_after": mean("output_ssim")}
 
 
 def previews_markdown(rows: list[dict]) -> str:

@@ -1,9 +1,11 @@
-"""The `resflow` command: the pipeline's commands (pipeline/cli.py) plus orchestration.
+"""The `resflow` command: the pipeline's commands (pipeline/cli.py), the local services'
+(local/cli.py) and the Prefect ones defined here:
 
-    resflow up | down | status | env          the local stack: S3, Prefect server + UI, Ray head + dashboard
-    resflow deploy [--cron C] [--timezone TZ] [--param k=v ...] [--work-pool P]
-    resflow serve  [--cron C] [--timezone TZ] [--param k=v ...]
+    resflow deploy [--cron C] [--timezone TZ] [--param k=v ...] [--work-pool P] [--gpu]
+    resflow serve  [--cron C] [--timezone TZ] [--param k=v ...] [--gpu]
     resflow flow nightly|restore|train|evaluate|challenge [--param k=v ...]   one run now
+
+Prefect is imported when one of these runs, never to build the parser.
 """
 
 from __future__ import annotations
@@ -11,86 +13,79 @@ from __future__ import annotations
 import json
 import sys
 
+from local import cli as local_cli
 from pipeline import cli as pipeline_cli
+from pipeline.cli import add_json_flag, command
+
+FLOW_NAMES = ("nightly", "restore", "train", "evaluate", "challenge")  # flows.flows.FLOWS, without importing Prefect
 
 
-def cmd_stack(args) -> int:
-    from flows import stack
-
-    state_dir = args.dir or stack.DEFAULT_DIR
-    if args.command == "up":
-        print(stack.describe(stack.up(state_dir, ray_cpus=args.ray_cpus, prefect_port=args.prefect_port)))
-    elif args.command == "down":
-        stopped = stack.down(state_dir)
-        print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
-    elif args.command == "env":
-        for key, value in stack.env(state_dir).items():
-            print(f"export {key}={value}")
-    else:
-        state = stack.running(state_dir)
-        print(stack.describe(state) if state else f"the stack in {state_dir} is not (fully) running")
-        return 0 if state else 1
-    return 0
-
-
-def cmd_deploy(args) -> int:
+def run_deploy(args) -> int:
     from flows import deploy
 
     params = deploy.parse_params(args.param)
     if args.command == "serve":
-        deploy.serve(args.cron, args.timezone, params)
+        deploy.serve(args.cron, args.timezone, params, gpu=args.gpu)
         return 0
     ids = deploy.deploy(args.work_pool, args.cron, args.timezone, params, source=args.source or deploy.REPO,
-                        paused=args.paused)
-    for name, deployment_id in ids.items():
-        print(f"deployment {name}: {deployment_id}")
-    print(f"nightly schedule: {args.cron} ({args.timezone}){' paused' if args.paused else ''}. "
-          f"Start a worker: prefect worker start --pool {args.work_pool}")
+                        paused=args.paused, gpu=args.gpu)
+    alerts = deploy.ensure_alerts(args.notify_url, args.overdue_minutes) if args.notify_url else []
+    summary = {"deployments": ids, "cron": args.cron, "timezone": args.timezone, "paused": args.paused,
+               "work_pool": args.work_pool, "alerts": alerts}
+    text = [f"deployment {name}: {deployment_id}" for name, deployment_id in ids.items()]
+    if alerts:
+        text.append(f"alerts: a failed, crashed or {args.overdue_minutes:g}-minute nightly run notifies the webhook")
+    text.append(f"nightly schedule: {args.cron} ({args.timezone}){' paused' if args.paused else ''}. "
+                f"Start a worker: prefect worker start --pool {args.work_pool}")
+    pipeline_cli.print_result(summary, args, "\n".join(text))
     return 0
 
 
-def cmd_flow(args) -> int:
+def run_flow(args) -> int:
     from flows import deploy
     from flows.flows import FLOWS
 
-    result = FLOWS[args.flow](**deploy.parse_params(args.param))
-    print(json.dumps(result, indent=2, default=str))
+    flow = FLOWS[args.flow]
+    result = flow(**deploy.parse_params(args.param, {args.flow: flow}))
+    print(json.dumps(result, default=str) if args.json else json.dumps(result, indent=2, default=str))
     return 0
 
 
 def add_commands(commands) -> None:
-    from flows.flows import FLOWS
-
-    for name, text in (("up", "start the local stack (S3, Prefect server and UI, Ray head and dashboard)"),
-                       ("down", "stop the local stack"), ("status", "is the local stack running?"),
-                       ("env", "print export lines for the local stack")):
-        p = commands.add_parser(name, help=text)
-        p.add_argument("--dir", help="state folder (default ~/.resflow/stack)")
-        if name == "up":
-            p.add_argument("--ray-cpus", type=int, default=4, help="logical CPUs of the Ray head")
-            p.add_argument("--prefect-port", type=int, help="default 4200, else a free port")
-        p.set_defaults(func=cmd_stack)
-
-    for name, text in (("deploy", "register the deployments (nightly cron schedule) on a work pool"),
-                       ("serve", "serve the deployments from this process (single machine)")):
-        p = commands.add_parser(name, help=text)
-        p.add_argument("--cron", default="0 2 * * *", help="nightly schedule (default 02:00)")
+    for name, summary, example in (
+            ("deploy", "register the flows as deployments on a work pool (nightly cron schedule)",
+             "  resflow deploy --cron '0 2 * * *' --timezone Europe/Berlin --param input=s3://b/in --param output=s3://b/out\n"
+             "  resflow deploy --work-pool resflow-k8s --source /app --gpu   # the Kubernetes work pool (infra/)"),
+            ("serve", "serve the deployments from this process (one machine, no work pool)",
+             "  resflow serve --cron '0 2 * * *'")):
+        p = command(commands, name, summary, example, run_deploy)
+        p.add_argument("--cron", default="0 2 * * *", help="the nightly schedule")
         p.add_argument("--timezone", default="UTC", help="IANA time zone of the schedule, e.g. Europe/Berlin")
-        p.add_argument("--param", action="append", help="a default flow parameter, key=value (repeatable)")
+        p.add_argument("--param", action="append", metavar="KEY=VALUE",
+                       help="a flow parameter's default (repeatable); unknown names are refused")
+        p.add_argument("--gpu", action="store_true",
+                       help="GPU defaults: restore on GPU replicas, train the dncnn-paper preset on GPU workers")
         if name == "deploy":
-            p.add_argument("--work-pool", default="resflow")
+            p.add_argument("--work-pool", default="resflow", help="created as a process pool when missing")
             p.add_argument("--source", help="folder holding flows/ where the worker runs (default: this checkout)")
             p.add_argument("--paused", action="store_true", help="register the schedule paused")
-        p.set_defaults(func=cmd_deploy)
+            p.add_argument("--notify-url", metavar="URL",
+                           help="a webhook that hears when a nightly run fails, crashes or runs too long")
+            p.add_argument("--overdue-minutes", type=float, default=360,
+                           help="with --notify-url: a nightly run still running this long is reported")
+            add_json_flag(p)
 
-    p = commands.add_parser("flow", help="run one flow now (PREFECT_API_URL or an ephemeral API)")
-    p.add_argument("flow", choices=sorted(FLOWS))
-    p.add_argument("--param", action="append", help="a flow parameter, key=value (repeatable)")
-    p.set_defaults(func=cmd_flow)
+    p = command(commands, "flow", "run one flow now (PREFECT_API_URL's server, or an ephemeral API)",
+                "  resflow flow nightly --param input=s3://resflow/incoming --param output=s3://resflow/restored\n"
+                "  resflow flow evaluate --param model=s3://resflow/models --param data=s3://resflow/set12", run_flow)
+    p.add_argument("flow", choices=FLOW_NAMES, help="which flow")
+    p.add_argument("--param", action="append", metavar="KEY=VALUE",
+                   help="a flow parameter (repeatable); unknown names are refused")
+    add_json_flag(p)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return pipeline_cli.main(argv, extend=add_commands)
+    return pipeline_cli.main(argv, extensions=(local_cli.add_commands, add_commands))
 
 
 if __name__ == "__main__":

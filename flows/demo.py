@@ -27,7 +27,7 @@ DEMO_DIR = REPO / ".demo"
 def main() -> int:
     started = time.time()
     minutes = float(os.environ.get("RESFLOW_DEMO_MINUTES", "3"))
-    from flows import stack
+    from local import stack
 
     state = stack.running()
     if state:
@@ -38,7 +38,7 @@ def main() -> int:
         # An ephemeral Prefect API (a temporary server per run) with its database here, not in ~/.prefect.
         os.environ.setdefault("PREFECT_HOME", str(DEMO_DIR / "prefect"))
         os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from pipeline import s3server
+    from local import s3server
 
     if not os.environ.get("AWS_ENDPOINT_URL"):
         print("starting a local S3 server (SeaweedFS) for the demo; its data stays in .demo/s3 ...", flush=True)
@@ -49,8 +49,8 @@ def main() -> int:
 
 def run(minutes: float, started: float, state: dict | None) -> None:
     from flows.flows import nightly_flow
-    from pipeline.degrade import Degradation
-    from pipeline.ingest import degrade_dataset, ingest, split_dataset
+    from pipeline.degrade import Degradation, degrade_dataset
+    from pipeline.ingest import ingest, split_dataset
 
     root = f"s3://resflow/demo/{time.strftime('%Y%m%d-%H%M%S')}"
     print(f"[1/3] ingest Train400 and Set12 from {DATA} into {root}/", flush=True)
@@ -71,10 +71,20 @@ def run(minutes: float, started: float, state: dict | None) -> None:
     restore = record["restore"]
     print(f"restored {restore['images_ok']} ok, {restore['images_failed']} failed, {restore['megapixels_per_s']:.3f} MP/s")
     print_table(f"{root}/incoming", output)
-    where = (f"open {state['prefect_ui']}/runs (artifacts: restore-summary with before/after previews)" if state else
-             "this run used an ephemeral Prefect API; `resflow up` first to keep runs in the Prefect UI")
     print(f"\ndemo finished in {(time.time() - started) / 60:.1f} min.\nrestored Parquet: {output}/\n"
-          f"model registry: {root}/models/ (champion.json)\nrun record: {record['record']}\nPrefect: {where}")
+          f"model registry: {root}/models/ (champion.json)\nrun record: {record['record']}\n"
+          f"Prefect: {where_the_runs_are(state)}")
+
+
+def where_the_runs_are(state: dict | None) -> str:
+    """Say what this run actually used: the local stack's server, a server PREFECT_API_URL
+    named, or a temporary API that is gone now."""
+    if state:
+        return f"open {state['prefect_ui']}/runs (artifacts: restore-summary with before/after previews)"
+    api = os.environ.get("PREFECT_API_URL")
+    if api:
+        return f"the runs are in the Prefect server at {api} (PREFECT_API_URL); its UI lists them under Runs"
+    return "this run used an ephemeral Prefect API, gone with it; `resflow up` first to keep runs in the Prefect UI"
 
 
 def print_table(noisy_uri: str, restored_uri: str) -> None:
@@ -91,9 +101,11 @@ def print_table(noisy_uri: str, restored_uri: str) -> None:
         for image_id, noisy_image, image, target, status in zip(
                 noisy["image_id"].to_pylist(), noisy["image"].to_pylist(),
                 *(restored[c].to_pylist() for c in ("image", "target", "status"))):
-            clean = decode(target).pixels
-            rows.append((image_id, metrics.psnr(clean, decode(noisy_image).pixels),
-                         metrics.psnr(clean, decode(image).pixels) if status == "ok" else float("nan")))
+            if status != "ok":
+                rows.append((image_id, float("nan"), float("nan")))
+                continue
+            scores = metrics.score_restoration(decode(target).pixels, decode(noisy_image).pixels, decode(image).pixels)
+            rows.append((image_id, scores["input_psnr"], scores["output_psnr"]))
     print(f"\n{'image':<10} {'noisy PSNR':>11} {'restored PSNR':>14}")
     for image_id, before, after in rows:
         print(f"{image_id:<10} {before:>11.2f} {after:>14.2f}")

@@ -1,7 +1,7 @@
 """resflow's Prefect flows: restore, train, evaluate, challenge, and the nightly run.
 
     # one run now (an ephemeral Prefect API unless PREFECT_API_URL is set; local Ray unless RAY_ADDRESS is)
-    python -m flows.flows nightly --input s3://resflow/incoming --output s3://resflow/restored
+    resflow flow nightly --param input=s3://resflow/incoming --param output=s3://resflow/restored
     # every night: see flows/deploy.py (`resflow deploy`, `resflow serve`)
 
 The nightly flow (1) finds the input files that arrived since the last run (the restore
@@ -9,6 +9,10 @@ manifest), (2) restores them with the registry's champion, (3) when asked or whe
 cadence says so, trains a challenger, evaluates it and the champion on the held-out set
 and promotes the challenger only if it is better by `min_gain_db`, (4) records what it
 did: `<output>/_resflow/runs/<flow run id>.json` and artifacts in the Prefect UI.
+
+Parameters are what a person types in the UI's run form; each flow turns them into the
+step's job (pipeline/jobs.py) and runs it through one task, `tasks.run_step_task`.
+Defaults of settings are read from their one home (pipeline/config.py), not restated.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows import artifacts, raybridge, tasks
+from pipeline.config import RestoreSettings, train_preset
+from pipeline.jobs import EvaluateJob, RestoreJob, TrainJob
 
 DEFAULTS = {  # the demo's layout in the local S3 server; every one is a flow parameter
     "input": "s3://resflow/incoming",
@@ -41,13 +47,19 @@ hooks = dict(on_cancellation=[stop_ray_jobs], on_crashed=[stop_ray_jobs])
 
 @flow(name="resflow-restore", log_prints=True, **hooks)
 def restore_flow(input: str = DEFAULTS["input"], output: str = DEFAULTS["output"], model: str = DEFAULTS["registry"],
-                 workers: int | None = None, use_gpu: bool = False, batch_size: int | None = None, tile: int = 512,
-                 force: bool = False, previews: int = 4, quality_sample: int = 16) -> dict:
+                 workers: int | None = None, use_gpu: bool = False, batch_size: int | None = None,
+                 tile: int = RestoreSettings.tile, force: bool = False, previews: int = 4,
+                 quality_sample: int = 16) -> dict:
     """Restore every new or changed Parquet file under `input` into `output`."""
-    report = tasks.restore_step(input, output, model, workers=workers, use_gpu=use_gpu, batch_size=batch_size,
-                                tile=tile, force=force)
+    report = tasks.run_step_task(restore_job(input, output, model, workers, use_gpu, batch_size, tile, force))
     report["metrics"] = artifacts.restore_artifacts(report, input, model, previews, quality_sample)
     return report
+
+
+def restore_job(input: str, output: str, model: str, workers: int | None = None, use_gpu: bool = False,
+                batch_size: int | None = None, tile: int = RestoreSettings.tile, force: bool = False) -> RestoreJob:
+    return RestoreJob(input=input, output=output, model=model, workers=workers, use_gpu=use_gpu, force=force,
+                      settings=RestoreSettings(tile=tile, batch_size=batch_size))
 
 
 @flow(name="resflow-train", log_prints=True, **hooks)
@@ -55,8 +67,10 @@ def train_flow(data: str = DEFAULTS["train_data"], val_data: str = DEFAULTS["val
                registry: str = DEFAULTS["registry"], preset: str = "cpu", max_minutes: float | None = 20,
                workers: int | None = None, use_gpu: bool = False) -> dict:
     """Train a model version into the registry (it is not promoted; see `challenge_flow`)."""
-    summary = tasks.train_step(data, val_data, registry, preset=preset, max_minutes=max_minutes, workers=workers,
-                               use_gpu=use_gpu)
+    config = train_preset(preset, max_minutes=max_minutes, workers=workers, use_gpu=use_gpu or None)
+    summary = tasks.run_step_task(TrainJob(data=data, val_data=val_data, registry=registry, config=config))
+    tasks.record_training(registry, summary["version"])
+    get_run_logger().info(f"trained {summary['version']}: val PSNR {summary.get('val_psnr', float('nan')):.2f} dB")
     artifacts.evaluation_artifact([summary], key="training", description=f"Training on {data}")
     return summary
 
@@ -66,7 +80,7 @@ def evaluate_flow(model: str = DEFAULTS["registry"], data: str = DEFAULTS["val_d
                   noise_sigma: float | None = 25.0) -> dict:
     """PSNR/SSIM of a model (or a registry's champion) on a paired dataset, or on clean data
     with the protocol's Gaussian noise at `noise_sigma`."""
-    summary = tasks.evaluate_step(model, data, noise_sigma)
+    summary = tasks.run_step_task(EvaluateJob(model=model, data=data, noise_sigma=noise_sigma))
     artifacts.evaluation_artifact([summary], key="evaluation", description=f"Evaluation on {data}")
     return summary
 
@@ -80,19 +94,19 @@ def challenge_flow(challenger: str, registry: str = DEFAULTS["registry"], val_da
     logger = get_run_logger()
     version = challenger.rstrip("/").rsplit("/", 1)[-1]
     champion = tasks.read_champion(registry)
-    challenger_scores = tasks.evaluate_step(challenger, val_data, noise_sigma)
+    challenger_scores = tasks.run_step_task(EvaluateJob(model=challenger, data=val_data, noise_sigma=noise_sigma))
     rows = [{"role": "challenger", **challenger_scores}]
     if champion is None:
         promoted, reason = True, "no champion yet"
     else:
-        champion_scores = tasks.evaluate_step(champion["uri"], val_data, noise_sigma)
+        champion_scores = tasks.run_step_task(EvaluateJob(model=champion["uri"], data=val_data, noise_sigma=noise_sigma))
         rows.append({"role": "champion", **champion_scores})
         gain = challenger_scores["output_psnr"] - champion_scores["output_psnr"]
         promoted = gain >= min_gain_db
         reason = (f"{gain:+.3f} dB PSNR on {val_data} versus {champion['version']} "
                   f"({'>=' if promoted else '<'} {min_gain_db:g} dB needed)")
     if promoted:
-        tasks.promote(registry, version, reason)
+        tasks.promote(registry, version, reason, expected=champion["version"] if champion else None)
     else:
         logger.info(f"{version} is not promoted: {reason}; the champion stays {champion['version']}")
     artifacts.evaluation_artifact(rows, key="challenge", description=f"Challenger vs champion on {val_data}")
@@ -107,8 +121,8 @@ def nightly_flow(input: str = DEFAULTS["input"], output: str = DEFAULTS["output"
                  val_data: str = DEFAULTS["val_data"], val_noise_sigma: float | None = 25.0,
                  train_challenger: bool = False, train_every_days: float = 7.0, train_preset: str = "cpu",
                  train_minutes: float = 20.0, min_gain_db: float = 0.05, workers: int | None = None,
-                 use_gpu: bool = False, batch_size: int | None = None, tile: int = 512, previews: int = 4,
-                 lock_timeout_s: float = 900.0) -> dict:
+                 use_gpu: bool = False, batch_size: int | None = None, tile: int = RestoreSettings.tile,
+                 previews: int = 4, lock_timeout_s: float = 900.0) -> dict:
     """Restore what arrived since the last run with the champion; train and challenge on a cadence."""
     logger = get_run_logger()
     record: dict = {"input": input, "output": output, "registry": registry}
@@ -121,7 +135,7 @@ def nightly_flow(input: str = DEFAULTS["input"], output: str = DEFAULTS["output"
     record["champion"] = champion["version"]
 
     with tasks.input_lock(input, lock_timeout_s):
-        plan = tasks.find_new_inputs(input, output, registry)
+        plan = tasks.find_new_inputs(restore_job(input, output, registry))
         record["new_files"] = plan["todo"]
         if plan["todo"]:
             record["restore"] = restore_flow(input, output, registry, workers=workers, use_gpu=use_gpu,

@@ -1,9 +1,10 @@
-"""Prefect tasks: small, typed wrappers over the pipeline's steps.
+"""Prefect tasks: small, typed wrappers over the pipeline.
 
-Each step runs in-process on local Ray, or, with RAY_ADDRESS set, as a Ray job
-(flows/raybridge.py). Retries back off and happen only for failures a retry can fix
-(connections, timeouts, storage outages, stalls, lost nodes); a bad schema, a bad
-parameter or a model that cannot load fails at once.
+`run_step` runs any step's job (pipeline/jobs.py): in-process on local Ray, or, with
+RAY_ADDRESS set, as a Ray job (flows/raybridge.py). Retries back off with jitter and
+happen only for failures a retry can fix (storage outages, stalls, lost nodes, another
+run holding the output); a job rejected as given (bad schema, bad parameter, a model that
+does not load) fails at once. The retry budgets of every layer: docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -20,29 +21,55 @@ from prefect.runtime import flow_run
 
 from flows import raybridge
 from pipeline import registry, storage
-from pipeline.images import SchemaError
-from pipeline.modelio import ModelLoadError
+from pipeline.jobs import Events, RestoreJob, failure_kind, run_step, step_of
 
-RETRY_DELAYS_S = [2, 10, 30]
-DETERMINISTIC = (ValueError, TypeError, KeyError, FileNotFoundError, PermissionError, ModelLoadError, SchemaError,
-                 NotImplementedError)
+RETRY_DELAYS_S = [10, 60, 300]  # a step is minutes to hours of work: retry it few times, far apart
+RETRY_JITTER = 0.5  # up to +50% per delay, so that runs that failed together do not retry together
 
 
 def retry_on_io(task, task_run, state) -> bool:
-    """Prefect's retry_condition_fn: retry I/O failures, not deterministic ones."""
+    """Prefect's retry_condition_fn: retry what a retry can fix, nothing else."""
     error = state.result(raise_on_failure=False)
     if isinstance(error, raybridge.StepFailed):
-        return not error.deterministic
-    if isinstance(error, DETERMINISTIC):
-        return False
-    return isinstance(error, Exception)
+        return error.retryable
+    return isinstance(error, Exception) and failure_kind(error) != "rejected"
 
 
-io_task = dict(retries=len(RETRY_DELAYS_S), retry_delay_seconds=RETRY_DELAYS_S, retry_condition_fn=retry_on_io)
+io_task = dict(retries=len(RETRY_DELAYS_S), retry_delay_seconds=RETRY_DELAYS_S, retry_jitter_factor=RETRY_JITTER,
+               retry_condition_fn=retry_on_io)
 
 
 def _flow_run_id() -> str:
     return str(flow_run.id or "no-flow-run")
+
+
+class PrefectEvents(Events):
+    """A step's log lines into the run's log; its progress into a progress artifact."""
+
+    def __init__(self, step: str, description: str):
+        self.logger = get_run_logger()
+        self.step = step
+        self.artifact = create_progress_artifact(0.0, key=f"{step}-progress", description=description)
+
+    def log(self, message: str) -> None:
+        self.logger.info(message)
+
+    def progress(self, done: int, total: int) -> None:
+        update_progress_artifact(self.artifact, 100.0 * done / total if total else 100.0,
+                                 description=f"{self.step}: {done}/{total}")
+
+
+@task(**io_task)
+def run_step_task(job) -> dict:
+    """Run a train, evaluate or restore job, here or on the Ray cluster; returns its result."""
+    step = step_of(job)
+    events = PrefectEvents(step, f"{step} {getattr(job, 'input', None) or getattr(job, 'data', '')}")
+    if raybridge.cluster_mode():
+        result = raybridge.run_job_on_cluster(job, _flow_run_id(), events)
+    else:
+        result = run_step(job, events)
+    events.progress(1, 1)
+    return result
 
 
 # --- registry and planning ---------------------------------------------------------------------
@@ -54,11 +81,11 @@ def read_champion(registry_uri: str) -> dict | None:
 
 
 @task(**io_task)
-def find_new_inputs(input_uri: str, output_uri: str, model: str, force: bool = False) -> dict:
+def find_new_inputs(job: RestoreJob) -> dict:
     """Which input files this run must restore (new, changed, or done by another model)."""
-    from pipeline.restore import RestoreJob, plan
+    from pipeline.restore import plan
 
-    planned = plan(RestoreJob(input=input_uri, output=output_uri, model=model, force=force))
+    planned = plan(job)
     get_run_logger().info(f"{len(planned.todo)} input file(s) to restore with {planned.model_version}, "
                           f"{len(planned.skipped)} already done")
     return {"todo": [info.uri for info in planned.todo], "skipped": len(planned.skipped),
@@ -77,72 +104,15 @@ def training_due(registry_uri: str, every_days: float) -> bool:
     return dt.datetime.now(dt.UTC) - trained >= dt.timedelta(days=every_days)
 
 
-# --- the steps -------------------------------------------------------------------------------
+@task(**io_task)
+def record_training(registry_uri: str, version: str) -> dict:
+    return registry.record_training(registry_uri, version)
 
 
 @task(**io_task)
-def restore_step(input_uri: str, output_uri: str, model: str, workers: int | None = None, use_gpu: bool = False,
-                 batch_size: int | None = None, tile: int = 512, force: bool = False) -> dict:
-    logger = get_run_logger()
-    progress_id = create_progress_artifact(0.0, key="restore-progress", description=f"Restoring {input_uri}")
-
-    def on_progress(done: int, total: int) -> None:
-        update_progress_artifact(progress_id, 100.0 * done / total if total else 100.0,
-                                 description=f"{done}/{total} images restored")
-
-    argv = ["restore", "--input", input_uri, "--output", output_uri, "--model", model, "--tile", str(tile), "--json"]
-    argv += (["--workers", str(workers)] if workers else []) + (["--gpu"] if use_gpu else []) + (
-        ["--force"] if force else []) + (["--batch-size", str(batch_size)] if batch_size else [])
-    if raybridge.cluster_mode():
-        report = raybridge.run_step_as_job("restore", argv, _flow_run_id(), logger.info, on_progress)
-    else:
-        from pipeline.restore import RestoreJob, restore_dataset
-
-        job = RestoreJob(input=input_uri, output=output_uri, model=model, workers=workers, use_gpu=use_gpu,
-                         batch_size=batch_size, tile=tile, force=force, progress=False)
-        report = restore_dataset(job, log=logger.info, on_progress=on_progress).to_dict()
-    update_progress_artifact(progress_id, 100.0, description=f"{report['images_ok']} ok, "
-                                                            f"{report['images_failed']} failed")
-    return report
-
-
-@task(**io_task)
-def train_step(data: str, val_data: str, registry_uri: str, preset: str = "cpu", max_minutes: float | None = None,
-               workers: int | None = None, use_gpu: bool = False) -> dict:
-    logger = get_run_logger()
-    argv = ["train", "--data", data, "--val-data", val_data, "--output", registry_uri, "--preset", preset, "--json"]
-    argv += (["--max-minutes", f"{max_minutes:g}"] if max_minutes else []) + (
-        ["--workers", str(workers)] if workers else []) + (["--gpu"] if use_gpu else [])
-    if raybridge.cluster_mode():
-        summary = raybridge.run_step_as_job("train", argv, _flow_run_id(), logger.info)
-    else:
-        from pipeline.train import train, train_preset
-
-        config = train_preset(preset, max_minutes=max_minutes, workers=workers, use_gpu=use_gpu or None)
-        summary = train(data, val_data, registry_uri, config).summary()
-    registry.record_training(registry_uri, summary["version"])
-    logger.info(f"trained {summary['version']}: val PSNR {summary.get('val_psnr', float('nan')):.2f} dB")
-    return summary
-
-
-@task(**io_task)
-def evaluate_step(model: str, data: str, noise_sigma: float | None = None) -> dict:
-    logger = get_run_logger()
-    argv = ["evaluate", "--model", model, "--data", data, "--json"] + (
-        ["--noise-sigma", f"{noise_sigma:g}"] if noise_sigma is not None else [])
-    if raybridge.cluster_mode():
-        return raybridge.run_step_as_job("evaluate", argv, _flow_run_id(), logger.info)
-    from pipeline.evaluate import evaluate
-
-    summary = evaluate(model, data, noise_sigma=noise_sigma).summary()
-    logger.info(f"{summary['model_version']} on {data}: PSNR {summary['input_psnr']:.2f} -> "
-                f"{summary['output_psnr']:.2f} dB over {summary['images']} images")
-    return summary
-
-
-@task(**io_task)
-def promote(registry_uri: str, version: str, reason: str) -> dict:
-    record = registry.set_champion(registry_uri, version, reason=reason)
+def promote(registry_uri: str, version: str, reason: str, expected: str | None) -> dict:
+    """Promote unless the champion changed since the decision (registry.set_champion)."""
+    record = registry.set_champion(registry_uri, version, reason=reason, expected=expected)
     get_run_logger().info(f"champion is now {version}: {reason}")
     return record
 
@@ -181,7 +151,8 @@ def _ensure_limit(name: str) -> None:
 def input_lock(input_uri: str, timeout_s: float):
     """A global concurrency limit of 1 per input prefix: a second run on the same input
     waits for the first, then fails after `timeout_s` with a message instead of
-    restoring the same files twice."""
+    restoring the same files twice. (The output's lease, pipeline/lease.py, guards the
+    output itself whatever starts the run.)"""
     name = input_lock_name(input_uri)
     _ensure_limit(name)
     held = ExitStack()

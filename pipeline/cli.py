@@ -1,14 +1,19 @@
-"""The `resflow` command line.
+"""The `resflow` command line: the pipeline's commands.
 
-    resflow storage up|down|status|env       a local S3 server (SeaweedFS) on loopback
-    resflow ingest SRC DEST                  image files -> Parquet dataset
-    resflow degrade SRC DEST --noise-sigma 25 clean dataset -> paired (image, target)
-    resflow cluster up|down|status|env       a multi-node Ray cluster on this machine
-    resflow train | evaluate | restore       the pipeline's steps (see each module's docstring)
+    resflow ingest | degrade | split            build datasets
+    resflow train | evaluate | restore          the steps: each parses its flags into one job (pipeline/jobs.py)
+    resflow models list | show | promote        the model registry
 
-Every command reads S3 endpoint and credentials from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
-AWS_SECRET_ACCESS_KEY and AWS_REGION (`eval "$(resflow storage env)"` sets them for the
-local server).
+The local development services (`resflow storage|cluster|up|down|status|env`) add their
+commands from local/cli.py and the Prefect ones (`resflow flow|deploy|serve`) from
+flows/cli.py; `resflow` itself is flows.cli:main. `python -m pipeline.cli` runs these
+commands alone (what a Ray job or a container without Prefect runs).
+
+Building the parser imports nothing heavy, so every `--help` answers at once; a command
+imports what it runs. Every failure is one line on stderr (RESFLOW_DEBUG=1 shows the
+traceback) and an exit status: 2 when the command as given cannot run (a bad flag, a
+missing column, overlapping paths, a model that does not load, unreachable storage or
+missing credentials), 75 when another run holds the output (try later), 1 otherwise.
 """
 
 from __future__ import annotations
@@ -18,316 +23,392 @@ import json
 import os
 import sys
 
-from pipeline import s3server
+from pipeline.config import TRAIN_PRESETS, RestoreSettings, preset_summary
+from pipeline.contract import ImageColumns
+from pipeline.degrade import Degradation
+from pipeline.jobs import EXIT_STATUS, Events
 
-PROGRESS_PREFIX = "resflow progress: "  # `--json` restores print these to stderr; orchestrators parse them
+
+class Formatter(argparse.RawDescriptionHelpFormatter):
+    """Examples kept as written; a flag's default shown after its help when it has one."""
+
+    def _get_help_string(self, action):
+        shown = action.default not in (None, False, argparse.SUPPRESS) and not action.required
+        return f"{action.help} (default: %(default)s)" if shown and action.help else action.help
 
 
-def _columns(args):
-    from pipeline.images import ImageColumns
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and a usage exit status, not argparse's usage block
+        print(f"{self.prog}: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(2)
 
+
+def command(commands, name: str, summary: str, examples: str, run) -> argparse.ArgumentParser:
+    """A subcommand with its one-line summary, its examples, and the function that runs it."""
+    parser = commands.add_parser(name, help=summary, description=summary, epilog=f"examples:\n{examples}\n",
+                                 formatter_class=Formatter)
+    parser.set_defaults(run=run)
+    return parser
+
+
+def add_json_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the result as one line of JSON on stdout")
+
+
+def add_common_flags(parser: argparse.ArgumentParser, inference: bool = False) -> None:
+    """What every dataset command ends with: inference settings (when it runs a model),
+    the column names, --json."""
+    if inference:
+        add_settings_flags(parser)
+    add_column_flags(parser)
+    add_json_flag(parser)
+
+
+def add_model_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="model folder, or registry (its champion)")
+
+
+def add_column_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("columns (the data contract; name yours if they differ)")
+    group.add_argument("--id-column", default=ImageColumns.id, help="column with the unique image key")
+    group.add_argument("--image-column", default=ImageColumns.image, help="column with the (degraded) image")
+    group.add_argument("--target-column", default=ImageColumns.target, help="column with the clean reference")
+
+
+def columns_from(args) -> ImageColumns:
     return ImageColumns(id=args.id_column, image=args.image_column, target=args.target_column)
 
 
-def _add_column_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--id-column", default="image_id", help="column with the unique image key")
-    parser.add_argument("--image-column", default="image", help="column with the (degraded) image")
-    parser.add_argument("--target-column", default="target", help="column with the clean reference")
-
-
-def degradation_from_args(args):
-    from pipeline.degrade import Degradation
-
-    sigma_range = tuple(args.noise_sigma_range) if args.noise_sigma_range else None
-    sigma = None if sigma_range else args.noise_sigma
-    return Degradation(noise_sigma=sigma, noise_sigma_range=sigma_range, jpeg_quality=args.jpeg_quality,
-                       blur_sigma=args.blur_sigma, downscale=args.downscale)
-
-
-def add_degradation_flags(parser: argparse.ArgumentParser, default_sigma: float | None = 25.0) -> None:
+def add_degradation_flags(parser: argparse.ArgumentParser, default_sigma: float | None) -> None:
     group = parser.add_argument_group("degradation (composable: blur -> downscale -> noise -> JPEG)")
-    group.add_argument("--noise-sigma", type=float, default=default_sigma, help="Gaussian noise sigma on the 0-255 scale")
+    group.add_argument("--noise-sigma", type=float, default=default_sigma,
+                       help="Gaussian noise sigma on the 0-255 scale")
     group.add_argument("--noise-sigma-range", type=float, nargs=2, metavar=("LOW", "HIGH"),
-                       help="blind denoising: sigma drawn uniformly per image")
-    group.add_argument("--jpeg-quality", type=int, help="JPEG round trip at this quality")
+                       help="blind denoising: a sigma drawn uniformly per image (or patch) from this range")
+    group.add_argument("--jpeg-quality", type=int, help="JPEG round trip at this quality (1-95)")
     group.add_argument("--blur-sigma", type=float, help="Gaussian blur sigma in pixels")
     group.add_argument("--downscale", type=int, help="bicubic down and up by this factor")
 
 
-def cmd_storage(args) -> int:
-    data_dir = args.dir or s3server.DEFAULT_DIR
-    if args.action == "up":
-        server = s3server.start(data_dir, port=args.port, buckets=tuple(args.bucket))
-        print(f"SeaweedFS S3 is up: {server.endpoint_url} (pid {server.pid}, data in {server.data_dir})")
-        print(f"buckets: {', '.join('s3://' + b for b in args.bucket)}")
-        print("use it from this shell with:\n  eval \"$(resflow storage env" + (f" --dir {args.dir}" if args.dir else "") + ")\"")
-        print("which sets:")
-        for key, value in server.env().items():
-            shown = value if key in ("AWS_ENDPOINT_URL", "AWS_REGION") else "<hidden>"
-            print(f"  export {key}={shown}")
-        return 0
-    if args.action == "env":
-        server = s3server.read_state(data_dir)
-        if server is None:
-            print(f"no local S3 server recorded in {data_dir}; run `resflow storage up` first", file=sys.stderr)
-            return 1
-        for key, value in server.env().items():  # for eval: goes to stdout only when asked
-            print(f"export {key}={value}")
-        return 0
-    if args.action == "down":
-        server = s3server.stop(data_dir)
-        print("stopped " + repr(server) if server else f"no local S3 server recorded in {data_dir}")
-        return 0
-    state = s3server.status(data_dir)
-    print(json.dumps(state, indent=2))
-    return 0 if state["running"] else 1
+def degradation_from(args) -> Degradation:
+    sigma_range = tuple(args.noise_sigma_range) if args.noise_sigma_range else None
+    return Degradation(noise_sigma=None if sigma_range else args.noise_sigma, noise_sigma_range=sigma_range,
+                       jpeg_quality=args.jpeg_quality, blur_sigma=args.blur_sigma, downscale=args.downscale)
 
 
-def cmd_cluster(args) -> int:
-    from pipeline import localcluster
-
-    state_dir = args.dir or localcluster.DEFAULT_DIR
-    if args.action == "up":
-        cluster = localcluster.start(state_dir, nodes=args.nodes, cpus_per_node=args.cpus_per_node,
-                                     head_cpus=args.head_cpus, object_store_mb=args.object_store_mb)
-        print(f"local Ray cluster up: {len(cluster.nodes)} node(s), dashboard {cluster.dashboard_url}", file=sys.stderr)
-        args.action = "env"
-    if args.action == "env":
-        cluster = localcluster.read_state(state_dir)
-        if cluster is None:
-            print(f"no local Ray cluster recorded in {state_dir}; start one with `resflow cluster up`", file=sys.stderr)
-            return 1
-        for key, value in cluster.env().items():
-            print(f"export {key}={value}")
-    elif args.action == "down":
-        cluster = localcluster.stop(state_dir)
-        print("stopped" if cluster else f"no local Ray cluster recorded in {state_dir}")
-    else:
-        print(json.dumps(localcluster.status(state_dir), indent=2))
-    return 0
+def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("inference")
+    group.add_argument("--tile", type=int, default=RestoreSettings.tile,
+                       help="images larger than this are restored tile by tile (memory is bounded by the tile)")
+    group.add_argument("--tile-overlap", type=int, default=RestoreSettings.tile_overlap,
+                       help="pixels tiles overlap by; >= 4x the network's receptive radius keeps tiles seamless")
+    group.add_argument("--batch-size", type=int, help="rows (or tiles) per model call; default: 4 on CPU, 16 on GPU")
 
 
-def cmd_ingest(args) -> int:
+def settings_from(args) -> RestoreSettings:
+    return RestoreSettings(tile=args.tile, tile_overlap=args.tile_overlap, batch_size=args.batch_size,
+                           io_threads=getattr(args, "io_threads", None))
+
+
+class CliEvents(Events):
+    """Log lines on stderr; a progress bar when a person watches a terminal."""
+
+    def __init__(self, quiet: bool = False, unit: str = "img"):
+        self.interactive = sys.stderr.isatty() and not quiet
+        self.quiet, self.unit, self.bar = quiet, unit, None
+
+    def log(self, message: str) -> None:
+        if not self.quiet:
+            if self.bar is not None:
+                self.bar.write(message, file=sys.stderr)
+            else:
+                print(message, file=sys.stderr, flush=True)
+
+    def progress(self, done: int, total: int) -> None:
+        if not self.interactive:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit=self.unit, file=sys.stderr)
+        self.bar.total = total
+        self.bar.update(done - self.bar.n)
+        if done >= total:
+            self.bar.close()
+            self.bar = None
+
+
+def print_result(result: dict, args, text: str) -> None:
+    print(json.dumps(result, default=str) if args.json else text, flush=True)
+
+
+def check_storage(*uris: str) -> None:
+    """Fail fast, in one line, when the storage behind `uris` cannot be reached or no
+    credentials are set: a person at a terminal should not wait through the retry budget."""
+    from pipeline import storage
+
+    for uri in uris:
+        storage.check_reachable(uri)
+
+
+# --- datasets ----------------------------------------------------------------------------------
+
+
+def run_ingest(args) -> int:
     from pipeline.ingest import ingest
 
+    check_storage(args.destination)
     report = ingest(args.source, args.destination, rows_per_file=args.rows_per_file, progress=not args.quiet)
-    print(f"{report.images} images -> {report.output}: {report.files_written} files written, "
-          f"{report.files_skipped} already up to date")
+    print_result(report.__dict__, args, f"{report.images} images -> {report.output}: {report.files_written} files "
+                                        f"written, {report.files_skipped} already up to date")
     return 0
 
 
-def cmd_degrade(args) -> int:
-    from pipeline.ingest import degrade_dataset
+def run_degrade(args) -> int:
+    from pipeline.degrade import degrade_dataset
 
-    degradation = degradation_from_args(args)
+    check_storage(args.source, args.destination)
+    degradation = degradation_from(args)
     report = degrade_dataset(args.source, args.destination, degradation, seed=args.seed,
-                             seed_per_image=args.seed_per_image, columns=_columns(args), progress=not args.quiet)
-    print(f"{report.images} images degraded ({degradation.describe()}) -> {report.output}: "
-          f"{report.files_written} files written, {report.files_skipped} already up to date")
-    for file_uri, image_id, reason in report.failed:
-        print(f"failed: {image_id} in {file_uri}: {reason}", file=sys.stderr)
+                             seed_per_image=args.seed_per_image, columns=columns_from(args), progress=not args.quiet)
+    text = [f"{report.images} images degraded ({degradation.describe()}) -> {report.output}: "
+            f"{report.files_written} files written, {report.files_skipped} already up to date"]
+    text += [f"failed: {image_id} in {file_uri}: {reason}" for file_uri, image_id, reason in report.failed]
+    print_result(report.__dict__, args, "\n".join(text))
     return 0
 
 
-def cmd_split(args) -> int:
+def run_split(args) -> int:
     from pipeline.ingest import split_dataset
 
-    train_rows, val_rows = split_dataset(args.source, args.train, args.val, args.val_fraction, args.seed, _columns(args))
-    print(f"{train_rows} rows -> {args.train}, {val_rows} rows -> {args.val}")
+    check_storage(args.source, args.train, args.val)
+    train_rows, val_rows = split_dataset(args.source, args.train, args.val, args.val_fraction, args.seed,
+                                         columns_from(args))
+    print_result({"train": args.train, "train_rows": train_rows, "val": args.val, "val_rows": val_rows}, args,
+                 f"{train_rows} rows -> {args.train}, {val_rows} rows -> {args.val}")
     return 0
 
 
-def cmd_train(args) -> int:
-    from pipeline.train import train, train_preset
+# --- the steps ----------------------------------------------------------------------------------
+
+
+def run_train(args) -> int:
+    from pipeline.config import train_preset
+    from pipeline.jobs import TrainJob, run_step
 
     overrides = {"workers": args.workers, "max_minutes": args.max_minutes, "epochs": args.epochs,
                  "batch_size": args.batch_size, "patch_size": args.patch_size, "learning_rate": args.learning_rate,
-                 "seed": args.seed, "cpus_per_worker": args.cpus_per_worker, "keep_checkpoints": args.keep_checkpoints}
-    if args.gpu:
-        overrides["use_gpu"] = True
-    if args.model:
-        overrides["model"] = args.model
-    if args.model_config:
-        overrides["model_config"] = json.loads(args.model_config)
-    if args.noise_sigma_range or args.jpeg_quality or args.blur_sigma or args.downscale or args.noise_sigma != 25:
-        overrides["degradation"] = degradation_from_args(args)
-    overrides["columns"] = _columns(args)
-    config = train_preset(args.preset, **overrides)
-    result = train(args.data, args.val_data, args.output, config, run_name=args.run_name)
-    summary = result.summary()
-    if args.json:
-        print(json.dumps(summary))
+                 "seed": args.seed, "cpus_per_worker": args.cpus_per_worker, "keep_checkpoints": args.keep_checkpoints,
+                 "use_gpu": True if args.gpu else None, "architecture": args.architecture,
+                 "architecture_config": json.loads(args.architecture_config) if args.architecture_config else None,
+                 "columns": columns_from(args)}
+    if args.noise_sigma_range or args.jpeg_quality or args.blur_sigma or args.downscale or args.noise_sigma is not None:
+        if args.noise_sigma is None and not args.noise_sigma_range:
+            args.noise_sigma = Degradation.noise_sigma
+        overrides["degradation"] = degradation_from(args)
+    job = TrainJob(data=args.data, val_data=args.val_data, registry=args.registry,
+                   config=train_preset(args.preset, **overrides), run_name=args.run_name)
+    check_storage(job.data, job.val_data, job.registry)
+    result = run_step(job, CliEvents(quiet=args.json))
+    print_result(result, args, f"best epoch {result.get('epoch')}: val PSNR {result.get('val_psnr', float('nan')):.2f} "
+                               f"dB, SSIM {result.get('val_ssim', float('nan')):.4f}\n"
+                               f"model version {result['version']} -> {result['model']}")
+    return 0
+
+
+def run_evaluate(args) -> int:
+    from pipeline.evaluate import format_evaluation
+    from pipeline.jobs import EvaluateJob, run_step
+
+    job = EvaluateJob(model=args.model, data=args.data, noise_sigma=args.noise_sigma, seed=args.seed,
+                      settings=settings_from(args), columns=columns_from(args), per_image=args.per_image)
+    check_storage(job.model, job.data)
+    result = run_step(job, CliEvents(quiet=args.json))
+    print_result(result, args, format_evaluation(result))
+    return 0
+
+
+def run_restore(args) -> int:
+    from pipeline import raycluster
+    from pipeline.jobs import RestoreJob, run_step
+    from pipeline.restore import format_report
+
+    job = RestoreJob(input=args.input, output=args.output, model=args.model, settings=settings_from(args),
+                     columns=columns_from(args), workers=args.workers, use_gpu=args.gpu,
+                     cpus_per_worker=args.cpus_per_worker, force=args.force, stall_timeout_s=args.stall_timeout,
+                     lease_wait_s=args.wait_for_lease)
+    check_storage(job.input, job.output, job.model)
+    # A process of its own: local Ray without its dashboard saves ~210 MB and 10 processes
+    # (bench/README.md, "Ray's dashboard"); a cluster keeps its own.
+    raycluster.connect(dashboard=False)
+    result = run_step(job, CliEvents(quiet=args.json))
+    print_result(result, args, format_report(result))
+    return 0
+
+
+# --- the model registry -----------------------------------------------------------------------
+
+
+def run_models(args) -> int:
+    from pipeline import registry
+    from pipeline.modelio import read_card
+
+    check_storage(args.registry if args.action != "show" else args.model)
+    if args.action == "list":
+        champion = (registry.champion(args.registry) or {}).get("version")
+        rows = [{"version": card.version, "champion": card.version == champion, "created": card.created,
+                 "architecture": card.architecture, "val_psnr": card.metrics.get("val_psnr")}
+                for card in registry.versions(args.registry)]
+        lines = [f"{'*' if row['champion'] else ' '} {row['version']:<40} {row['created']:<26} "
+                 f"{row['architecture']:<8} val PSNR {row['val_psnr'] if row['val_psnr'] is None else round(row['val_psnr'], 2)}"
+                 for row in rows] or [f"no model versions in {args.registry}"]
+        print_result({"registry": args.registry, "champion": champion, "versions": rows}, args,
+                     "\n".join(lines + (["(* champion)"] if champion else [])))
+    elif args.action == "show":
+        card = read_card(registry.resolve(args.model))
+        print_result(card.__dict__, args, card.to_json())
     else:
-        print(f"best epoch {result.metrics.get('epoch')}: val PSNR {result.metrics.get('val_psnr', float('nan')):.2f} dB, "
-              f"SSIM {result.metrics.get('val_ssim', float('nan')):.4f}\nmodel version {result.version} -> {result.model_uri}")
+        record = registry.set_champion(args.registry, args.version, reason=args.reason)
+        print_result(record, args, f"champion of {args.registry} is now {record['version']}")
     return 0
 
 
-def cmd_evaluate(args) -> int:
-    from pipeline.evaluate import evaluate
-    from pipeline.restore_core import RestoreSettings
-
-    result = evaluate(args.model, args.data, noise_sigma=args.noise_sigma, seed=args.seed, columns=_columns(args),
-                      settings=RestoreSettings(tile=args.tile))
-    summary = result.summary()
-    if args.json:
-        print(json.dumps({**summary, **({"per_image": result.per_image} if args.per_image else {})}))
-        return 0
-    if args.per_image:
-        print(f"{'image':<24} {'input PSNR':>10} {'output PSNR':>11} {'input SSIM':>10} {'output SSIM':>11}")
-        for row in result.per_image:
-            print(f"{row['image_id']:<24} {row['input_psnr']:>10.2f} {row['output_psnr']:>11.2f} "
-                  f"{row['input_ssim']:>10.4f} {row['output_ssim']:>11.4f}")
-    print(f"{summary['images']} images ({summary['protocol']}), model {summary['model_version']}: "
-          f"PSNR {summary['input_psnr']:.2f} -> {summary['output_psnr']:.2f} dB, "
-          f"SSIM {summary['input_ssim']:.4f} -> {summary['output_ssim']:.4f}")
-    for image_id, reason in result.failed:
-        print(f"failed: {image_id}: {reason}", file=sys.stderr)
-    return 0
+# --- the parser ---------------------------------------------------------------------------------
 
 
-def cmd_restore(args) -> int:
-    from pipeline.restore import RestoreJob, format_report, restore_dataset
-
-    job = RestoreJob(input=args.input, output=args.output, model=args.model, workers=args.workers, use_gpu=args.gpu,
-                     cpus_per_worker=args.cpus_per_worker, batch_size=args.batch_size, io_threads=args.io_threads, tile=args.tile, tile_overlap=args.tile_overlap, force=args.force,
-                     stall_timeout_s=args.stall_timeout, columns=_columns(args), progress=not args.json)
-    def progress(done: int, total: int) -> None:  # one line per published file: readable in Ray job logs
-        print(f"{PROGRESS_PREFIX}{done}/{total} images", file=sys.stderr, flush=True)
-
-    report = restore_dataset(job, log=(lambda message: print(message, file=sys.stderr)) if args.json else print,
-                             on_progress=progress if args.json else None, ray_dashboard=False)
-    print(json.dumps(report.to_dict()) if args.json else format_report(report))
-    return 0
-
-
-def build_parser(extend=None) -> argparse.ArgumentParser:
-    """`extend(commands)` adds subcommands: flows/cli.py adds the Prefect ones, so this
-    module stays free of Prefect."""
-    parser = argparse.ArgumentParser(prog="resflow", description="Restore image datasets with residual networks on Ray.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    if extend:
-        extend(commands)
-
-    p = commands.add_parser("storage", help="a local S3 server (SeaweedFS) for laptops and CI")
-    p.add_argument("action", choices=["up", "down", "status", "env"])
-    p.add_argument("--dir", help=f"data folder (default {s3server.DEFAULT_DIR})")
-    p.add_argument("--port", type=int, help="S3 port (default: a free one); port + 10000 must be free too")
-    p.add_argument("--bucket", action="append", default=None, help="bucket to create (repeatable; default resflow)")
-    p.set_defaults(func=cmd_storage)
-
-    p = commands.add_parser("cluster", help="a multi-node Ray cluster on this machine (one process group per node)")
-    p.add_argument("action", choices=["up", "down", "status", "env"])
-    p.add_argument("--dir", help="state folder (default ~/.resflow/cluster)")
-    p.add_argument("--nodes", type=int, default=3, help="head + nodes-1 workers")
-    p.add_argument("--cpus-per-node", type=int, default=2)
-    p.add_argument("--head-cpus", type=int, default=0, help="CPUs the head offers (0: work runs on the workers)")
-    p.add_argument("--object-store-mb", type=int, default=1024, help="object store per node")
-    p.set_defaults(func=cmd_cluster)
-
-    p = commands.add_parser("ingest", help="image files (folder, glob, s3:// prefix) -> Parquet dataset")
-    p.add_argument("source")
-    p.add_argument("destination")
-    p.add_argument("--rows-per-file", type=int, default=64)
+def add_commands(commands) -> None:
+    p = command(commands, "ingest", "store image files (folder, glob, s3:// prefix) as a Parquet dataset",
+                "  resflow ingest ./photos s3://resflow/photos/\n"
+                "  resflow ingest './scans/*.tif' ./datasets/scans --rows-per-file 16", run_ingest)
+    p.add_argument("source", help="folder, glob or s3:// prefix of image files (PNG, JPEG, TIFF, WebP, BMP)")
+    p.add_argument("destination", help="dataset folder or s3:// prefix to write")
+    p.add_argument("--rows-per-file", type=int, default=64, help="images per Parquet file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_ingest)
+    add_json_flag(p)
 
-    p = commands.add_parser("degrade", help="clean dataset -> paired dataset (image degraded, target clean)")
-    p.add_argument("source")
-    p.add_argument("destination")
-    add_degradation_flags(p)
+    p = command(commands, "degrade", "write a paired dataset (image degraded, target clean) from a clean one",
+                "  resflow degrade s3://resflow/set12 s3://resflow/set12-noisy25 --noise-sigma 25\n"
+                "  resflow degrade ./clean ./blind --noise-sigma-range 5 55 --seed-per-image", run_degrade)
+    p.add_argument("source", help="clean dataset")
+    p.add_argument("destination", help="paired dataset to write (outside the source)")
+    add_degradation_flags(p, default_sigma=Degradation.noise_sigma)
     p.add_argument("--seed", type=int, default=0, help="noise seed; the protocol seeds every image with 0")
     p.add_argument("--seed-per-image", action="store_true", help="a distinct noise stream per image id")
-    p.add_argument("--quiet", action="store_true")
-    _add_column_flags(p)
-    p.set_defaults(func=cmd_degrade)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_common_flags(p)
 
-    p = commands.add_parser("split", help="split a dataset into train and held-out validation by image id")
-    p.add_argument("source")
-    p.add_argument("train")
-    p.add_argument("val")
-    p.add_argument("--val-fraction", type=float, default=0.05)
-    p.add_argument("--seed", type=int, default=0)
-    _add_column_flags(p)
-    p.set_defaults(func=cmd_split)
+    p = command(commands, "split", "split a dataset into training and held-out validation by a hash of the id",
+                "  resflow split s3://resflow/all s3://resflow/train s3://resflow/val --val-fraction 0.05", run_split)
+    p.add_argument("source", help="dataset to split")
+    p.add_argument("train", help="where the training rows go")
+    p.add_argument("val", help="where the held-out rows go")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="share of ids held out (stable as data grows)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the id hash")
+    add_common_flags(p)
 
-    from pipeline.train import TRAIN_PRESETS
-
-    p = commands.add_parser("train", help="train a residual model with Ray Train (local Ray or RAY_ADDRESS)")
+    presets = "\n".join(f"  {name:<12} {preset_summary(name)}" for name in TRAIN_PRESETS)
+    p = command(commands, "train", "train a residual model with Ray Train and publish it to a model registry",
+                "  resflow train --data s3://resflow/train --val-data s3://resflow/val --registry s3://resflow/models\n"
+                "  RAY_ADDRESS=http://head:8265 resflow train ... --preset dncnn-paper --workers 8 --gpu\n"
+                f"presets:\n{presets}", run_train)
     p.add_argument("--data", required=True, help="training dataset: clean images, or paired (image, target)")
-    p.add_argument("--val-data", required=True, help="held-out dataset scored every epoch")
-    p.add_argument("--output", required=True, help="model registry prefix; the best checkpoint is published there")
-    p.add_argument("--preset", default="cpu", choices=sorted(TRAIN_PRESETS))
-    p.add_argument("--model", help="override the preset's architecture (dncnn, resnet)")
-    p.add_argument("--model-config", help='JSON, e.g. \'{"depth": 17, "width": 64}\'')
-    p.add_argument("--workers", type=int)
-    p.add_argument("--cpus-per-worker", type=float)
-    p.add_argument("--gpu", action="store_true", help="one GPU per worker, bf16 autocast")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--max-minutes", type=float, help="wall-clock budget; the LR schedule anneals to it")
-    p.add_argument("--batch-size", type=int, help="per worker")
-    p.add_argument("--patch-size", type=int)
-    p.add_argument("--learning-rate", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--keep-checkpoints", type=int, help="best N checkpoints by validation PSNR kept in storage")
+    p.add_argument("--val-data", required=True, help="held-out dataset scored every epoch; picks the checkpoint")
+    p.add_argument("--registry", "--output", required=True, dest="registry",
+                   help="model registry prefix; the best checkpoint is published there as a new version")
+    p.add_argument("--preset", default="cpu", choices=sorted(TRAIN_PRESETS), help="starting point (see below)")
+    overrides = p.add_argument_group("overrides of the preset (default: the preset's)")
+    overrides.add_argument("--architecture", choices=["dncnn", "resnet"], help="network family")
+    overrides.add_argument("--architecture-config", metavar="JSON", help='e.g. \'{"depth": 17, "width": 64}\'')
+    overrides.add_argument("--workers", type=int, help="Ray Train workers (DDP ranks)")
+    overrides.add_argument("--cpus-per-worker", type=float, help="logical CPUs each worker reserves")
+    overrides.add_argument("--gpu", action="store_true", help="one GPU per worker, bf16 autocast")
+    overrides.add_argument("--epochs", type=int, help="upper bound on epochs")
+    overrides.add_argument("--max-minutes", type=float, help="wall-clock budget; the learning rate anneals to it")
+    overrides.add_argument("--batch-size", type=int, help="patches per step and worker")
+    overrides.add_argument("--patch-size", type=int, help="training crop size in pixels")
+    overrides.add_argument("--learning-rate", type=float, help="Adam's peak learning rate")
+    overrides.add_argument("--seed", type=int, help="seeds initialisation, patches and synthetic noise")
+    overrides.add_argument("--keep-checkpoints", type=int, help="best N checkpoints by validation PSNR kept")
     p.add_argument("--run-name", help="reuse a name to resume that run from its latest checkpoint")
-    p.add_argument("--json", action="store_true")
-    add_degradation_flags(p)
-    _add_column_flags(p)
-    p.set_defaults(func=cmd_train)
+    add_degradation_flags(p, default_sigma=None)
+    add_common_flags(p)
 
-    p = commands.add_parser("evaluate", help="PSNR/SSIM of a model on a paired or (with --noise-sigma) clean dataset")
-    p.add_argument("--model", required=True, help="model folder or registry (its champion)")
-    p.add_argument("--data", required=True)
-    p.add_argument("--noise-sigma", type=float, help="clean data: add the protocol's Gaussian noise at this sigma")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tile", type=int, default=512)
-    p.add_argument("--per-image", action="store_true")
-    p.add_argument("--json", action="store_true")
-    _add_column_flags(p)
-    p.set_defaults(func=cmd_evaluate)
+    p = command(commands, "evaluate", "PSNR/SSIM of a model on a paired dataset, or on clean data with noise added",
+                "  resflow evaluate --model s3://resflow/models --data s3://resflow/set12 --noise-sigma 25\n"
+                "  resflow evaluate --model ./model --data s3://resflow/set12-noisy25 --per-image", run_evaluate)
+    add_model_flag(p)
+    p.add_argument("--data", required=True, help="paired dataset, or clean with --noise-sigma")
+    p.add_argument("--noise-sigma", type=float, help="clean data: the protocol's Gaussian noise at this sigma")
+    p.add_argument("--seed", type=int, default=0, help="noise seed; the protocol seeds every image with 0")
+    p.add_argument("--per-image", action="store_true", help="scores of every image, not only the means")
+    add_common_flags(p, inference=True)
 
-    p = commands.add_parser("restore", help="restore every image of a Parquet dataset with Ray Data")
-    p.add_argument("--input", required=True)
-    p.add_argument("--output", required=True)
-    p.add_argument("--model", required=True, help="model folder or registry (its champion)")
-    p.add_argument("--workers", type=int, help="model replicas (default: from the cluster's CPUs or GPUs)")
+    p = command(commands, "restore", "restore every new or changed file of a Parquet dataset with Ray Data",
+                "  resflow restore --input s3://resflow/incoming --output s3://resflow/restored --model s3://resflow/models\n"
+                "  RAY_ADDRESS=http://head:8265 resflow restore ... --gpu --workers 8", run_restore)
+    p.add_argument("--input", required=True, help="dataset to restore (never written to)")
+    p.add_argument("--output", required=True, help="where restored files go, at the same relative paths")
+    add_model_flag(p)
+    p.add_argument("--workers", type=int, help="model replicas; default: one per 2 logical CPUs, or one per GPU")
     p.add_argument("--gpu", action="store_true", help="one GPU per replica, bf16")
     p.add_argument("--cpus-per-worker", type=float, default=0.5,
                    help="logical CPUs a CPU replica reserves (fractions leave Ray's own tasks room)")
-    p.add_argument("--batch-size", type=int, help="rows per model call (default: 4 on CPU, 16 on GPU)")
     p.add_argument("--io-threads", type=int,
-                   help="PNG decode/encode threads per replica (default: 1 on CPU; on GPU the node's CPUs per GPU but one)")
-    p.add_argument("--tile", type=int, default=512)
-    p.add_argument("--tile-overlap", type=int, default=64)
+                   help="PNG decode/encode threads per replica; default: 1 on CPU, the node's CPUs per GPU on GPU")
     p.add_argument("--force", action="store_true", help="restore every file, even those already done")
     p.add_argument("--stall-timeout", type=float, default=600, help="fail after this many seconds without progress")
-    p.add_argument("--json", action="store_true", help="print the summary as one line of JSON")
-    _add_column_flags(p)
-    p.set_defaults(func=cmd_restore)
+    p.add_argument("--wait-for-lease", type=float, default=0,
+                   help="seconds to wait while another run writes the same output, before giving up")
+    add_common_flags(p, inference=True)
+
+    p = command(commands, "models", "list a model registry's versions, show a model's card, promote a champion",
+                "  resflow models list s3://resflow/models\n"
+                "  resflow models show s3://resflow/models          # the champion's card\n"
+                "  resflow models promote s3://resflow/models resnet-20261201-021500-3fa2c1", run_models)
+    actions = p.add_subparsers(dest="action", required=True, parser_class=Parser)
+    listing = actions.add_parser("list", help="every version, the champion marked", formatter_class=Formatter)
+    listing.add_argument("registry", help="model registry prefix")
+    add_json_flag(listing)
+    show = actions.add_parser("show", help="a model's card (architecture, metrics, training)", formatter_class=Formatter)
+    show.add_argument("model", help="model folder, or registry (its champion)")
+    add_json_flag(show)
+    promote = actions.add_parser("promote", help="make a version the champion (what the nightly flow does)",
+                                 formatter_class=Formatter)
+    promote.add_argument("registry", help="model registry prefix")
+    promote.add_argument("version", help="a version listed by `resflow models list`")
+    promote.add_argument("--reason", default="promoted by hand", help="recorded in champion.json")
+    add_json_flag(promote)
+
+
+def build_parser(*extensions) -> Parser:
+    """`extensions`: functions that add more subcommands (local/cli.py, flows/cli.py)."""
+    parser = Parser(prog="resflow", description="Restore large image datasets with residual networks: Parquet in "
+                                                "object storage, Ray Train, Ray Data, Prefect.",
+                    epilog="`resflow COMMAND --help` explains each command, with examples.",
+                    formatter_class=Formatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
+    add_commands(commands)
+    for extend in extensions:
+        extend(commands)
     return parser
 
 
-def main(argv: list[str] | None = None, extend=None) -> int:
-    parser = build_parser(extend)
-    args = parser.parse_args(argv)
-    if getattr(args, "bucket", "unset") is None:
-        args.bucket = [s3server.DEFAULT_BUCKET]
-    from pipeline.lease import LeaseHeld
-
+def main(argv: list[str] | None = None, extensions=()) -> int:
+    args = build_parser(*extensions).parse_args(argv)
     try:
-        return args.func(args)
+        return args.run(args)
     except KeyboardInterrupt:
         return 130
-    except LeaseHeld as error:  # another run is writing the output: try again later (EX_TEMPFAIL)
-        print(f"resflow {args.command}: busy: {error}", file=sys.stderr)
-        return 75
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
-        # job-level errors: one clear line, no traceback (RESFLOW_DEBUG=1 shows it)
+    except Exception as error:  # one line, no traceback (RESFLOW_DEBUG=1 shows it)
         if os.environ.get("RESFLOW_DEBUG"):
             raise
-        print(f"resflow {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        from pipeline.jobs import failure_kind
+
+        kind = failure_kind(error)
+        label = {"busy": "busy", "rejected": "error", "failed": "failed"}[kind]
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"resflow {args.command}: {label}: {message}", file=sys.stderr)
+        return EXIT_STATUS[kind]
 
 
 if __name__ == "__main__":

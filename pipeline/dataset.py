@@ -1,6 +1,6 @@
 """Parquet image datasets: listing, schema checks, reading and atomic writes.
 
-A dataset is a folder or prefix of Parquet files (DESIGN.md), nested as deep as the data
+A dataset is a folder or prefix of Parquet files (docs/architecture.md), nested as deep as the data
 is (folders, Hive partitions, Hugging Face shards); a file's path relative to the
 dataset's root is its key everywhere (`storage.relative_path`). What a job has finished
 is recorded in its manifest (pipeline/manifest.py).

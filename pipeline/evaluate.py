@@ -3,10 +3,11 @@
     resflow evaluate --model s3://resflow/models --data s3://resflow/set12-n25/          # paired dataset
     resflow evaluate --model s3://resflow/models --data s3://resflow/set12/ --noise-sigma 25  # protocol
 
-With `--noise-sigma` the dataset holds clean images and the noisy input is made by the
-quality protocol of DESIGN.md (float, unclipped, `np.random.seed(0)` per image): the
+With a noise sigma the dataset holds clean images and the noisy input is made by the
+quality protocol (docs/architecture.md; float, unclipped, `np.random.seed(0)` per image): the
 numbers compare with published tables. Without it the dataset must be paired (`image`
-degraded, `target` clean), as `resflow degrade` writes it.
+degraded, `target` clean), as `resflow degrade` writes it. `restore_and_score` is also
+how training validates every epoch.
 """
 
 from __future__ import annotations
@@ -16,13 +17,21 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline import registry
-from pipeline.dataset import check_dataset, iter_batches
+from pipeline import metrics, registry
+from pipeline.dataset import inspect_dataset, iter_batches
 from pipeline.degrade import protocol_noisy
-from pipeline.images import DecodeLimits, ImageColumns, decode, from_float, to_float
-from pipeline.metrics import psnr, ssim
+from pipeline.images import decode, from_float, max_value, to_float
+from pipeline.inference import ModelRunner
+from pipeline.jobs import EvaluateJob, Events
 from pipeline.modelio import load_model
-from pipeline.restore_core import ModelRunner, RestoreSettings
+
+
+def restore_and_score(runner: ModelRunner, clean: np.ndarray, degraded: np.ndarray, mode: str) -> dict:
+    """Restore a float (H, W, C) `degraded` image and score input and output against
+    `clean`, each clipped and rounded to `mode` first (the quality protocol)."""
+    restored = runner.restore_images([degraded])[0]
+    return metrics.score_restoration(from_float(clean, mode), from_float(degraded, mode), from_float(restored, mode),
+                                     max_value(mode))
 
 
 @dataclass
@@ -31,7 +40,7 @@ class Evaluation:
     data: str
     protocol: str
     images: int = 0
-    failed: list = field(default_factory=list)
+    failed: list = field(default_factory=list)  # (image_id, reason)
     per_image: list = field(default_factory=list)
     seconds: float = 0.0
 
@@ -42,54 +51,61 @@ class Evaluation:
     def summary(self) -> dict:
         return {"model_version": self.model_version, "data": self.data, "protocol": self.protocol,
                 "images": self.images, "failed": len(self.failed),
-                "input_psnr": self.mean("input_psnr"), "input_ssim": self.mean("input_ssim"),
-                "output_psnr": self.mean("output_psnr"), "output_ssim": self.mean("output_ssim"),
+                **{key: self.mean(key) for key in ("input_psnr", "input_ssim", "output_psnr", "output_ssim")},
                 "seconds": round(self.seconds, 2)}
 
-
-def restore_float(runner: ModelRunner, image: np.ndarray) -> np.ndarray:
-    """Restore a float (H, W, C) image; a gray model restores colour channel by channel."""
-    planes = image.transpose(2, 0, 1)
-    if runner.channels == planes.shape[0]:
-        return runner.run([np.ascontiguousarray(planes)])[0].transpose(1, 2, 0)
-    if runner.channels == 1:
-        restored = runner.run([np.ascontiguousarray(plane[None]) for plane in planes])
-        return np.concatenate(restored, axis=0).transpose(1, 2, 0)
-    raise ValueError(f"a {runner.channels}-channel model cannot restore a {planes.shape[0]}-channel image")
+    def to_dict(self, per_image: bool = False) -> dict:
+        return {**self.summary(), "failures": self.failed[:20], **({"per_image": self.per_image} if per_image else {})}
 
 
-def evaluate(model_uri: str, data: str, noise_sigma: float | None = None, seed: int = 0,
-             columns: ImageColumns = ImageColumns(), settings: RestoreSettings = RestoreSettings()) -> Evaluation:
+def evaluate(job: EvaluateJob, events: Events | None = None) -> Evaluation:
+    events = events or Events()
     started = time.time()
-    model, card = load_model(registry.resolve(model_uri), map_location=settings.device)
-    runner = ModelRunner(model, settings)
-    paired = noise_sigma is None
-    files = check_dataset(data, columns, need_target=paired)
-    protocol = "paired dataset" if paired else f"synthetic Gaussian noise sigma {noise_sigma:g}, seed {seed} per image"
-    result = Evaluation(card.version, data, protocol)
-    limits = DecodeLimits()
+    model, card = load_model(registry.resolve(job.model), map_location=job.settings.device)
+    runner = ModelRunner(model, job.settings)
+    paired = job.noise_sigma is None
+    columns = job.columns
+    inspected = inspect_dataset(job.data, columns, need_target=paired)
+    total = sum(footer.num_rows for _, footer in inspected)
+    protocol = ("paired dataset" if paired else
+                f"synthetic Gaussian noise sigma {job.noise_sigma:g}, seed {job.seed} per image")
+    result = Evaluation(card.version, job.data, protocol)
+    events.log(f"evaluating {card.version} on {total} images of {job.data} ({protocol})")
+    events.progress(0, total)
     wanted = [columns.id, columns.image] + ([columns.target] if paired else [])
-    for info in files:
+    done = 0
+    for info, _ in inspected:
         for batch in iter_batches(info.uri, batch_size=8, columns=wanted):
             rows = batch.to_pydict()
             for index, image_id in enumerate(rows[columns.id]):
-                clean = decode(rows[columns.target if paired else columns.image][index], limits, data)
-                noisy = decode(rows[columns.image][index], limits, data) if paired else clean
+                done += 1
+                clean = decode(rows[columns.target if paired else columns.image][index], job.limits, job.data)
+                noisy = decode(rows[columns.image][index], job.limits, job.data) if paired else clean
                 if not clean.ok or not noisy.ok:
                     result.failed.append((image_id, clean.error or noisy.error))
                     continue
                 clean_float, _ = to_float(clean.pixels, clean.mode)  # alpha is not scored
-                noisy_float = to_float(noisy.pixels, noisy.mode)[0] if paired else protocol_noisy(clean_float, noise_sigma, seed)
-                restored = restore_float(runner, noisy_float)
+                noisy_float = (to_float(noisy.pixels, noisy.mode)[0] if paired else
+                               protocol_noisy(clean_float, job.noise_sigma, job.seed))
                 mode = clean.mode.replace("A", "") or "L"
-                top = 65535.0 if clean.mode == "I;16" else 255.0
-                reference = from_float(clean_float, mode)
-                noisy_q, output_q = from_float(noisy_float, mode), from_float(restored, mode)
-                result.per_image.append({
-                    "image_id": image_id,
-                    "input_psnr": psnr(reference, noisy_q, top), "input_ssim": ssim(reference, noisy_q, top),
-                    "output_psnr": psnr(reference, output_q, top), "output_ssim": ssim(reference, output_q, top),
-                })
+                result.per_image.append({"image_id": image_id,
+                                         **restore_and_score(runner, clean_float, noisy_float, mode)})
                 result.images += 1
+            events.progress(done, total)
     result.seconds = time.time() - started
     return result
+
+
+def format_evaluation(result: dict) -> str:
+    """What `resflow evaluate` prints without --json."""
+    lines = []
+    if result.get("per_image"):
+        lines.append(f"{'image':<24} {'input PSNR':>10} {'output PSNR':>11} {'input SSIM':>10} {'output SSIM':>11}")
+        for row in result["per_image"]:
+            lines.append(f"{row['image_id']:<24} {row['input_psnr']:>10.2f} {row['output_psnr']:>11.2f} "
+                         f"{row['input_ssim']:>10.4f} {row['output_ssim']:>11.4f}")
+    lines.append(f"{result['images']} images ({result['protocol']}), model {result['model_version']}: "
+                 f"PSNR {result['input_psnr']:.2f} -> {result['output_psnr']:.2f} dB, "
+                 f"SSIM {result['input_ssim']:.4f} -> {result['output_ssim']:.4f}")
+    lines += [f"failed: {image_id}: {reason}" for image_id, reason in result.get("failures", [])]
+    return "\n".join(lines)

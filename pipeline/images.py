@@ -1,4 +1,4 @@
-"""Images in Parquet: the schema of DESIGN.md, decoding with limits, lossless encoding.
+"""Images in Parquet: the data contract (docs/architecture.md), decoding with limits, lossless encoding.
 
 An image value is either raw encoded bytes (PNG, JPEG, TIFF, WebP, BMP) or the Hugging
 Face `datasets` layout struct<bytes: binary, path: string>. Decoding never raises for a
@@ -37,35 +37,17 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageFile
 
+from pipeline.contract import DecodeLimits, ImageColumns
+
 # Pillow's own bomb check warns at ~89 MP and raises at ~179 MP; resflow checks the
 # declared size against its own limit before decoding, so Pillow's check is turned off.
 Image.MAX_IMAGE_PIXELS = None
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey stripe
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp")
-ACCEPTED_FORMATS = ("PNG", "JPEG", "TIFF", "WEBP", "BMP")  # Pillow's names; DESIGN.md's data contract
+ACCEPTED_FORMATS = ("PNG", "JPEG", "TIFF", "WEBP", "BMP")  # Pillow's names for the data contract's formats
 SIXTEEN_BIT_MODES = ("I;16", "RGB;16", "RGBA;16")
 EXIF_ORIENTATION = 0x0112
-
-
-@dataclass(frozen=True)
-class DecodeLimits:
-    max_pixels: int = 64_000_000  # 8k x 8k; a larger declared size is a decompression bomb until proven otherwise
-    min_side: int = 8  # smaller images carry too little content to restore or to score (SSIM window is 11)
-    max_bytes: int = 256 * 1024 * 1024  # an encoded value beyond this is not a plausible image
-
-    def __post_init__(self):
-        if self.max_pixels < 1 or self.min_side < 1 or self.max_bytes < 1:
-            raise ValueError("DecodeLimits: max_pixels, min_side and max_bytes must be positive")
-
-
-@dataclass(frozen=True)
-class ImageColumns:
-    """Names of the data contract's columns (configurable per dataset)."""
-
-    id: str = "image_id"
-    image: str = "image"
-    target: str = "target"
 
 
 class SchemaError(ValueError):

@@ -1,10 +1,11 @@
-"""Build image datasets: `ingest` (image files -> Parquet) and `degrade` (clean -> paired).
+"""Build image datasets: `ingest` (image files -> Parquet) and `split` (train / held out).
 
-    resflow ingest ../shared/data/Set12 s3://resflow/set12/
-    resflow degrade s3://resflow/set12/ s3://resflow/set12-noisy25/ --noise-sigma 25 --seed 0
+    resflow ingest ./photos s3://resflow/photos/
+    resflow split s3://resflow/photos s3://resflow/train s3://resflow/val --val-fraction 0.05
 
-Both write deterministic file names and record each finished file in the dataset's
-manifest, so a rerun skips what is done and never duplicates rows.
+Ingest writes deterministic file names and records each finished file in the dataset's
+manifest, so a rerun skips what is done and never duplicates rows. (Degrading a clean
+dataset into a paired one is `resflow degrade`: pipeline/degrade.py.)
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import glob as globlib
 import hashlib
 import posixpath
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -21,10 +22,11 @@ from tqdm import tqdm
 
 from pipeline import storage
 from pipeline.dataset import check_dataset, read_table, write_table
+from pipeline.images import (
+    IMAGE_SUFFIXES,
+    ImageColumns,
+)
 from pipeline.manifest import Manifest
-from pipeline.degrade import Degradation
-from pipeline.images import (IMAGE_SUFFIXES, DecodeLimits, ImageColumns, decode, encode_png, from_float, image_bytes,
-                             to_float)
 
 INGEST_SCHEMA = pa.schema([("image_id", pa.string()), ("image", pa.binary())])
 
@@ -96,72 +98,6 @@ def ingest(source: str, destination: str, rows_per_file: int = 64, progress: boo
         if name.startswith("part-") and int(name[5:10]) >= len(shards):
             storage.delete(storage.join(destination, name))
             manifest.remove(name)
-    bar.close()
-    return report
-
-
-@dataclass
-class DegradeReport:
-    images: int = 0
-    failed: list = field(default_factory=list)  # [(file, image_id, reason)]
-    files_written: int = 0
-    files_skipped: int = 0
-    output: str = ""
-
-
-def degradation_seed(seed: int, image_id: str, per_image: bool) -> int:
-    """The protocol seeds every image with the same seed (np.random.seed(0) per image);
-    `per_image` derives a distinct stream per image id instead."""
-    if not per_image:
-        return seed
-    digest = hashlib.sha256(f"{seed}:{image_id}".encode()).digest()
-    return int.from_bytes(digest[:4], "little")
-
-
-def degrade_dataset(source: str, destination: str, degradation: Degradation, seed: int = 0,
-                    seed_per_image: bool = False, columns: ImageColumns = ImageColumns(),
-                    limits: DecodeLimits = DecodeLimits(), progress: bool = True) -> DegradeReport:
-    """Write a paired dataset: `image` degraded (lossless PNG of the clipped, rounded
-    result), `target` the untouched clean bytes, other columns carried through.
-    Rows whose image cannot be decoded are left out and listed in the report."""
-    files = check_dataset(source, columns)
-    storage.ensure_bucket(destination)
-    manifest = Manifest(destination, "degrade")
-    report = DegradeReport(output=destination)
-    recipe = {"degradation": degradation.to_dict(), "seed": seed, "seed_per_image": seed_per_image}
-    bar = tqdm(total=len(files), desc="degrade", unit="file", disable=not progress, file=sys.stderr)
-    storage.check_disjoint(source, destination)
-    for info in files:
-        name = storage.relative_path(source, info.uri)  # nested layouts keep their folders
-        done = manifest.get(name)
-        if done and done.get("input_etag") == info.etag and done.get("recipe") == recipe:
-            report.files_skipped += 1
-            report.images += done.get("rows", 0)
-            bar.update(1)
-            continue
-        table = read_table(info.uri)
-        keep, degraded, clean_bytes = [], [], []
-        for row, (image_id, value) in enumerate(zip(table[columns.id].to_pylist(), table[columns.image].to_pylist())):
-            data, reason = image_bytes(value, base_dir=source)
-            decoded = decode(data, limits) if data is not None else None
-            if decoded is None or not decoded.ok:
-                report.failed.append((info.uri, image_id, reason or decoded.error))
-                continue
-            clean, alpha = to_float(decoded.pixels, decoded.mode)
-            rng = np.random.RandomState(degradation_seed(seed, image_id, seed_per_image))
-            noisy = degradation.apply(clean, rng)
-            degraded.append(encode_png(from_float(noisy, decoded.mode, alpha), decoded.mode))
-            clean_bytes.append(data)
-            keep.append(row)
-        out = table.take(keep)
-        out = out.drop_columns([columns.image] + ([columns.target] if columns.target in out.column_names else []))
-        out = out.append_column(columns.image, pa.array(degraded, type=pa.binary()))
-        out = out.append_column(columns.target, pa.array(clean_bytes, type=pa.binary()))
-        write_table(storage.join(destination, name), out)
-        manifest.put(name, {"input": info.uri, "input_etag": info.etag, "recipe": recipe, "rows": out.num_rows})
-        report.files_written += 1
-        report.images += out.num_rows
-        bar.update(1)
     bar.close()
     return report
 

@@ -1,4 +1,4 @@
-"""PSNR and SSIM as the quality protocol of DESIGN.md measures them.
+"""PSNR and SSIM as the quality protocol measures them (docs/architecture.md).
 
 Both take uint8 (or uint16) arrays: the restored image is clipped and rounded before it
 is scored, as in DnCNN/KAIR. PSNR over all pixels with no border crop; SSIM with an
@@ -48,6 +48,15 @@ def ssim(reference: np.ndarray, test: np.ndarray, data_range: float = 255.0) -> 
     denominator = (mu_x**2 + mu_y**2 + c1) * (sigma_xx + sigma_yy + c2)
     per_channel = (numerator / denominator).mean(dim=(1, 2, 3))
     return float(per_channel.mean())
+
+
+def score_restoration(reference: np.ndarray, degraded: np.ndarray, restored: np.ndarray,
+                      data_range: float = 255.0) -> dict:
+    """PSNR and SSIM of the degraded input and of the restored output against the clean
+    reference, all three quantised to the same mode: the one scoring path that training's
+    validation, `resflow evaluate`, the flows' artifacts and the demo share."""
+    return {"input_psnr": psnr(reference, degraded, data_range), "input_ssim": ssim(reference, degraded, data_range),
+            "output_psnr": psnr(reference, restored, data_range), "output_ssim": ssim(reference, restored, data_range)}
 
 
 def _as_planes(array: np.ndarray) -> torch.Tensor:

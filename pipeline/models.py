@@ -2,13 +2,13 @@
 
 Both learn the correction, not the image. DnCNN predicts the noise F(x) of the whole image
 and returns x - F(x); the residual-block network stacks blocks y = h + G(h) and adds a
-global skip, returning x + F(x). Reads top to bottom: configs, blocks, networks, registry,
-presets.
+global skip, returning x + F(x). Reads top to bottom: configs, blocks, networks, registry.
+Training presets (which architecture, how large) are in pipeline/config.py.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -144,54 +144,3 @@ def model_config(model: nn.Module) -> tuple[str, dict]:
         if type(model) is network:
             return name, asdict(model.config)
     raise TypeError(f"{type(model).__name__} is not a registered resflow model")
-
-
-# --- presets ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    config: DnCNNConfig | ResNetConfig
-
-    def build(self) -> nn.Module:
-        return build_model(self.name, **asdict(self.config))
-
-
-def dncnn_tiny() -> ModelSpec:
-    """For tests: a few thousand parameters, a forward pass in milliseconds on a CPU."""
-    return ModelSpec("dncnn", DnCNNConfig(depth=4, width=8))
-
-
-def dncnn_cpu() -> ModelSpec:
-    """10 x 32: about 1 MP/s forward on two CPU cores."""
-    return ModelSpec("dncnn", DnCNNConfig(depth=10, width=32))
-
-
-def dncnn_paper() -> ModelSpec:
-    """DnCNN-S of the paper: 17 layers x 64 channels with batch norm."""
-    return ModelSpec("dncnn", DnCNNConfig())
-
-
-def resnet_tiny() -> ModelSpec:
-    return ModelSpec("resnet", ResNetConfig(blocks=2, width=8))
-
-
-def resnet_cpu() -> ModelSpec:
-    return ModelSpec("resnet", ResNetConfig(blocks=4, width=32))
-
-
-MODEL_PRESETS = {
-    "dncnn-tiny": dncnn_tiny,
-    "dncnn-cpu": dncnn_cpu,
-    "dncnn-paper": dncnn_paper,
-    "resnet-tiny": resnet_tiny,
-    "resnet-cpu": resnet_cpu,
-}
-
-
-def model_preset(name: str, channels: int = 1) -> ModelSpec:
-    if name not in MODEL_PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(MODEL_PRESETS)}")
-    spec = MODEL_PRESETS[name]()
-    return replace(spec, config=replace(spec.config, channels=channels))

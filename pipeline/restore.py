@@ -25,26 +25,21 @@ import io
 import queue
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import raycluster, registry, storage
+from pipeline.config import RestoreSettings
+from pipeline.contract import OUTPUT_COLUMNS, DecodeLimits, ImageColumns
 from pipeline.dataset import PARQUET_COMPRESSION, inspect_dataset
-from pipeline.manifest import Manifest
-from pipeline.images import DecodeLimits, ImageColumns
+from pipeline.inference import ImageRestorer
+from pipeline.jobs import Events, RestoreJob
 from pipeline.lease import OutputLease
+from pipeline.manifest import Manifest
 from pipeline.modelio import load_model
-from pipeline.restore_core import OUTPUT_COLUMNS, ImageRestorer, RestoreSettings
 
-# Rows per model call when the job does not say. On CPU, larger batches are slower: the
-# activations of 8 BSD68-sized images leave the cache (cpu preset, one thread: 0.73 MP/s
-# at 4 rows, 0.52 at 8; two threads: 1.29 vs 0.91). GPUs want more rows per call (H200,
-# DnCNN-S, bf16: 105 / 114 / 119 / 127 MP/s at 4 / 8 / 16 / 32 rows); 16 keeps several
-# files in flight per replica without large batches of large tiles.
-CPU_BATCH_SIZE = 4
-GPU_BATCH_SIZE = 16
 # A GPU replica's forward pass outruns one core's PNG decoding and encoding many times over
 # (H200, DnCNN-S in bf16: ~120 MP/s at 16 rows per call; one core decodes and encodes under
 # 10 MP/s): it decodes and encodes on its node's CPUs per GPU but one (left to Ray), and
@@ -52,7 +47,7 @@ GPU_BATCH_SIZE = 16
 # another's forward passes (a 4-image file costs ~25 ms of storage round trips here against
 # ~5 ms of H200 forward).
 GPU_FILES_AT_ONCE = 4
-GPU_NODE_CPUS_WHEN_NONE_IS_UP = 8  # infra/kuberay's GPU workers: the autoscaler starts them on demand
+GPU_NODE_CPUS_WHEN_NONE_IS_UP = 8  # infra/k8s's GPU workers: the autoscaler starts them on demand
 # Ray Data keeps one block per input file (the unit a replica takes), up to this many; a
 # larger dataset packs several files into a block, which one replica restores in turn.
 MAX_BLOCKS = 10_000
@@ -63,43 +58,6 @@ PROGRESS_POLL_S = 5.0
 
 class StallError(RuntimeError):
     """The pipeline delivered no rows for longer than the stall timeout."""
-
-
-@dataclass(frozen=True)
-class RestoreJob:
-    input: str
-    output: str
-    model: str  # a model folder, or a registry (its champion)
-    workers: int | None = None  # model replicas; None: one per 2 logical CPUs locally, one per GPU with use_gpu
-    use_gpu: bool = False  # one GPU per replica, bf16
-    cpus_per_worker: float = 0.5  # logical CPUs a replica reserves; fractions leave Ray's own tasks room
-    batch_size: int | None = None  # rows per model call (tiles of one size are batched); None: per device, above
-    io_threads: int | None = None  # PNG decode/encode threads per replica; None: 1 on CPU, per GPU node on GPU (above)
-    tile: int = 512
-    tile_overlap: int = 64
-    force: bool = False  # restore every file, even those the manifest says are done
-    stall_timeout_s: float = 600.0  # fail when no row arrives for this long
-    lease_wait_s: float = 0.0  # how long to wait for another run's lease on the output before giving up
-    lease_ttl_s: float = 120.0  # a crashed run's lease is taken over this long after its last renewal
-    columns: ImageColumns = ImageColumns()
-    progress: bool = True
-
-    def __post_init__(self):
-        if self.workers is not None and self.workers < 1:
-            raise ValueError("workers must be >= 1")
-        if self.io_threads is not None and self.io_threads < 1:
-            raise ValueError("io_threads must be >= 1")
-        if self.stall_timeout_s <= 0:
-            raise ValueError("stall_timeout_s must be positive")
-        if self.lease_wait_s < 0 or self.lease_ttl_s <= 0:
-            raise ValueError("lease_wait_s must be >= 0 and lease_ttl_s positive")
-        RestoreSettings(tile=self.tile, tile_overlap=self.tile_overlap, batch_size=self.rows_per_call)
-
-    @property
-    def rows_per_call(self) -> int:
-        if self.batch_size is not None:
-            return self.batch_size
-        return GPU_BATCH_SIZE if self.use_gpu else CPU_BATCH_SIZE
 
 
 @dataclass
@@ -234,7 +192,7 @@ class FileRestorer:
     def __init__(self, model_uri: str, settings: RestoreSettings, columns: ImageColumns = ImageColumns(),
                  limits: DecodeLimits = DecodeLimits(), base_dir: str | None = None, progress=None):
         self.images = ImageRestorer(model_uri, settings, columns, limits, base_dir)
-        self.rows_per_call = settings.batch_size
+        self.rows_per_call = settings.rows_per_call
         self.columns = columns
         self.progress = progress
         self.filesystem = None  # the inputs' (one job's files share it), made on the first file
@@ -281,13 +239,13 @@ class FileRestorer:
         column that still reads (the id, usually) and null where nothing can be read."""
         count = parquet.metadata.row_group(group).num_rows
         columns = {}
-        for field in parquet.schema_arrow:
+        for column in parquet.schema_arrow:
             try:
-                columns[field.name] = parquet.read_row_group(group, columns=[field.name]).column(0)
+                columns[column.name] = parquet.read_row_group(group, columns=[column.name]).column(0)
             except storage.StorageError:
                 raise
             except Exception:
-                columns[field.name] = pa.nulls(count, field.type)
+                columns[column.name] = pa.nulls(count, column.type)
         reason = f"row group {group} of the input could not be read ({type(error).__name__}: {error})"
         columns[self.columns.image] = pa.nulls(count, pa.binary())
         columns.update({"status": pa.array(["failed"] * count), "error": pa.array([reason] * count),
@@ -296,7 +254,7 @@ class FileRestorer:
         summary["failed"] += count
         if len(summary["failures"]) < MAX_FAILURES_KEPT:
             summary["failures"].append([f"(row group {group}, {count} rows)", reason])
-        return pa.table([columns[field.name] for field in schema], schema=schema)
+        return pa.table([columns[name] for name in schema.names], schema=schema)
 
     def _restore_rows(self, rows: pa.Table, schema: pa.Schema, summary: dict) -> pa.Table:
         image = self.columns.image
@@ -361,21 +319,35 @@ class RowCounter:
         return self.rows
 
 
-def restore_dataset(job: RestoreJob, log=print, on_progress=None, ray_dashboard: bool = True) -> RestoreReport:
-    """Restore every new or changed input file. `on_progress(images_done, images_total)` is
-    called after each finished output file (orchestrators draw progress from it).
-    `ray_dashboard=False` starts local Ray (when this call starts it) without its dashboard:
-    `resflow restore`, a process of its own, saves ~210 MB and 10 processes
-    (raycluster.connect); a process that trains later (the nightly flow) needs it.
+def restore_dataset(job: RestoreJob, events: Events | None = None) -> RestoreReport:
+    """Restore every new or changed input file; `events` hears log lines and progress
+    (images done of images to restore) after each finished output file. Starts local Ray
+    when none is connected (raycluster.connect).
 
     The run holds the output's lease (pipeline/lease.py) from before planning to the end,
     so a second run on the same output waits or stops instead of writing beside it."""
+    events = events or Events()
     storage.check_disjoint(job.input, job.output)  # before the lease, which writes under the output
-    with OutputLease(job.output, ttl_s=job.lease_ttl_s, wait_s=job.lease_wait_s, log=log) as lease:
-        return _restore_holding_lease(job, lease, log, on_progress, ray_dashboard)
+    with OutputLease(job.output, ttl_s=job.lease_ttl_s, wait_s=job.lease_wait_s, log=events.log) as lease:
+        return _restore_holding_lease(job, lease, events)
 
 
-def _restore_holding_lease(job: RestoreJob, lease: OutputLease, log, on_progress, ray_dashboard: bool) -> RestoreReport:
+def replica_settings(job: RestoreJob, resources: dict) -> tuple[int, RestoreSettings, dict, int]:
+    """How many replicas, the settings each runs with, its Ray resources, and how many
+    files it restores at once: derived from the job and what the cluster offers."""
+    workers = job.workers or (max(1, int(resources.get("GPU", 1))) if job.use_gpu
+                              else max(1, int(resources.get("CPU", 2) // 2)))
+    if job.use_gpu:
+        io_threads = job.settings.io_threads or max(1, (raycluster.cpus_per_gpu() or GPU_NODE_CPUS_WHEN_NONE_IS_UP) - 1)
+        settings = replace(job.settings, device="cuda", io_threads=io_threads)
+        return workers, settings, {"num_gpus": 1, "num_cpus": io_threads}, GPU_FILES_AT_ONCE
+    # one torch thread per core, so a second file at once would only contend for it
+    settings = replace(job.settings, device="cpu", threads=job.settings.threads or
+                       max(1, raycluster.physical_cores() // workers))
+    return workers, settings, {"num_cpus": job.cpus_per_worker}, 1
+
+
+def _restore_holding_lease(job: RestoreJob, lease: OutputLease, events: Events) -> RestoreReport:
     import ray
     import ray.data
 
@@ -384,44 +356,28 @@ def _restore_holding_lease(job: RestoreJob, lease: OutputLease, log, on_progress
     todo, skipped, model_version, expected = planned.todo, planned.skipped, planned.model_version, planned.rows
     report = RestoreReport(job.output, model_version, files_total=len(todo) + len(skipped), files_skipped=len(skipped))
     if not todo:
-        log(f"nothing to restore: all {len(skipped)} input file(s) are done for model {model_version}")
+        events.log(f"nothing to restore: all {len(skipped)} input file(s) are done for model {model_version}")
         report.seconds = time.time() - started
         return report
-    storage.ensure_bucket(job.output)
-    resources = raycluster.connect(dashboard=ray_dashboard)
-    workers = job.workers or (max(1, int(resources.get("GPU", 1))) if job.use_gpu
-                              else max(1, int(resources.get("CPU", 2) // 2)))
-    if job.use_gpu:
-        threads = None
-        node_cpus = raycluster.cpus_per_gpu() or GPU_NODE_CPUS_WHEN_NONE_IS_UP
-        io_threads = job.io_threads or max(1, node_cpus - 1)
-        actor_options = {"num_gpus": 1, "num_cpus": io_threads}
-        files_at_once = GPU_FILES_AT_ONCE
-    else:
-        threads, io_threads = max(1, raycluster.physical_cores() // workers), job.io_threads or 1
-        actor_options = {"num_cpus": job.cpus_per_worker}
-        files_at_once = 1  # one torch thread per core: a second file at once would only contend for it
-    settings = RestoreSettings(tile=job.tile, tile_overlap=job.tile_overlap, batch_size=job.rows_per_call,
-                               device="cuda" if job.use_gpu else "cpu", threads=threads, io_threads=io_threads)
-
+    workers, settings, actor_options, files_at_once = replica_settings(job, raycluster.connect())
     report.images_total = sum(expected.values())
-    if on_progress:
-        on_progress(0, report.images_total)
+    events.progress(0, report.images_total)
     if len(todo) < workers:
-        log(f"note: {len(todo)} file(s) for {workers} replicas: a file is restored by one replica, so "
-            f"{workers - len(todo)} will idle; a dataset of more, smaller files spreads over more replicas")
-    log(f"restoring {len(todo)} file(s), {report.images_total} images, with model {model_version} on "
-        f"{workers} {'GPU' if job.use_gpu else 'CPU'} replica(s) ({job.rows_per_call} rows per call, "
-        f"{io_threads} PNG thread(s) and {files_at_once} file(s) at once each); {len(skipped)} file(s) already done")
+        events.log(f"note: {len(todo)} file(s) for {workers} replicas: a file is restored by one replica, so "
+                   f"{workers - len(todo)} will idle; a dataset of more, smaller files spreads over more replicas")
+    events.log(f"restoring {len(todo)} file(s), {report.images_total} images, with model {model_version} on "
+               f"{workers} {'GPU' if job.use_gpu else 'CPU'} replica(s) ({settings.rows_per_call} rows per call, "
+               f"{settings.io_threads or 1} PNG thread(s) and {files_at_once} file(s) at once each); "
+               f"{len(skipped)} file(s) already done")
 
     context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = job.progress
+    context.enable_progress_bars = events.interactive
     counter = ray.remote(num_cpus=0)(RowCounter).remote()
     units = [{"input": info.uri, "output": output_uri(job, info)} for info in todo]
     restored = ray.data.from_items(units, override_num_blocks=min(len(units), MAX_BLOCKS)).map_batches(
         FileRestorer,
         fn_constructor_kwargs={"model_uri": planned.model_folder, "settings": settings, "columns": job.columns,
-                               "limits": DecodeLimits(), "base_dir": job.input, "progress": counter},
+                               "limits": job.limits, "base_dir": job.input, "progress": counter},
         batch_size=1, batch_format="pyarrow",
         # Every replica starts at once (model loads overlap one another); the pool may shrink
         # to one when a node is lost, and Ray Data retries a lost replica's files elsewhere.
@@ -466,15 +422,14 @@ def _restore_holding_lease(job: RestoreJob, lease: OutputLease, log, on_progress
                 for image_id, reason in done["failures"]:
                     if len(report.failures) < MAX_FAILURES_KEPT:
                         report.failures.append((image_id, reason))
-                if on_progress:
-                    on_progress(report.images_ok + report.images_failed, report.images_total)
+                events.progress(report.images_ok + report.images_failed, report.images_total)
     finally:
         ray.kill(counter)
         try:
             lease.check()
             manifest.compact()
         except Exception as error:  # the entries stay valid one by one; never mask the run's own error
-            log(f"manifest not compacted ({error}); the next run reads its entries one by one")
+            events.log(f"manifest not compacted ({error}); the next run reads its entries one by one")
     if report.files_restored != len(todo):
         raise RuntimeError(f"restore ended early: {report.files_restored} of {len(todo)} file(s) complete; "
                            f"rerun to finish (done files are skipped)")
@@ -538,12 +493,13 @@ def _batches_with_watchdog(dataset, stall_timeout_s: float, where, rows_restored
             channel.get_nowait()
 
 
-def format_report(report: RestoreReport) -> str:
-    lines = [f"restored {report.files_restored} file(s) ({report.files_skipped} already done): "
-             f"{report.images_ok} ok, {report.images_failed} failed; {report.megapixels:.1f} MP in "
-             f"{report.seconds:.1f} s = {report.megapixels_per_s:.3f} MP/s (first rows after "
-             f"{report.first_rows_seconds:.1f} s); model {report.model_version}",
-             f"output: {report.output}"]
-    for image_id, reason in report.failures[:10]:
+def format_report(report: dict) -> str:
+    """What `resflow restore` prints without --json (`report`: RestoreReport.to_dict())."""
+    lines = [f"restored {report['files_restored']} file(s) ({report['files_skipped']} already done): "
+             f"{report['images_ok']} ok, {report['images_failed']} failed; {report['megapixels']:.1f} MP in "
+             f"{report['seconds']:.1f} s = {report['megapixels_per_s']:.3f} MP/s (first rows after "
+             f"{report['first_rows_seconds']:.1f} s); model {report['model_version']}",
+             f"output: {report['output']}"]
+    for image_id, reason in report["failures"][:10]:
         lines.append(f"  failed: {image_id}: {reason}")
     return "\n".join(lines)

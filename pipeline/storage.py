@@ -42,6 +42,10 @@ class OverlapError(ValueError):
     """An output location that would write into the input (or contain it)."""
 
 
+class StorageUnreachable(ValueError):
+    """Storage that cannot be used as configured: no endpoint answers, or no credentials."""
+
+
 @dataclass(frozen=True)
 class S3Settings:
     endpoint_url: str | None = None  # None: AWS itself; set for MinIO, Ceph, SeaweedFS
@@ -221,7 +225,7 @@ def retry(operation: Callable, *, what: str = "storage call", budget_s: float | 
     the operation budget; then raise StorageError naming `what`, with the last error as cause."""
     retrying = tenacity.Retrying(
         retry=tenacity.retry_if_not_exception_type(DETERMINISTIC_ERRORS),
-        wait=tenacity.wait_exponential_jitter(initial=0.5, max=16.0),
+        wait=tenacity.wait_exponential_jitter(multiplier=0.5, max=16.0),
         stop=tenacity.stop_after_delay(OPERATION_BUDGET_S if budget_s is None else budget_s),
         reraise=False,
     )
@@ -469,6 +473,39 @@ def _http_date(value: str | None) -> dt.datetime | None:
     from email.utils import parsedate_to_datetime
 
     return parsedate_to_datetime(value) if value else None
+
+
+def check_reachable(uri: str) -> None:
+    """One quick request, no retries: raise StorageUnreachable when the endpoint does not
+    answer or the credentials are missing or refused. For a person at a terminal, who
+    should not wait through the retry budget to learn that AWS_ENDPOINT_URL is wrong."""
+    location = parse(uri)
+    if location.scheme != "s3":
+        return
+    settings = S3Settings.from_env()
+    where = settings.endpoint_url or "AWS S3"
+    bucket = location.path.split("/", 1)[0]
+    quick = fsspec.filesystem(
+        "s3", skip_instance_cache=True, use_listings_cache=False,
+        client_kwargs={"region_name": settings.region, **({"endpoint_url": settings.endpoint_url}
+                                                            if settings.endpoint_url else {})},
+        config_kwargs={"retries": {"max_attempts": 1}, "connect_timeout": 5, "read_timeout": 10},
+        **({"key": settings.access_key, "secret": settings.secret_key} if settings.access_key else {}))
+    quick.retries = 1
+    try:
+        quick.call_s3("head_bucket", Bucket=bucket)
+    except FileNotFoundError:
+        return  # reachable; a missing bucket is created where resflow writes
+    except PermissionError as error:
+        raise StorageUnreachable(f"{where} refused the credentials for s3://{bucket} ({error}); check "
+                                 f"AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY") from None
+    except Exception as error:
+        cause = error.__cause__ or error
+        if type(cause).__name__ == "NoCredentialsError":
+            raise StorageUnreachable(f"no credentials for s3://{bucket}: set AWS_ACCESS_KEY_ID and "
+                                     f"AWS_SECRET_ACCESS_KEY (for the local server: eval \"$(resflow storage env)\")") from None
+        raise StorageUnreachable(f"cannot reach {where} for s3://{bucket}: {type(cause).__name__}: {cause}; "
+                                 f"check AWS_ENDPOINT_URL (for the local server: `resflow storage up`)") from None
 
 
 def iter_chunks(items: list, size: int) -> Iterator[list]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import s3server
+from local import s3server
 
 REPO = Path(__file__).resolve().parents[1]
 

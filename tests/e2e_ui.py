@@ -46,7 +46,7 @@ def main() -> int:
     if not browser:
         print("make e2e: chromium not found (apt-get install chromium); skipped", file=sys.stderr)
         return 1 if os.environ.get("RESFLOW_E2E_REQUIRE") else 0
-    from flows import stack
+    from local import stack
 
     OUT.mkdir(exist_ok=True)
     state_dir = OUT / "stack"

@@ -5,8 +5,8 @@ import os
 import subprocess
 import sys
 
-from pipeline.degrade import Degradation
-from pipeline.ingest import degrade_dataset, ingest
+from pipeline.degrade import Degradation, degrade_dataset
+from pipeline.ingest import ingest
 from tests.conftest import REPO, shared_data
 
 
@@ -44,3 +44,66 @@ def test_job_level_errors_are_one_clear_line(tmp_path, trained_model):
     assert "no Parquet files under" in result.stderr and "Traceback" not in result.stderr
     bad_model = resflow("evaluate", "--model", str(tmp_path), "--data", str(tmp_path))
     assert bad_model.returncode == 2 and "neither a model folder" in bad_model.stderr
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    """A user error is one line on stderr, exit status 2, and never a traceback."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+def test_user_errors_are_one_line_with_a_usage_exit_status(tmp_path):
+    bad_value = one_line_error(resflow("restore", "--input", "a", "--output", "b", "--model", "m", "--tile", "big"))
+    assert "--tile: invalid int value: 'big'" in bad_value
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RESFLOW_S3_", "RAY_ADDRESS"))}
+    unreachable = subprocess.run([sys.executable, "-m", "pipeline.cli", "restore", "--input", "s3://b/in", "--output",
+                                  "s3://b/out", "--model", "s3://b/models"], capture_output=True, text=True, cwd=REPO,
+                                 env={**env, "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "k",
+                                      "AWS_SECRET_ACCESS_KEY": "s"}, timeout=120)
+    assert "cannot reach http://127.0.0.1:9" in one_line_error(unreachable) and "AWS_ENDPOINT_URL" in unreachable.stderr
+    no_credentials = subprocess.run([sys.executable, "-m", "pipeline.cli", "restore", "--input", "s3://tests/in",
+                                     "--output", "s3://tests/out", "--model", "s3://tests/models"], capture_output=True,
+                                    text=True, cwd=REPO, timeout=120,
+                                    env={**env, "AWS_ENDPOINT_URL": os.environ["AWS_ENDPOINT_URL"],
+                                         "AWS_EC2_METADATA_DISABLED": "true", "HOME": str(tmp_path)})
+    assert "no credentials" in one_line_error(no_credentials)
+    wrong = subprocess.run([sys.executable, "-m", "pipeline.cli", "ingest", str(tmp_path), "s3://tests/x"],
+                           capture_output=True, text=True, cwd=REPO, timeout=120,
+                           env={**env, "AWS_ENDPOINT_URL": os.environ["AWS_ENDPOINT_URL"], "AWS_ACCESS_KEY_ID": "nobody",
+                                "AWS_SECRET_ACCESS_KEY": "wrong"})
+    assert "refused the credentials" in one_line_error(wrong)
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] not in no_credentials.stderr + wrong.stderr
+
+
+def test_unknown_flow_parameters_are_refused_with_the_valid_names():
+    for command in (["flow", "nightly"], ["deploy"]):
+        result = subprocess.run([sys.executable, "-m", "flows.cli", *command, "--param", "inptu=s3://x"],
+                                capture_output=True, text=True, cwd=REPO, timeout=300)
+        line = one_line_error(result)
+        assert "unknown parameter(s) inptu" in line and "input" in line and "train_every_days" in line
+
+
+def test_train_then_promote_then_restore_from_the_registry(train400_small, s3_prefix):
+    """As a new user would: a trained version is not yet a champion; the error says what to
+    do; after `resflow models promote` the registry restores."""
+    registry_uri = s3_prefix + "/models"
+    trained = resflow("train", "--data", train400_small + "/train", "--val-data", train400_small + "/val",
+                      "--registry", registry_uri, "--preset", "tiny", "--epochs", "1", "--cpus-per-worker", "0.5",
+                      "--json")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    version = json.loads(trained.stdout)["version"]
+    listed = json.loads(resflow("models", "list", registry_uri, "--json").stdout)
+    assert [row["version"] for row in listed["versions"]] == [version] and listed["champion"] is None
+    restore = ["restore", "--input", train400_small + "/val", "--output", s3_prefix + "/out", "--model", registry_uri,
+               "--workers", "1", "--json"]
+    refused = one_line_error(resflow(*restore))
+    assert f"resflow models promote {registry_uri} {version}" in refused
+    promoted = resflow("models", "promote", registry_uri, version, "--json")
+    assert promoted.returncode == 0 and json.loads(promoted.stdout)["version"] == version
+    shown = json.loads(resflow("models", "show", registry_uri, "--json").stdout)
+    assert shown["version"] == version and shown["architecture"] == "resnet"
+    restored = resflow(*restore)
+    assert restored.returncode == 0, restored.stderr[-3000:]
+    assert json.loads(restored.stdout)["model_version"] == version

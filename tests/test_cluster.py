@@ -1,5 +1,5 @@
 """Multi-node behaviour on one machine: a head (0 CPUs) and two 3-CPU worker nodes, each its own
-raylet and object store (pipeline/localcluster.py). Steps run as Ray jobs, the way the
+raylet and object store (local/ray_nodes.py). Steps run as Ray jobs, the way the
 flows run them in cluster mode."""
 
 import json
@@ -9,10 +9,13 @@ import time
 import pytest
 
 from flows import raybridge
-from pipeline import localcluster, storage
+from local import ray_nodes
+from pipeline import storage
+from pipeline.config import RestoreSettings, train_preset
 from pipeline.dataset import read_table
-from pipeline.manifest import Manifest
 from pipeline.ingest import ingest
+from pipeline.jobs import Events, RestoreJob, TrainJob, job_from_json, read_event
+from pipeline.manifest import Manifest
 from pipeline.modelio import save_model
 from pipeline.models import build_model
 from tests.conftest import shared_data
@@ -22,9 +25,9 @@ from tests.conftest import shared_data
 def cluster(s3_server, tmp_path_factory):
     """Started after the S3 variables are set: the nodes (and so the jobs) inherit them."""
     state_dir = tmp_path_factory.mktemp("cluster")
-    started = localcluster.start(state_dir, nodes=3, cpus_per_node=3, head_cpus=0, object_store_mb=512)
+    started = ray_nodes.start(state_dir, nodes=3, cpus_per_node=3, head_cpus=0, object_store_mb=512)
     yield started  # this process's environment is left alone: `cluster_env` sets it per test
-    localcluster.stop(state_dir)
+    ray_nodes.stop(state_dir)
 
 
 @pytest.fixture
@@ -40,11 +43,19 @@ def jobs(cluster):
     return JobSubmissionClient(cluster.dashboard_url)
 
 
-def submit(cluster, argv: list[str], name: str) -> str:
+def submit(cluster, job, name: str) -> str:
+    """Submit a step's job the way the flows do in cluster mode (`python -m pipeline.jobs JSON`)."""
     submission_id = f"test-{name}-{time.time_ns()}"
-    jobs(cluster).submit_job(entrypoint=raybridge.entrypoint(argv), submission_id=submission_id,
+    jobs(cluster).submit_job(entrypoint=raybridge.entrypoint(job), submission_id=submission_id,
                              runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}})
     return submission_id
+
+
+def result_of(logs: str) -> dict:
+    """The step's result: the last event line of its log."""
+    events = [event for event in map(read_event, logs.splitlines()) if event]
+    assert events and events[-1]["resflow_event"] == "result", logs[-3000:]
+    return events[-1]["result"]
 
 
 def wait(cluster, submission_id: str, timeout: float = 600) -> str:
@@ -89,7 +100,7 @@ def heavy_input(s3_server):
 
 
 def test_cluster_has_three_live_nodes(cluster):
-    assert localcluster.alive_nodes(cluster.gcs_address) == 3
+    assert ray_nodes.alive_nodes(cluster.gcs_address) == 3
 
 
 def test_restore_spreads_over_nodes_and_a_lost_node_loses_no_row(cluster, heavy_input):
@@ -99,21 +110,21 @@ def test_restore_spreads_over_nodes_and_a_lost_node_loses_no_row(cluster, heavy_
                 for info in inputs}
     # 2 CPUs per replica on 3-CPU nodes: the replicas cannot share a node (Ray's spreading
     # of small actors is best effort), and each node keeps a CPU for reads and writes.
-    argv = ["restore", "--input", input_uri, "--output", output, "--model", heavy_input + "/model", "--workers", "2",
-            "--cpus-per-worker", "2", "--batch-size", "2", "--stall-timeout", "45", "--json"]
-    first = submit(cluster, argv, "restore")
+    job = RestoreJob(input=input_uri, output=output, model=heavy_input + "/model", workers=2, cpus_per_worker=2,
+                     settings=RestoreSettings(batch_size=2), stall_timeout_s=45)
+    first = submit(cluster, job, "restore")
     manifest = Manifest(output, "manifest")
     wait_for(lambda: manifest.all(), 300, "the first restored file")
     # Both replicas start at once, one per worker node (2 CPUs each on 3-CPU nodes).
     wait_for(lambda: len(actor_nodes(cluster, "FileRestorer")) == 2, 120, "replicas on both worker nodes")
 
     done_at_fault = len(manifest.all())
-    localcluster.kill_raylet(cluster, "node-2")  # the machine is gone, mid-run
+    ray_nodes.kill_raylet(cluster, "node-2")  # the machine is gone, mid-run
     assert 0 < done_at_fault < len(expected)  # the fault struck mid-run: some files done, not all
     status = wait(cluster, first)
-    localcluster.restart_node(cluster.state_dir, "node-2")
+    ray_nodes.restart_node(cluster.state_dir, "node-2")
     if status != "SUCCEEDED":  # Ray did not recover by itself: the job failed or stalled cleanly; rerun it
-        assert wait(cluster, submit(cluster, argv, "restore-rerun")) == "SUCCEEDED"
+        assert wait(cluster, submit(cluster, job, "restore-rerun")) == "SUCCEEDED"
 
     outputs = {info.uri.rsplit("/", 1)[1]: info.uri for info in storage.list_files(output)}
     assert set(outputs) == set(expected)  # one output per input, nothing half-written beside them
@@ -128,10 +139,9 @@ def test_training_places_workers_on_two_nodes_and_resumes_after_losing_one(clust
     registry_uri = s3_prefix + "/models"
     # 2 CPUs per worker on 3-CPU nodes: the workers cannot share a node, and each node keeps
     # a CPU for the Ray Data tasks that feed them (without it they starve: a silent hang).
-    argv = ["train", "--data", train400_small + "/train", "--val-data", train400_small + "/val", "--output",
-            registry_uri, "--preset", "tiny", "--epochs", "5", "--workers", "2", "--cpus-per-worker", "2",
-            "--run-name", "cluster-drill", "--json"]
-    job = submit(cluster, argv, "train")
+    config = train_preset("tiny", epochs=5, workers=2, cpus_per_worker=2)
+    job = submit(cluster, TrainJob(data=train400_small + "/train", val_data=train400_small + "/val",
+                                   registry=registry_uri, config=config, run_name="cluster-drill"), "train")
     checkpoints = storage.join(registry_uri, "_runs", "cluster-drill")
 
     snapshot = storage.join(checkpoints, "checkpoint_manager_snapshot.json")
@@ -143,13 +153,13 @@ def test_training_places_workers_on_two_nodes_and_resumes_after_losing_one(clust
 
     wait_for(first_checkpoint_registered, 400, "the first registered training checkpoint")
     assert len(actor_nodes(cluster, "RayTrainWorker", alive_only=True)) == 2
-    localcluster.kill_raylet(cluster, "node-2")
+    ray_nodes.kill_raylet(cluster, "node-2")
     time.sleep(3)
-    localcluster.restart_node(cluster.state_dir, "node-2")  # a replacement node joins
+    ray_nodes.restart_node(cluster.state_dir, "node-2")  # a replacement node joins
     status = wait(cluster, job)
     logs = jobs(cluster).get_job_logs(job)
     assert status == "SUCCEEDED", logs[-3000:]
-    summary = raybridge.parse_result(logs)
+    summary = result_of(logs)
     # resumed from a checkpoint, not from scratch
     assert summary["restarts"] >= 1 and summary["resumed_from"] >= 1, logs[-3000:]
     assert storage.exists(storage.join(summary["model"], "model.json"))
@@ -169,22 +179,23 @@ def test_flows_in_cluster_mode_submit_attach_and_stop_ray_jobs(prefect_api, clus
     submitted = [job for job in jobs(cluster).list_jobs() if f"-{flow_run_id}-" in (job.submission_id or "")]
     assert len(submitted) == 1 and str(submitted[0].status).endswith("SUCCEEDED")
 
-    # A retried task with the same flow run and arguments attaches instead of submitting again.
-    argv = shlex.split(submitted[0].entrypoint)[3:]
+    # A retried task with the same flow run and job attaches instead of submitting again.
+    job = job_from_json(shlex.split(submitted[0].entrypoint)[3])
     base = submitted[0].submission_id.rsplit("-", 1)[0]
-    again = raybridge.submit_or_attach(jobs(cluster), base, argv, log=lambda line: None)
+    assert base == raybridge.submission_base(job, flow_run_id)
+    again = raybridge.submit_or_attach(jobs(cluster), base, job, log=lambda line: None)
     assert again == submitted[0].submission_id
     assert len([j for j in jobs(cluster).list_jobs() if f"-{flow_run_id}-" in (j.submission_id or "")]) == 1
 
     # Leaving the wait (cancellation, an interrupt) stops the job instead of orphaning it.
-    def interrupt(line):
-        if not line.startswith("submitting"):  # the job's own output: it is running
-            raise KeyboardInterrupt
+    class Interrupting(Events):
+        def log(self, line):
+            if not line.startswith("submitting"):  # the job's own output: it is running
+                raise KeyboardInterrupt
 
-    slow = ["restore", "--input", noisy, "--output", s3_prefix + "/cancelled", "--model", heavy_input + "/model",
-            "--json"]
+    slow = RestoreJob(input=noisy, output=s3_prefix + "/cancelled", model=heavy_input + "/model")
     with pytest.raises(KeyboardInterrupt):
-        raybridge.run_step_as_job("restore", slow, "cancel-drill", log=interrupt, address=cluster.dashboard_url)
+        raybridge.run_job_on_cluster(slow, "cancel-drill", Interrupting(), address=cluster.dashboard_url)
     stopped = [j for j in jobs(cluster).list_jobs() if "-cancel-drill-" in (j.submission_id or "")]
     assert len(stopped) == 1
     final = wait_for(lambda: (lambda status: status in raybridge.TERMINAL and status)(

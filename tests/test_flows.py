@@ -1,16 +1,18 @@
 """The Prefect flows against a real Prefect API server, SeaweedFS and local Ray."""
 
 import asyncio
+import threading
 
 import pytest
 
 from flows import tasks
 from flows.flows import challenge_flow, nightly_flow
 from pipeline import registry, storage
-from pipeline.degrade import Degradation
-from pipeline.ingest import degrade_dataset, ingest
-from pipeline.models import build_model
+from pipeline.degrade import Degradation, degrade_dataset
+from pipeline.ingest import ingest
+from pipeline.jobs import RestoreJob
 from pipeline.modelio import save_model
+from pipeline.models import build_model
 from tests.conftest import publish_version, shared_data
 
 
@@ -138,7 +140,7 @@ def test_storage_errors_are_retried_schema_errors_are_not(prefect_api, monkeypat
 
     @flow
     def plan_it(uri: str):
-        return tasks.find_new_inputs(uri, s3_prefix + "/out", s3_prefix + "/models")
+        return tasks.find_new_inputs(RestoreJob(input=uri, output=s3_prefix + "/out", model=s3_prefix + "/models"))
 
     state = plan_it(s3_prefix + "/bad", return_state=True)
     assert state.is_failed() and len(attempts) == 1  # deterministic: no retry
@@ -180,3 +182,45 @@ def test_deploy_registers_a_nightly_cron_schedule_with_editable_parameters(prefe
     assert {"input", "output", "registry", "train_challenger", "min_gain_db"} <= set(
         nightly.parameter_openapi_schema["properties"])  # what the UI's run form offers
     assert restore.schedules == [] and restore.parameters == {"input": "s3://night/incoming"}
+
+
+def test_a_failed_nightly_run_reaches_the_webhook_with_its_name_and_state(prefect_api, s3_prefix):
+    """`resflow deploy --notify-url` sets up automations; a nightly run made to fail (no
+    champion, and no training data to make one) notifies a local HTTP receiver."""
+    import http.server
+    import json
+    import time
+
+    from flows import deploy
+
+    received = []
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - the http.server convention
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        deploy.ensure_alerts(f"http://127.0.0.1:{server.server_address[1]}/hook", overdue_minutes=60)
+        state = nightly_flow(input=s3_prefix + "/in", output=s3_prefix + "/out", registry=s3_prefix + "/models",
+                             train_data=s3_prefix + "/missing", val_data=s3_prefix + "/missing", return_state=True)
+        assert state.is_failed()
+        deadline = time.monotonic() + 120
+        while not received and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        server.shutdown()
+    assert received, "no notification reached the webhook"
+    text = json.dumps(received)
+    assert state.state_details.flow_run_id and "Failed" in text
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        run_name = client.read_flow_run(state.state_details.flow_run_id).name
+    assert run_name in text

@@ -8,14 +8,16 @@ import pytest
 import torch
 
 from pipeline import metrics, storage
+from pipeline.config import RestoreSettings
 from pipeline.dataset import read_table
-from pipeline.degrade import Degradation
+from pipeline.degrade import Degradation, degrade_dataset
 from pipeline.images import decode, to_float
-from pipeline.ingest import degrade_dataset, ingest
+from pipeline.inference import ImageRestorer, ModelRunner
+from pipeline.ingest import ingest
+from pipeline.jobs import RestoreJob
 from pipeline.modelio import save_model
 from pipeline.models import build_model
-from pipeline.restore import RestoreJob, restore_dataset
-from pipeline.restore_core import ImageRestorer, ModelRunner, RestoreSettings
+from pipeline.restore import restore_dataset
 from tests.conftest import shared_data
 
 pytestmark = pytest.mark.gpu
@@ -112,7 +114,7 @@ def test_restore_dataset_on_gpu_replicas(gpu_ray, paper_model, tmp_path):
     ingest(str(images), root + "/clean", rows_per_file=8, progress=False)
     degrade_dataset(root + "/clean", root + "/noisy", Degradation(noise_sigma=25), progress=False)
     report = restore_dataset(RestoreJob(input=root + "/noisy", output=root + "/out", model=paper_model, use_gpu=True,
-                                        progress=False, stall_timeout_s=300))
+                                        stall_timeout_s=300))
     assert (report.files_restored, report.images_ok, report.images_failed) == (3, 24, 0)
     out = pa.concat_tables([read_table(info.uri) for info in storage.list_files(root + "/out")])
     source = pa.concat_tables([read_table(info.uri) for info in storage.list_files(root + "/noisy")])

@@ -9,10 +9,10 @@ from PIL import Image
 
 from pipeline import metrics, storage
 from pipeline.dataset import DatasetError, read_table
-from pipeline.manifest import Manifest
-from pipeline.degrade import Degradation
+from pipeline.degrade import Degradation, degrade_dataset
 from pipeline.images import SchemaError, decode
-from pipeline.ingest import degrade_dataset, ingest
+from pipeline.ingest import ingest
+from pipeline.manifest import Manifest
 from tests.conftest import REPO, shared_data
 from tests.test_images import bad_values
 
@@ -79,8 +79,8 @@ def test_degrade_follows_the_noise_protocol(s3_prefix):
 def test_composed_degradations_and_blind_sigma(tmp_path):
     """Each stored image is exactly its recipe applied to its target with its own seed; the
     blind recipe draws a different sigma per image, inside its range."""
+    from pipeline.degrade import degradation_seed
     from pipeline.images import from_float, to_float
-    from pipeline.ingest import degradation_seed
 
     ingest(str(shared_data("Set12")), str(tmp_path / "clean"), progress=False)
     recipes = [Degradation(noise_sigma=None, blur_sigma=1.5, downscale=2, jpeg_quality=30),

@@ -81,7 +81,7 @@ def test_a_lease_taken_over_is_lost_and_checked(output):
     lease = OutputLease(output, ttl_s=1.2).acquire()
     lease._stop.set()  # as if this process hung: no more renewals
     lease._renewer.join()
-    time.sleep(1.5)
+    time.sleep(2.5)  # past the time-to-live by more than S3's one-second clock resolution
     with OutputLease(output, ttl_s=30):  # another run takes the expired lease over
         with pytest.raises(LeaseLost, match="lost its lease"):
             lease.check()

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from pipeline import modelio
-from pipeline.models import MODEL_PRESETS, MODELS, build_model, model_preset
+from pipeline.config import TRAIN_PRESETS
+from pipeline.models import MODELS, build_model
 
 TINY = {"dncnn": {"depth": 4, "width": 8}, "resnet": {"blocks": 2, "width": 8, "unshuffle": 2}}
 
@@ -35,10 +36,10 @@ def test_models_are_residual(name):
     torch.testing.assert_close(model(x), x)
 
 
-@pytest.mark.parametrize("preset", sorted(MODEL_PRESETS))
-def test_presets_build(preset):
-    spec = model_preset(preset)
-    model = spec.build()
+@pytest.mark.parametrize("preset", sorted(TRAIN_PRESETS))
+def test_every_training_presets_architecture_builds(preset):
+    config = TRAIN_PRESETS[preset]()
+    model = build_model(config.architecture, **config.architecture_config)
     assert sum(p.numel() for p in model.parameters()) > 0
 
 

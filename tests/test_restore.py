@@ -11,23 +11,28 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline import metrics, s3server, storage
+from local import s3server
+from pipeline import metrics, storage
+from pipeline.config import RestoreSettings
 from pipeline.dataset import DatasetError, read_table
-from pipeline.manifest import Manifest
-from pipeline.degrade import Degradation
+from pipeline.degrade import Degradation, degrade_dataset
 from pipeline.images import SchemaError, decode, encode_png
-from pipeline.ingest import degrade_dataset, ingest
+from pipeline.ingest import ingest
+from pipeline.jobs import RestoreJob
+from pipeline.manifest import Manifest
 from pipeline.modelio import ModelLoadError, save_model
 from pipeline.models import build_model
-from pipeline.restore import RestoreJob, StallError, restore_dataset
+from pipeline.restore import StallError, restore_dataset
 from tests.conftest import shared_data
 from tests.test_images import bad_values
 
 
-def job(input_uri, output_uri, model, **overrides) -> RestoreJob:
-    settings = dict(workers=2, cpus_per_worker=0.5, batch_size=4, progress=False, stall_timeout_s=300)
-    settings.update(overrides)
-    return RestoreJob(input=input_uri, output=output_uri, model=model, **settings)
+def job(input_uri, output_uri, model, batch_size=4, tile=RestoreSettings.tile,
+        tile_overlap=RestoreSettings.tile_overlap, **overrides) -> RestoreJob:
+    fields = dict(workers=2, cpus_per_worker=0.5, stall_timeout_s=300)
+    fields.update(overrides)
+    settings = RestoreSettings(batch_size=batch_size, tile=tile, tile_overlap=tile_overlap)
+    return RestoreJob(input=input_uri, output=output_uri, model=model, settings=settings, **fields)
 
 
 def rows(uri: str) -> pa.Table:
@@ -328,16 +333,20 @@ def test_ray_workers_allocate_arrow_memory_with_the_system_allocator(ray_local):
 
 def test_rows_per_model_call_default_to_the_device_and_the_user_wins():
     from pipeline.cli import build_parser
-    from pipeline.restore import CPU_BATCH_SIZE, GPU_BATCH_SIZE
+    from pipeline.config import CPU_BATCH_SIZE, GPU_BATCH_SIZE
+    from pipeline.restore import replica_settings
 
-    cpu, gpu = RestoreJob("a", "b", "m"), RestoreJob("a", "b", "m", use_gpu=True)
+    def replicas(**job_fields) -> RestoreSettings:
+        return replica_settings(RestoreJob("a", "b", "m", **job_fields), {"CPU": 8, "GPU": 1})[1]
+
+    cpu, gpu = replicas(), replicas(use_gpu=True, settings=RestoreSettings(io_threads=2))
     assert (cpu.rows_per_call, gpu.rows_per_call) == (CPU_BATCH_SIZE, GPU_BATCH_SIZE)
     assert CPU_BATCH_SIZE < GPU_BATCH_SIZE
-    assert RestoreJob("a", "b", "m", batch_size=2, use_gpu=True).rows_per_call == 2
+    assert replicas(use_gpu=True, settings=RestoreSettings(batch_size=2, io_threads=2)).rows_per_call == 2
     args = build_parser().parse_args(["restore", "--input", "a", "--output", "b", "--model", "m"])
-    assert args.batch_size is None  # the CLI leaves the choice to the job, which knows the device
+    assert args.batch_size is None  # the CLI leaves the choice to the settings, which know the device
     with pytest.raises(ValueError, match="batch_size"):
-        RestoreJob("a", "b", "m", batch_size=0)
+        RestoreSettings(batch_size=0)
 
 
 def test_stall_fails_with_a_message_and_rerun_completes(ray_local, noisy_set12, trained_model, s3_prefix):
@@ -515,18 +524,15 @@ def test_resflow_restore_runs_local_ray_without_its_dashboard(monkeypatch):
     import subprocess
     import sys
 
-    from pipeline import cli, restore
+    from pipeline import cli, raycluster, restore
 
     asked = {}
-
-    def fake_restore(job, log=print, on_progress=None, ray_dashboard=True):
-        asked["ray_dashboard"] = ray_dashboard
-        return restore.RestoreReport(job.output, "v1")
-
-    monkeypatch.setattr(restore, "restore_dataset", fake_restore)
+    monkeypatch.setattr(raycluster, "connect", lambda dashboard=True, **_: asked.update(ray_dashboard=dashboard))
+    monkeypatch.setattr(restore, "restore_dataset", lambda job, events=None: restore.RestoreReport(job.output, "v1"))
     assert cli.main(["restore", "--input", "a", "--output", "b", "--model", "m"]) == 0
     assert asked == {"ray_dashboard": False}
-    assert inspect.signature(restore_dataset).parameters["ray_dashboard"].default is True
+    monkeypatch.undo()
+    assert inspect.signature(raycluster.connect).parameters["dashboard"].default is True
 
     code = ("import ray; from pipeline import raycluster; raycluster.connect(num_cpus=1, dashboard={}); "
             "print(bool(ray._private.worker.get_dashboard_url())); ray.shutdown()")

@@ -2,7 +2,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import s3server, storage
+from local import s3server
+from pipeline import storage
 
 
 def test_parse_uris(tmp_path):

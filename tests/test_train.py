@@ -1,19 +1,49 @@
 """Ray Train on local Ray with 2 CPU workers, data and checkpoints in SeaweedFS."""
 
 import json
-from dataclasses import replace
+import os
+import sys
+from dataclasses import dataclass, replace
 
 import pytest
 
 from pipeline import storage
-from pipeline.degrade import Degradation
-from pipeline.ingest import degrade_dataset
+from pipeline.config import TrainConfig, from_data, to_data, train_preset
+from pipeline.degrade import Degradation, degrade_dataset
+from pipeline.jobs import TrainJob
 from pipeline.modelio import load_model
-from pipeline.train import TrainConfig, learning_rate_at, optimizer_from_tensors, optimizer_to_tensors, train, train_preset
+from pipeline.train import (
+    TrainHooks,
+    learning_rate_at,
+    optimizer_from_tensors,
+    optimizer_to_tensors,
+)
 
 
 def tiny_config(**overrides) -> TrainConfig:
     return replace(train_preset("tiny"), workers=2, cpus_per_worker=0.5, threads_per_worker=1, **overrides)
+
+
+def train(data: str, val_data: str, registry: str, config: TrainConfig, run_name: str | None = None, hooks=None):
+    from pipeline import train as training
+
+    return training.train(TrainJob(data=data, val_data=val_data, registry=registry, config=config, run_name=run_name),
+                          hooks=hooks)
+
+
+@dataclass
+class CrashOnce:
+    """A real worker death in the middle of `epoch`, once per run: the last rank exits after
+    its third step unless `marker` exists (the restarted group must get past it)."""
+
+    epoch: int
+    marker: str
+
+    def __call__(self, epoch: int, step: int, rank: int, world: int) -> None:
+        if epoch == self.epoch and rank == world - 1 and step == 3 and not storage.exists(self.marker):
+            storage.write_bytes(self.marker, b"injected")
+            print(f"fault injection: worker {rank} exits in the middle of epoch {epoch}", flush=True)
+            os._exit(1)
 
 
 def checkpoints(run_uri: str) -> list[str]:
@@ -33,8 +63,11 @@ def test_two_workers_train_checkpoint_and_publish(ray_local, train400_small, s3_
 
 
 def test_killed_worker_resumes_from_checkpoint(ray_local, train400_small, s3_prefix):
-    result = train(train400_small + "/train", train400_small + "/val", s3_prefix + "/models", tiny_config(),
-                   crash_at_epoch=2)
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers need not import the tests
+    hooks = TrainHooks(after_step=CrashOnce(epoch=2, marker=s3_prefix + "/fault_injected"))
+    result = train(train400_small + "/train", train400_small + "/val", s3_prefix + "/models", tiny_config(), hooks=hooks)
     last = result.history[-1]
     assert last["restarts"] == 1 and last["resumed_from"] == 1  # restarted after epoch 1's checkpoint
     assert last["epoch"] == 3
@@ -79,12 +112,15 @@ def test_config_validation_and_schedule():
     with pytest.raises(ValueError, match="patch_size"):
         TrainConfig(patch_size=2)
     with pytest.raises(ValueError, match="fields are"):
-        TrainConfig(model_config={"layers": 3})
+        from pipeline.models import build_model
+
+        config = TrainConfig(architecture_config={"layers": 3})
+        build_model(config.architecture, **config.architecture_config)
     config = TrainConfig(learning_rate=1e-3, min_learning_rate=1e-5)
     assert learning_rate_at(0, config, 1) == pytest.approx(1e-3)
     assert learning_rate_at(1, config, 1) == pytest.approx(1e-5)
     assert learning_rate_at(0, config, 4) == pytest.approx(2e-3)  # sqrt(workers) scaling
-    assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert from_data(TrainConfig, json.loads(json.dumps(to_data(config)))) == config
 
 
 def test_optimizer_state_round_trips_without_pickle():

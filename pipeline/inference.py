@@ -1,10 +1,12 @@
-"""Restoring images with a model: whole or tile by tile, batched, one row at a time failing.
+"""Inference: running a model on images, whole or tile by tile, batched.
 
-`ImageRestorer` loads the model once in `__init__` and restores a batch of rows (a dict
-of arrays: image values, and any other columns, which pass through) in `__call__`. It
-knows nothing about Ray or storage: `restore.FileRestorer`, the callable class that Ray
-Data runs in an actor pool (STYLE.md 7), calls it on the rows of each file; a plain loop
-can too.
+Restoration, evaluation and training's validation all run models through here.
+`ModelRunner` restores float images (H, W, C) in [0, 1]; a gray model restores a colour
+image channel by channel (here, and nowhere else). `ImageRestorer` loads the model once in
+`__init__` and restores a batch of encoded rows in `__call__` (decode -> restore ->
+encode), a bad row becoming `failed` with its reason. Neither knows about Ray or storage:
+`restore.FileRestorer`, the callable class that Ray Data runs in an actor pool (STYLE.md
+7), calls `ImageRestorer` on the rows of each file; a plain loop can too.
 
 Tiling: an image larger than `tile` is cut into tiles that overlap by `tile_overlap`
 pixels. Each tile's output is weighted by a ramp that is zero within overlap/4 of an
@@ -18,28 +20,19 @@ from __future__ import annotations
 import ctypes
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from pipeline.images import DecodeLimits, ImageColumns, color_channels, decode, encode_png, from_float, to_float
+from pipeline.config import RestoreSettings
+from pipeline.contract import DecodeLimits, ImageColumns
+from pipeline.images import color_channels, decode, encode_png, from_float, to_float
 from pipeline.modelio import load_model
 
-OUTPUT_COLUMNS = ("status", "error", "model_version")
-# A forward pass frees its activations layer by layer and allocates the same sizes again
-# for the next layer and the next call (~30 MB each for four BSD68-sized images in the cpu
-# preset). glibc's defaults hand that memory back to the kernel as soon as it is free (the
-# main heap is trimmed; a thread's heap, and a Ray replica runs its calls on one, is
-# unmapped once empty), so the next layer faults every page back in, zeroed: in a 10x
-# benchmark run each CPU replica took 3-4 million page faults and spent 5-9 of its ~85 s in
-# the kernel, and the plain forward pass lost 10-13% of its time the same way. These keep
-# freed memory for the next layer: blocks up to glibc's 32 MB cap come from the heap, not
-# fresh mappings; a heap keeps up to 256 MB free at its top; 64 MB of padding keeps a
-# thread's heap from being unmapped and mapped again call after call. With them a replica
-# took 0.2 million faults and 1 s in the kernel, and the run was 11-17% faster; the cost
-# is that a replica holds its working set between calls (benchmark peak +135 MB at 1x,
-# +280-420 MB at 10x-30x, still flat with the data: 10x/1x 1.09, 30x/1x 1.10).
+# A forward pass frees its activations layer by layer and allocates the same sizes for the
+# next; glibc's defaults hand that memory to the kernel at once, so every layer faults it
+# back in, zeroed. These keep it for the next layer: faults per replica 3.4 M -> 0.2 M, a
+# 10x run 11-17% faster, for a larger resident set (bench/README.md, "Freed memory").
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # mallopt parameters (malloc.h)
 CPU_MALLOC_SETTINGS = {_M_MMAP_THRESHOLD: 32 * 2**20, _M_TRIM_THRESHOLD: 256 * 2**20, _M_TOP_PAD: 64 * 2**20}
 
@@ -52,32 +45,6 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     return all(mallopt(parameter, value) == 1 for parameter, value in CPU_MALLOC_SETTINGS.items())
-
-
-@dataclass(frozen=True)
-class RestoreSettings:
-    tile: int = 512  # images larger than this are restored tile by tile; memory is bounded by the tile
-    tile_overlap: int = 64  # >= 4x the receptive radius keeps tiled == whole (DnCNN-17: radius 17)
-    batch_size: int = 4  # tiles or same-sized images per forward pass (4 suits CPUs: see restore.CPU_BATCH_SIZE)
-    device: str = "cpu"  # "cuda" on GPU actors
-    bf16: bool = True  # autocast to bfloat16 on CUDA (ignored on CPU, where it is slower)
-    threads: int | None = None  # torch intra-op threads per replica; None leaves torch's default
-    png_compress_level: int = 3  # lossless either way; 3 is near 6's size at a fraction of its time
-    # Threads that decode and encode the rows of a call. Pillow releases the GIL while it
-    # inflates and deflates (2 threads: 1.9x the rows per second on 2 cores), so a GPU
-    # replica, whose forward pass is far faster than one core's PNG work, keeps up by
-    # spreading that work over its node's cores. CPU replicas run one each.
-    io_threads: int = 1
-
-    def __post_init__(self):
-        if self.tile < 16:
-            raise ValueError(f"tile must be >= 16 pixels, got {self.tile}")
-        if not 0 <= self.tile_overlap < self.tile // 2:
-            raise ValueError(f"tile_overlap must be within 0 and tile/2 ({self.tile // 2}), got {self.tile_overlap}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.io_threads < 1:
-            raise ValueError(f"io_threads must be >= 1, got {self.io_threads}")
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -101,7 +68,7 @@ def blend_ramp(length: int, overlap: int, start_is_border: bool, end_is_border: 
 
 
 class ModelRunner:
-    """Runs a loaded network on float images (C, H, W) in [0, 1], whole or tiled, batching
+    """Runs a loaded network on float images in [0, 1], whole or tiled, batching
     equal-shaped pieces from many images into one forward pass."""
 
     def __init__(self, model: torch.nn.Module, settings: RestoreSettings):
@@ -139,9 +106,10 @@ class ModelRunner:
             for y in rows:
                 for x in columns:
                     jobs[(min(tile, height), min(tile, width))].append((index, y, x))
+        rows_per_call = self.settings.rows_per_call
         for (ph, pw), placements in jobs.items():
-            for start in range(0, len(placements), self.settings.batch_size):
-                chunk = placements[start : start + self.settings.batch_size]
+            for start in range(0, len(placements), rows_per_call):
+                chunk = placements[start : start + rows_per_call]
                 pieces = [images[i][:, y : y + ph, x : x + pw] for i, y, x in chunk]
                 for (i, y, x), restored in zip(chunk, self._forward(pieces)):
                     if i not in weights:  # a whole image in one piece: nothing to blend
@@ -155,6 +123,31 @@ class ModelRunner:
         for i, weight in weights.items():
             outputs[i] /= weight
         return outputs
+
+    def restore_images(self, images: list[np.ndarray], each=map) -> list[np.ndarray]:
+        """Restore float (H, W, C) images of any sizes and channel counts the model can take:
+        its own, or any, one channel at a time, for a gray model. A colour model cannot
+        restore a gray image (ValueError). `each` maps a function over items (a thread
+        pool's map spreads the layout work)."""
+        planes, layout = [], []
+        for image in images:
+            chw = np.ascontiguousarray(image.transpose(2, 0, 1))  # (H, W, C) -> (C, H, W)
+            if self.channels == chw.shape[0]:
+                layout.append((len(planes), 1))
+                planes.append(chw)
+            elif self.channels == 1:
+                layout.append((len(planes), chw.shape[0]))
+                planes.extend(chw[c : c + 1] for c in range(chw.shape[0]))
+            else:
+                raise ValueError(f"a {self.channels}-channel model cannot restore a {chw.shape[0]}-channel image")
+        restored = self.run(planes)
+
+        def gather(place):
+            first, count = place
+            chw = restored[first] if count == 1 else np.concatenate(restored[first : first + count], axis=0)
+            return chw.transpose(1, 2, 0)  # (C, H, W) -> (H, W, C)
+
+        return list(each(gather, layout))
 
 
 class ImageRestorer:
@@ -174,8 +167,8 @@ class ImageRestorer:
         self.columns = columns
         self.limits = limits
         self.base_dir = base_dir
-        self.io_pool = (ThreadPoolExecutor(settings.io_threads, thread_name_prefix="resflow-io")
-                        if settings.io_threads > 1 else None)
+        io_threads = settings.io_threads or 1
+        self.io_pool = ThreadPoolExecutor(io_threads, thread_name_prefix="resflow-io") if io_threads > 1 else None
 
     def _each(self, function, items) -> list:
         """`function` over `items`, on the I/O threads when there are several."""
@@ -184,27 +177,10 @@ class ImageRestorer:
         return list(self.io_pool.map(function, items))
 
     def restore_pixels(self, pixels_list: list[np.ndarray], modes: list[str]) -> list[np.ndarray]:
-        """Restore decoded images, keeping mode, depth and alpha. Gray models restore RGB
-        channel by channel; a colour model cannot restore a gray image (ValueError)."""
-        planes, plan = [], []
-        for (color, alpha), mode in zip(self._each(lambda item: to_float(*item), zip(pixels_list, modes)), modes):
-            chw = np.ascontiguousarray(color.transpose(2, 0, 1))  # (H, W, C) -> (C, H, W)
-            if self.runner.channels == chw.shape[0]:
-                plan.append((len(planes), 1, alpha, mode))
-                planes.append(chw)
-            elif self.runner.channels == 1:
-                plan.append((len(planes), chw.shape[0], alpha, mode))
-                planes.extend(chw[c : c + 1] for c in range(chw.shape[0]))
-            else:
-                raise ValueError(f"a {self.runner.channels}-channel model cannot restore a {mode} image")
-        restored = self.runner.run(planes)
-
-        def finish(step):
-            first, count, alpha, mode = step
-            chw = restored[first] if count == 1 else np.concatenate(restored[first : first + count], axis=0)
-            return from_float(chw.transpose(1, 2, 0), mode, alpha)
-
-        return self._each(finish, plan)
+        """Restore decoded images, keeping mode, depth and alpha."""
+        floats = self._each(lambda item: to_float(*item), zip(pixels_list, modes))
+        restored = self.runner.restore_images([color for color, _ in floats], each=self._each)
+        return self._each(lambda item: from_float(item[0], item[1], item[2][1]), zip(restored, modes, floats))
 
     def _encode(self, pixels_mode_orientation) -> tuple[bytes | None, str | None]:
         pixels, mode, orientation = pixels_mode_orientation

@@ -21,8 +21,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from pipeline import localcluster, s3server
-from pipeline.processes import free_ports, pid_alive, port_free, stop_pid, wait_until
+from local import ray_nodes, s3server
+from local.processes import free_ports, pid_alive, port_free, stop_pid, wait_until
 
 DEFAULT_DIR = Path(os.environ.get("RESFLOW_STACK_DIR", Path.home() / ".resflow" / "stack"))
 STATE_FILE = "stack.json"
@@ -48,7 +48,7 @@ def running(state_dir: str | os.PathLike = DEFAULT_DIR) -> dict | None:
     if not state:
         return None
     s3 = s3server.status(Path(state_dir) / "s3")
-    ray = localcluster.status(Path(state_dir) / "ray")
+    ray = ray_nodes.status(Path(state_dir) / "ray")
     if s3.get("running") and ray.get("running") and _prefect_healthy(state["prefect_api_url"]):
         return state
     return None
@@ -85,10 +85,10 @@ def up(state_dir: str | os.PathLike = DEFAULT_DIR, ray_cpus: int = 4, prefect_po
         s3 = s3server.start(state_dir / "s3", buckets=(s3server.DEFAULT_BUCKET,))
     os.environ.update(s3.env())  # the Ray head and the Prefect server inherit the S3 settings
     state.update({"s3_endpoint": s3.endpoint_url})
-    if not localcluster.status(state_dir / "ray").get("running"):
-        localcluster.stop(state_dir / "ray")
-        localcluster.start(state_dir / "ray", nodes=1, cpus_per_node=ray_cpus)
-    cluster = localcluster.read_state(state_dir / "ray")
+    if not ray_nodes.status(state_dir / "ray").get("running"):
+        ray_nodes.stop(state_dir / "ray")
+        ray_nodes.start(state_dir / "ray", nodes=1, cpus_per_node=ray_cpus)
+    cluster = ray_nodes.read_state(state_dir / "ray")
     state.update({"ray_address": cluster.gcs_address, "ray_dashboard": cluster.dashboard_url})
     if not (state.get("prefect_pid") and pid_alive(state["prefect_pid"]) and _prefect_healthy(state["prefect_api_url"])):
         state.update(start_prefect(state_dir, prefect_port))
@@ -103,7 +103,7 @@ def env(state_dir: str | os.PathLike = DEFAULT_DIR) -> dict[str, str]:
     if not state:
         raise RuntimeError(f"no stack recorded in {state_dir}; start it with `resflow up`")
     s3 = s3server.read_state(Path(state_dir) / "s3")
-    cluster = localcluster.read_state(Path(state_dir) / "ray")
+    cluster = ray_nodes.read_state(Path(state_dir) / "ray")
     return {**s3.env(), "PREFECT_API_URL": state["prefect_api_url"], **cluster.env()}
 
 
@@ -120,7 +120,7 @@ def down(state_dir: str | os.PathLike = DEFAULT_DIR) -> list[str]:
 
     stoppers = {
         "prefect": stop_prefect,
-        "ray": lambda: localcluster.stop(state_dir / "ray"),
+        "ray": lambda: ray_nodes.stop(state_dir / "ray"),
         "s3": lambda: s3server.stop(state_dir / "s3"),
     }
     with ThreadPoolExecutor(len(stoppers)) as pool:

@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.config import RestoreSettings
 from pipeline.images import encode_png
+from pipeline.inference import ImageRestorer, ModelRunner, blend_ramp, tile_starts
 from pipeline.modelio import save_model
 from pipeline.models import build_model
-from pipeline.restore_core import ImageRestorer, ModelRunner, RestoreSettings, blend_ramp, tile_starts
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,8 @@ FAULTS_PER_CALL = """
 import resource, sys, threading
 import numpy as np, torch
 from pipeline.modelio import load_model
-from pipeline.restore_core import ModelRunner, RestoreSettings
+from pipeline.config import RestoreSettings
+from pipeline.inference import ModelRunner
 
 torch.set_num_threads(1)
 model, _ = load_model(sys.argv[1])
@@ -97,7 +99,7 @@ print(result["kept"], result["faults"])
 
 def test_cpu_forward_passes_reuse_freed_activation_memory(model_dir):
     """Activations freed by one layer are reused by the next and by the next call instead of
-    going back to the kernel and being faulted in again (restore_core.CPU_MALLOC_SETTINGS),
+    going back to the kernel and being faulted in again (inference.CPU_MALLOC_SETTINGS),
     also on a thread other than the main one. Fresh process: the settings are process-wide."""
     import subprocess
     import sys

@@ -24,12 +24,18 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from local.processes import (
+    descendants,
+    free_ports,
+    kill_group,
+    pid_alive,
+    stop_pid,
+    wait_until,
+)
 from pipeline.raycluster import WORKER_ENV
-from pipeline.processes import descendants, free_ports, kill_group, pid_alive, stop_pid, wait_until
 
 DEFAULT_DIR = Path(os.environ.get("RESFLOW_HOME", Path.home() / ".resflow")) / "cluster"
 STATE_FILE = "cluster.json"
@@ -162,10 +168,6 @@ def read_state(state_dir: str | os.PathLike = DEFAULT_DIR) -> LocalCluster | Non
     return LocalCluster(**data)
 
 
-def stop_node(cluster: LocalCluster, name: str, timeout: float = 60) -> None:
-    stop_pid(cluster.node(name).pid, timeout=timeout)
-
-
 def kill_raylet(cluster: LocalCluster, name: str) -> int:
     """SIGKILL one node's raylet, as a machine loss would; returns its PID."""
     node = read_state(cluster.state_dir).node(name)  # the recorded state: the node may have been restarted
@@ -231,9 +233,3 @@ def alive_nodes(address: str, timeout: float = 60) -> int:
         raise RuntimeError(f"cannot reach the Ray cluster at {address}: {result.stderr.strip()[-500:]}")
     return int(result.stdout.strip().splitlines()[-1])
 
-
-if __name__ == "__main__":
-    started = time.time()
-    demo = start(Path(tempfile.mkdtemp(prefix="rf-cluster-")), nodes=3)
-    print(f"up in {time.time() - started:.1f} s:", status(demo.state_dir), "alive:", alive_nodes(demo.gcs_address))
-    stop(demo.state_dir)

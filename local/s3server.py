@@ -26,7 +26,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline.processes import free_ports, pid_alive, port_free, stop_pid
+from local.processes import free_ports, pid_alive, port_free, stop_pid
 
 DEFAULT_DIR = Path(os.environ.get("RESFLOW_HOME", Path.home() / ".resflow")) / "s3"
 DEFAULT_BUCKET = "resflow"

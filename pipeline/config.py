@@ -1,0 +1,182 @@
+"""The settings every step takes: typed, frozen, each default written once, here.
+
+Every field has a default that runs on a laptop and a one-line reason; validation in
+`__post_init__` says what to change (STYLE.md 3). Training presets are functions derived
+with `dataclasses.replace` (STYLE.md 4). Nothing heavy is imported: the CLI builds its
+help from these defaults without loading torch, pyarrow or Ray.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, replace
+
+from pipeline.contract import ImageColumns
+from pipeline.degrade import Degradation
+
+# Rows per model call when the settings do not say. On CPU, larger batches are slower: the
+# activations of 8 BSD68-sized images leave the cache; GPUs want more rows per call
+# (bench/README.md, "Rows per model call").
+CPU_BATCH_SIZE = 4
+GPU_BATCH_SIZE = 16
+
+
+@dataclass(frozen=True)
+class RestoreSettings:
+    """How a model runs on images: restore, evaluation and training validation use them."""
+
+    tile: int = 512  # images larger than this are restored tile by tile; memory is bounded by the tile
+    tile_overlap: int = 64  # >= 4x the receptive radius keeps tiled == whole (DnCNN-17: radius 17)
+    batch_size: int | None = None  # tiles or same-sized images per forward pass; None: 4 on CPU, 16 on GPU
+    device: str = "cpu"  # "cuda" on GPU replicas
+    bf16: bool = True  # autocast to bfloat16 on CUDA (ignored on CPU, where it is slower)
+    threads: int | None = None  # torch intra-op threads; None leaves torch's default
+    png_compress_level: int = 3  # lossless either way; 3 is near 6's size at a fraction of its time
+    # Threads that decode and encode the rows of a call (Pillow releases the GIL): a GPU
+    # replica spreads its PNG work over its node's CPUs; None: 1 on CPU, per node on GPU.
+    io_threads: int | None = None
+
+    def __post_init__(self):
+        if self.tile < 16:
+            raise ValueError(f"tile must be >= 16 pixels, got {self.tile}")
+        if not 0 <= self.tile_overlap < self.tile // 2:
+            raise ValueError(f"tile_overlap must be within 0 and tile/2 ({self.tile // 2}), got {self.tile_overlap}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.io_threads is not None and self.io_threads < 1:
+            raise ValueError(f"io_threads must be >= 1, got {self.io_threads}")
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+
+    @property
+    def rows_per_call(self) -> int:
+        if self.batch_size is not None:
+            return self.batch_size
+        return CPU_BATCH_SIZE if self.device == "cpu" else GPU_BATCH_SIZE
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    architecture: str = "dncnn"  # a name in pipeline.models.MODELS
+    architecture_config: dict = field(default_factory=lambda: {"depth": 10, "width": 32})  # its config class's fields
+    degradation: Degradation = Degradation(noise_sigma=25)  # synthesised on clean data; ignored for paired data
+    patch_size: int = 40  # the DnCNN paper's 40 x 40 for sigma 25
+    patches_per_image: int = 16  # random crops per image per epoch, each with a random flip/rotation
+    batch_size: int = 64  # per worker; the global batch is workers x batch_size
+    epochs: int = 50  # upper bound; max_minutes may end training sooner
+    max_minutes: float | None = None  # wall-clock budget; the LR schedule anneals to it
+    learning_rate: float = 1e-3  # Adam, for the global batch of one worker (scaled by sqrt(workers))
+    min_learning_rate: float = 1e-5  # cosine schedule floor
+    grad_clip: float = 0.5  # max gradient norm; keeps early Adam steps on BN-free nets stable
+    keep_checkpoints: int = 3  # best N by validation PSNR stay in storage
+    workers: int = 1  # Ray Train workers (DDP ranks)
+    use_gpu: bool = False  # one GPU per worker, bf16 autocast
+    cpus_per_worker: float = 1.0  # logical CPUs each worker reserves (fractions keep 2-core machines alive)
+    threads_per_worker: int | None = None  # torch threads; None: physical cores / workers on CPU
+    max_failures: int = 2  # worker-group restarts from the latest checkpoint before the run fails
+    seed: int = 0  # seeds init, patch sampling and the synthetic degradations
+    val_seed: int = 0  # the protocol seeds every validation image's noise with 0
+    columns: ImageColumns = ImageColumns()
+
+    def __post_init__(self):
+        checks = [
+            (self.patch_size >= 8, f"patch_size must be >= 8, got {self.patch_size}"),
+            (self.patches_per_image >= 1, "patches_per_image must be >= 1"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.epochs >= 1, "epochs must be >= 1"),
+            (self.max_minutes is None or self.max_minutes > 0, "max_minutes must be positive"),
+            (0 < self.min_learning_rate <= self.learning_rate, "need 0 < min_learning_rate <= learning_rate"),
+            (self.workers >= 1, "workers must be >= 1"),
+            (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
+            (self.cpus_per_worker > 0, "cpus_per_worker must be positive"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"TrainConfig: {message}")
+
+
+
+# --- training presets (STYLE.md 4: functions, derived with replace) --------------------------
+
+
+def tiny() -> TrainConfig:
+    """Tests and smoke runs: a 2-block residual net that trains in seconds and beats the noisy input."""
+    return TrainConfig(architecture="resnet", architecture_config={"blocks": 2, "width": 16, "unshuffle": 2},
+                       patch_size=32, patches_per_image=64, batch_size=32, epochs=3, learning_rate=2e-3)
+
+
+def cpu() -> TrainConfig:
+    """Two CPU cores, about 30 minutes: a residual-block network at half resolution
+    (pixel-unshuffle) sees a 2x wider receptive field for a quarter of the work per pixel."""
+    return TrainConfig(architecture="resnet", architecture_config={"blocks": 6, "width": 48, "unshuffle": 2},
+                       patch_size=48, patches_per_image=32, batch_size=32, epochs=400, max_minutes=30,
+                       learning_rate=1e-3)
+
+
+def dncnn_cpu() -> TrainConfig:
+    """The paper's DnCNN, shallower (10 x 32), for CPUs."""
+    return TrainConfig(architecture="dncnn", architecture_config={"depth": 10, "width": 32}, epochs=400, max_minutes=30)
+
+
+def dncnn_paper() -> TrainConfig:
+    """GPU workers: DnCNN-S (Zhang et al. 2017, sigma 25), 17 x 64 with BN, 40 x 40 patches,
+    batch 128, Adam 1e-3 decaying to 1e-4 over 50 epochs."""
+    return TrainConfig(architecture="dncnn", architecture_config={"depth": 17, "width": 64, "batch_norm": True},
+                       patch_size=40, patches_per_image=128, batch_size=128, epochs=50, learning_rate=1e-3,
+                       min_learning_rate=1e-4, use_gpu=True)
+
+
+TRAIN_PRESETS = {"tiny": tiny, "cpu": cpu, "dncnn-cpu": dncnn_cpu, "dncnn-paper": dncnn_paper}
+
+
+def train_preset(name: str, **overrides) -> TrainConfig:
+    """A preset with `overrides` (None values leave the preset's choice)."""
+    if name not in TRAIN_PRESETS:
+        raise ValueError(f"unknown training preset {name!r}; choose one of {sorted(TRAIN_PRESETS)}")
+    return replace(TRAIN_PRESETS[name](), **{k: v for k, v in overrides.items() if v is not None})
+
+
+def preset_summary(name: str) -> str:
+    """One line for --help: the preset's docstring's first sentence."""
+    return (TRAIN_PRESETS[name].__doc__ or "").strip().split("\n")[0]
+
+
+# --- plain data in and out: how jobs and configs travel as JSON ------------------------------
+
+
+def to_data(value):
+    """A config or job as JSON-ready data (dataclasses to dicts, tuples to lists)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {item.name: to_data(getattr(value, item.name)) for item in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [to_data(item) for item in value]
+    if isinstance(value, dict):
+        return {key: to_data(item) for key, item in value.items()}
+    return value
+
+
+def from_data(cls, data: dict):
+    """The inverse of `to_data`, by the type hints of `cls`; an unknown field is an error
+    that names the known ones (a typo in a job must not be silently ignored)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{cls.__name__} expects an object, got {type(data).__name__}")
+    names = [item.name for item in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no field(s) {unknown}; its fields are {names}")
+    hints = typing.get_type_hints(cls)
+    return cls(**{name: _typed(hints[name], value) for name, value in data.items()})
+
+
+def _typed(hint, value):
+    if value is None:
+        return None
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    if dataclasses.is_dataclass(hint):
+        return value if isinstance(value, hint) else from_data(hint, value)
+    if typing.get_origin(hint) is tuple:
+        return tuple(value)
+    return value

@@ -1,0 +1,30 @@
+"""The data contract's names and limits (docs/architecture.md, "Data contract"): which columns hold
+the id, the image and the clean target, and what an image may declare before it is
+refused. Kept apart so that anything may import them without loading pyarrow or torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+OUTPUT_COLUMNS = ("status", "error", "model_version")  # what restore adds to every row
+
+
+@dataclass(frozen=True)
+class ImageColumns:
+    """Names of the data contract's columns (configurable per dataset)."""
+
+    id: str = "image_id"
+    image: str = "image"
+    target: str = "target"
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    max_pixels: int = 64_000_000  # 8k x 8k; a larger declared size is a decompression bomb until proven otherwise
+    min_side: int = 8  # smaller images carry too little content to restore or to score (SSIM window is 11)
+    max_bytes: int = 256 * 1024 * 1024  # an encoded value beyond this is not a plausible image
+
+    def __post_init__(self):
+        if self.max_pixels < 1 or self.min_side < 1 or self.max_bytes < 1:
+            raise ValueError("DecodeLimits: max_pixels, min_side and max_bytes must be positive")

@@ -1,0 +1,191 @@
+"""The step contract: train, evaluate and restore each take one frozen job object.
+
+The CLI parses flags into a job, a Prefect task passes one, and in cluster mode a Ray job
+receives one as JSON and runs it here:
+
+    python -m pipeline.jobs '{"step": "restore", "job": {"input": "s3://...", ...}}'
+
+`run_step(job, events)` runs any of them in this process and returns the step's result
+as plain data. While it runs, the step reports through `events` (log lines, progress); as
+a Ray job those become JSON lines on stdout (`{"resflow_event": ...}`), the last one the
+result, and the exit status says what kind of failure it was: 2 (rejected: the job as
+given cannot run, a retry cannot help), 75 (busy: another run holds the output; retry
+later), 1 (failed: storage, a lost node, a stall; a retry may help).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+
+from pipeline.config import RestoreSettings, TrainConfig, from_data, to_data
+from pipeline.contract import DecodeLimits, ImageColumns
+
+
+@dataclass(frozen=True)
+class RestoreJob:
+    input: str  # a dataset: a folder or prefix of Parquet files
+    output: str  # where restored files go, at the same relative paths; never equal to, inside or around the input
+    model: str  # a model folder, or a registry (its champion)
+    settings: RestoreSettings = RestoreSettings()
+    limits: DecodeLimits = DecodeLimits()
+    columns: ImageColumns = ImageColumns()
+    workers: int | None = None  # model replicas; None: one per 2 logical CPUs locally, one per GPU with use_gpu
+    use_gpu: bool = False  # one GPU per replica, bf16
+    cpus_per_worker: float = 0.5  # logical CPUs a CPU replica reserves; fractions leave Ray's own tasks room
+    force: bool = False  # restore every file, even those the manifest says are done
+    stall_timeout_s: float = 600.0  # fail when no row is restored for this long
+    lease_wait_s: float = 0.0  # how long to wait for another run's lease on the output before giving up
+    lease_ttl_s: float = 120.0  # a crashed run's lease is taken over this long after its last renewal
+
+    def __post_init__(self):
+        if self.workers is not None and self.workers < 1:
+            raise ValueError("workers must be >= 1")
+        if self.stall_timeout_s <= 0:
+            raise ValueError("stall_timeout_s must be positive")
+        if self.lease_wait_s < 0 or self.lease_ttl_s <= 0:
+            raise ValueError("lease_wait_s must be >= 0 and lease_ttl_s positive")
+
+
+@dataclass(frozen=True)
+class EvaluateJob:
+    model: str  # a model folder, or a registry (its champion)
+    data: str  # paired (image degraded, target clean), or clean with noise_sigma
+    noise_sigma: float | None = None  # clean data: the protocol's Gaussian noise at this sigma
+    seed: int = 0  # the protocol seeds every image's noise with 0
+    settings: RestoreSettings = RestoreSettings()
+    limits: DecodeLimits = DecodeLimits()
+    columns: ImageColumns = ImageColumns()
+    per_image: bool = False  # include every image's scores in the result
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    data: str  # clean images, or paired (image degraded, target clean)
+    val_data: str  # held out, scored every epoch; picks the published checkpoint
+    registry: str  # where the best checkpoint is published as a model version
+    config: TrainConfig = TrainConfig()
+    run_name: str | None = None  # reuse a name to resume that run from its latest checkpoint
+
+
+STEPS = {"train": TrainJob, "evaluate": EvaluateJob, "restore": RestoreJob}
+
+
+def step_of(job) -> str:
+    return next(name for name, kind in STEPS.items() if isinstance(job, kind))
+
+
+def job_to_json(job) -> str:
+    return json.dumps({"step": step_of(job), "job": to_data(job)}, sort_keys=True)
+
+
+def job_from_json(text: str):
+    try:
+        data = json.loads(text)
+        kind = STEPS[data["step"]]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"not a resflow job: {error}; expected {{\"step\": one of {sorted(STEPS)}, \"job\": {{...}}}}")
+    return from_data(kind, data["job"])
+
+
+class Events:
+    """What a running step reports besides its result. The CLI prints, a Prefect task logs
+    and draws a progress artifact, a Ray job writes JSON lines (`JsonLinesEvents`)."""
+
+    interactive = False  # a person watches a terminal: progress bars are welcome
+
+    def log(self, message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    def progress(self, done: int, total: int) -> None:
+        pass
+
+
+EVENT_KEY = "resflow_event"
+
+
+class JsonLinesEvents(Events):
+    """Events as one JSON object per line on stdout, interleaved with plain log lines."""
+
+    def log(self, message: str) -> None:
+        print(message, flush=True)
+
+    def progress(self, done: int, total: int) -> None:
+        emit("progress", done=done, total=total)
+
+
+def emit(kind: str, **fields) -> None:
+    print(json.dumps({EVENT_KEY: kind, **fields}, default=str), flush=True)
+
+
+def read_event(line: str) -> dict | None:
+    """The event a line carries, or None for a plain log line."""
+    if not line.startswith('{"' + EVENT_KEY):
+        return None
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
+
+
+# --- what kind of failure: the exit status a caller decides retries by -------------------
+
+EXIT_FAILED, EXIT_REJECTED, EXIT_BUSY = 1, 2, 75
+
+
+def failure_kind(error: BaseException) -> str:
+    """"rejected" (the job as given cannot run: bad schema, bad parameters, overlapping
+    paths, a model that does not load), "busy" (another run holds the output), "failed"."""
+    from pipeline.lease import LeaseHeld
+    from pipeline.modelio import ModelLoadError
+
+    if isinstance(error, LeaseHeld):
+        return "busy"
+    if isinstance(error, (ValueError, TypeError, KeyError, FileNotFoundError, PermissionError, ModelLoadError)):
+        return "rejected"
+    return "failed"
+
+
+EXIT_STATUS = {"failed": EXIT_FAILED, "rejected": EXIT_REJECTED, "busy": EXIT_BUSY}
+
+
+def run_step(job, events: Events | None = None) -> dict:
+    """Run a train, evaluate or restore job in this process; returns its result."""
+    events = events or Events()
+    if isinstance(job, RestoreJob):
+        from pipeline.restore import restore_dataset
+
+        return restore_dataset(job, events).to_dict()
+    if isinstance(job, EvaluateJob):
+        from pipeline.evaluate import evaluate
+
+        return evaluate(job, events).to_dict(per_image=job.per_image)
+    if isinstance(job, TrainJob):
+        from pipeline.train import train
+
+        return train(job, events).summary()
+    raise TypeError(f"not a resflow job: {type(job).__name__}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The Ray job entry point: one job as JSON in, JSON lines and an exit status out."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m pipeline.jobs JOB_JSON", file=sys.stderr)
+        return EXIT_REJECTED
+    try:
+        job = job_from_json(argv[0])
+        result = run_step(job, JsonLinesEvents())
+    except Exception as error:
+        kind = failure_kind(error)
+        emit("error", kind=kind, error=type(error).__name__, message=str(error))
+        if kind == "failed":
+            raise  # the traceback belongs in the job's log
+        return EXIT_STATUS[kind]
+    emit("result", step=step_of(job), result=result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
