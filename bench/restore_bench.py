@@ -5,7 +5,9 @@
     python -m bench.restore_bench --preset dncnn-paper --scale 100 --storage local
 
 Data: BSD68 with Gaussian noise (sigma 25), 4 images per Parquet file, replicated 1x and
-10x. Model: the architecture of the training preset, freshly initialised (speed does not
+10x; the 10x data again as ONE file (row groups of 4 images: units of work spread it over
+the replicas), and a quarter of it as one file (a replica's memory must not grow with the
+file it restores). Model: the architecture of the training preset, freshly initialised (speed does not
 depend on the weights). All three measurements run here, one after another, on the same
 images:
 
@@ -18,8 +20,8 @@ images:
             with a fresh local Ray, as `resflow restore` runs; Ray's own start is not timed
 
 Peak memory is the summed PSS of the pipeline process and all its children (Ray's raylet,
-workers, object store), sampled once a second from this process; the S3 server is storage,
-not pipeline, and is not counted. Writes bench/results/restore_<device>.json (another
+workers, object store), and the largest PSS of a single replica process, sampled once a
+second from this process; the S3 server is storage, not pipeline, and is not counted. Writes bench/results/restore_<device>.json (another
 --scale: restore_<device>_scale<N>.json).
 
 With CUDA, every measurement runs on the GPU in bf16 (the pipeline as `--gpu`: one replica
@@ -42,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from local import s3server
@@ -97,7 +100,7 @@ class PeakMemory(_Sampler):
 
     def __init__(self, pid: int | None = None, interval: float = 1.0):
         super().__init__(interval)
-        self.pid, self.peak = pid, 0
+        self.pid, self.peak, self.replica_peak = pid, 0, 0
 
     def sample(self) -> bool:
         try:
@@ -108,7 +111,10 @@ class PeakMemory(_Sampler):
         total = 0
         for process in tree:
             try:
-                total += process.memory_full_info().pss
+                pss = process.memory_full_info().pss
+                total += pss
+                if "UnitRestorer" in process.name() or "UnitRestorer" in " ".join(process.cmdline()):
+                    self.replica_peak = max(self.replica_peak, pss)
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
         self.peak = max(self.peak, total)
@@ -150,6 +156,22 @@ def replicate(source: str, destination: str, times: int) -> int:
             ids = pa.array([f"{copy}/{i}" for i in table["image_id"].to_pylist()])
             write_table(storage.join(destination, f"copy{copy:03d}-{base_name}"), table.set_column(0, "image_id", ids))
     return len(tables) * times
+
+
+def as_one_file(source: str, destination: str, fraction: float = 1.0) -> int:
+    """The files under `source` (the first `fraction` of them) as ONE Parquet file, each
+    input file one row group; returns its rows."""
+    files = storage.list_files(source)
+    files = files[: max(1, round(len(files) * fraction))]
+    first = read_table(files[0].uri)
+    writer = storage.AtomicWriter(destination)
+    rows = 0
+    with writer as sink, pq.ParquetWriter(sink, first.schema, compression="zstd") as out:
+        for info in files:
+            table = read_table(info.uri)
+            out.write_table(table, row_group_size=table.num_rows)
+            rows += table.num_rows
+    return rows
 
 
 def decoded_images(data: str) -> list[np.ndarray]:
@@ -212,6 +234,7 @@ def pipeline(model_uri: str, data: str, output: str, batch_size: int, use_gpu: b
         raise RuntimeError(f"the pipeline run failed (exit {child.returncode})")
     result = json.loads(out.strip().splitlines()[-1])
     result["peak_pss_mb"] = memory.peak / 2**20
+    result["replica_peak_pss_mb"] = memory.replica_peak / 2**20
     if gpu.samples:  # while the job ran (Ray's start is not counted), and after its first rows
         end = result["started_at"] + result["seconds"]
         result["gpu_busy"] = gpu.busy(result["started_at"], end)
@@ -260,7 +283,8 @@ def pipeline_run(spec: dict) -> None:
                       "mp_per_s": report.megapixels_per_s,
                       "first_rows_seconds": report.first_rows_seconds, "mp_per_s_after_first_rows": steady,
                       "images": report.images_ok, "failed": report.images_failed, "files": report.files_restored,
-                      "workers_note": notes[0] if notes else ""}), flush=True)
+                      "units": report.units_restored, "rows_by_replica": report.rows_by_replica,
+                      "stage_seconds": report.stage_seconds, "notes": notes}), flush=True)
 
 
 def _variant(text: str) -> dict:
@@ -298,6 +322,8 @@ def run(args, root: str) -> None:
     ingest(str(DATA / "BSD68"), f"{root}/clean", rows_per_file=4, progress=False)
     degrade_dataset(f"{root}/clean", f"{root}/x1", Degradation(noise_sigma=25), progress=False)
     replicate(f"{root}/x1", f"{root}/x{args.scale}", args.scale)
+    as_one_file(f"{root}/x{args.scale}", f"{root}/x{args.scale}-one/all.parquet")
+    as_one_file(f"{root}/x{args.scale}", f"{root}/x{args.scale}-quarter/all.parquet", fraction=0.25)
     config = train_preset(args.preset)
     torch.manual_seed(0)
     model_uri = f"{root}/model"
@@ -316,12 +342,12 @@ def run(args, root: str) -> None:
         print(f"forward  {measured['mp_per_s']:.3f} MP/s", flush=True)
         return measured
 
-    def restore(scale: int, variant: dict | None = None) -> dict:
-        name = f"x{scale}" + "".join(f"-{field}{value}" for field, value in (variant or {}).items())
-        measured = pipeline(model_uri, f"{root}/x{scale}", f"{root}/out-{name}", batch_size, use_gpu, variant)
+    def restore(scale: int, variant: dict | None = None, layout: str = "") -> dict:
+        name = f"x{scale}{layout}" + "".join(f"-{field}{value}" for field, value in (variant or {}).items())
+        measured = pipeline(model_uri, f"{root}/x{scale}{layout}", f"{root}/out-{name}", batch_size, use_gpu, variant)
         busy = f", GPU busy {measured['gpu_busy']:.0%}" if measured.get("gpu_busy") is not None else ""
-        print(f"pipeline {measured['mp_per_s']:.3f} MP/s at {name}, peak {measured['peak_pss_mb']:.0f} MB{busy}",
-              flush=True)
+        print(f"pipeline {measured['mp_per_s']:.3f} MP/s at {name}, peak {measured['peak_pss_mb']:.0f} MB "
+              f"(a replica {measured['replica_peak_pss_mb']:.0f} MB){busy}", flush=True)
         return measured
 
     forwards = [forward()]
@@ -331,6 +357,10 @@ def run(args, root: str) -> None:
     rows = [("plain single-process loop", loop), ("pipeline, 1x", restore(1))]
     forwards.append(forward())
     rows.append((f"pipeline, {args.scale}x", restore(args.scale)))
+    forwards.append(forward())
+    rows.append((f"pipeline, {args.scale}x as one file", restore(args.scale, layout="-one")))
+    forwards.append(forward())
+    rows.append((f"pipeline, {args.scale / 4:g}x as one file", restore(args.scale, layout="-quarter")))
     forwards.append(forward())
     for variant in args.variant:
         rows.append((f"pipeline, {args.scale}x, " + ", ".join(f"{k}={v}" for k, v in variant.items()),
@@ -342,7 +372,7 @@ def run(args, root: str) -> None:
         if "mp_per_s_after_first_rows" in row:
             row["after_first_rows_vs_forward"] = row["mp_per_s_after_first_rows"] / row["forward_mp_per_s"]
 
-    loop, small, large = (row for _, row in rows[:3])
+    loop, small, large, one_file, quarter_file = (row for _, row in rows[:5])
     result = {
         "model": {"name": config.architecture, "config": config.architecture_config}, "cores": threads, "batch_size": batch_size,
         "device": torch.cuda.get_device_name() if use_gpu else "cpu", "storage": args.storage,
@@ -352,8 +382,14 @@ def run(args, root: str) -> None:
         f"ratio_after_first_rows_vs_forward_{args.scale}x": large["after_first_rows_vs_forward"],
         "ratio_loop_vs_forward": loop["vs_forward"],
         f"memory_ratio_{args.scale}x_vs_1x": large["peak_pss_mb"] / small["peak_pss_mb"],
+        f"pipeline_{args.scale}x_one_file": one_file, f"pipeline_{args.scale / 4:g}x_one_file": quarter_file,
+        "ratio_one_file_vs_many_files": one_file["mp_per_s"] / large["mp_per_s"],
+        "ratio_one_file_vs_many_files_by_forward": one_file["vs_forward"] / large["vs_forward"],
+        "replica_memory_ratio_4x_file": one_file["replica_peak_pss_mb"] / quarter_file["replica_peak_pss_mb"],
+        f"ratio_pipeline_vs_loop_{args.scale}x": large["mp_per_s"] / loop["mp_per_s"],
+        f"ratio_pipeline_vs_loop_{args.scale}x_by_forward": large["vs_forward"] / loop["vs_forward"],
     }
-    for variant, (_, row) in zip(args.variant, rows[3:]):
+    for variant, (_, row) in zip(args.variant, rows[5:]):
         result[f"pipeline_{args.scale}x_" + "_".join(f"{k}{v}" for k, v in variant.items())] = row
     suffix = "" if args.scale == 10 else f"_scale{args.scale}"  # the default run is what `make bench` records
     out = REPO / "bench" / "results" / f"restore_{'gpu' if use_gpu else 'cpu'}{suffix}.json"
@@ -361,7 +397,7 @@ def run(args, root: str) -> None:
     out.write_text(json.dumps(result, indent=2))
     print()
     print("| measurement | MP | seconds | MP/s | forward MP/s around it | vs forward | first rows after s | "
-          "MP/s after them (vs forward) | peak PSS MB |" + (" GPU busy (after first rows) |" if use_gpu else ""))
+          "MP/s after them (vs forward) | peak PSS MB (one replica) |" + (" GPU busy (after first rows) |" if use_gpu else ""))
     print("| --- " * (10 if use_gpu else 9) + "|")
     for name, row in rows:
         peak = f"{row['peak_pss_mb']:.0f}" if "peak_pss_mb" in row else ""
@@ -372,11 +408,18 @@ def run(args, root: str) -> None:
         if use_gpu:
             busy = (f" {row['gpu_busy']:.0%} ({row['gpu_busy_after_first_rows']:.0%}) |"
                     if row.get("gpu_busy") is not None else " |")
+        if "replica_peak_pss_mb" in row:
+            peak += f" ({row['replica_peak_pss_mb']:.0f})"
         print(f"| {name} | {row['megapixels']:.1f} | {row['seconds']:.1f} | {row['mp_per_s']:.3f} | "
               f"{row['forward_mp_per_s']:.3f} | {row['vs_forward']:.2f}x | {first} | {after} | {peak} |{busy}")
     rates = ", ".join(f"{measured['mp_per_s']:.3f}" for measured in forwards)
     print(f"\nforward, before and after each measurement: {rates} MP/s; "
-          f"memory {args.scale}x / 1x: {result[f'memory_ratio_{args.scale}x_vs_1x']:.2f}; written to {out}")
+          f"memory {args.scale}x / 1x: {result[f'memory_ratio_{args.scale}x_vs_1x']:.2f}")
+    print(f"one file vs many files: {result['ratio_one_file_vs_many_files']:.2f}x "
+          f"({result['ratio_one_file_vs_many_files_by_forward']:.2f}x by the forward around each; target >= 0.9); "
+          f"a replica's peak for a 4x larger file: {result['replica_memory_ratio_4x_file']:.2f}x (target <= 1.1); "
+          f"pipeline vs loop at {args.scale}x: {result[f'ratio_pipeline_vs_loop_{args.scale}x']:.2f}x "
+          f"({result[f'ratio_pipeline_vs_loop_{args.scale}x_by_forward']:.2f}x by forward)\nwritten to {out}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import sys
 from pipeline.config import TRAIN_PRESETS, RestoreSettings, preset_summary
 from pipeline.contract import ImageColumns
 from pipeline.degrade import Degradation
-from pipeline.jobs import EXIT_STATUS, Events
+from pipeline.jobs import EXIT_STATUS, Events, RestoreJob
 
 
 class Formatter(argparse.RawDescriptionHelpFormatter):
@@ -230,13 +230,13 @@ def run_evaluate(args) -> int:
 
 def run_restore(args) -> int:
     from pipeline import raycluster
-    from pipeline.jobs import RestoreJob, run_step
+    from pipeline.jobs import run_step
     from pipeline.restore import format_report
 
     job = RestoreJob(input=args.input, output=args.output, model=args.model, settings=settings_from(args),
                      columns=columns_from(args), workers=args.workers, use_gpu=args.gpu,
                      cpus_per_worker=args.cpus_per_worker, force=args.force, stall_timeout_s=args.stall_timeout,
-                     lease_wait_s=args.wait_for_lease)
+                     lease_wait_s=args.wait_for_lease, lease_ttl_s=args.lease_ttl, unit_rows=args.unit_rows)
     check_storage(job.input, job.output, job.model)
     # A process of its own: local Ray without its dashboard saves ~210 MB and 10 processes
     # (bench/README.md, "Ray's dashboard"); a cluster keeps its own.
@@ -351,14 +351,19 @@ def add_commands(commands) -> None:
     add_model_flag(p)
     p.add_argument("--workers", type=int, help="model replicas; default: one per 2 logical CPUs, or one per GPU")
     p.add_argument("--gpu", action="store_true", help="one GPU per replica, bf16")
-    p.add_argument("--cpus-per-worker", type=float, default=0.5,
+    p.add_argument("--cpus-per-worker", type=float, default=RestoreJob.cpus_per_worker,
                    help="logical CPUs a CPU replica reserves (fractions leave Ray's own tasks room)")
     p.add_argument("--io-threads", type=int,
                    help="PNG decode/encode threads per replica; default: 1 on CPU, the node's CPUs per GPU on GPU")
     p.add_argument("--force", action="store_true", help="restore every file, even those already done")
-    p.add_argument("--stall-timeout", type=float, default=600, help="fail after this many seconds without progress")
-    p.add_argument("--wait-for-lease", type=float, default=0,
+    p.add_argument("--stall-timeout", type=float, default=RestoreJob.stall_timeout_s,
+                   help="fail after this many seconds without progress")
+    p.add_argument("--wait-for-lease", type=float, default=RestoreJob.lease_wait_s,
                    help="seconds to wait while another run writes the same output, before giving up")
+    p.add_argument("--lease-ttl", type=float, default=RestoreJob.lease_ttl_s,
+                   help="a crashed run's hold on the output is taken over this long after it stopped renewing it")
+    p.add_argument("--unit-rows", type=int, default=RestoreJob.unit_rows,
+                   help="rows per unit of work at most (whole row groups): smaller units spread a file over more replicas")
     add_common_flags(p, inference=True)
 
     p = command(commands, "models", "list a model registry's versions, show a model's card, promote a champion",

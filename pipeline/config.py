@@ -1,8 +1,8 @@
 """The settings every step takes: typed, frozen, each default written once, here.
 
 Every field has a default that runs on a laptop and a one-line reason; validation in
-`__post_init__` says what to change (STYLE.md 3). Training presets are functions derived
-with `dataclasses.replace` (STYLE.md 4). Nothing heavy is imported: the CLI builds its
+`__post_init__` says what to change. Training presets are functions derived with
+`dataclasses.replace`, not a file per combination. Nothing heavy is imported: the CLI builds its
 help from these defaults without loading torch, pyarrow or Ray.
 """
 
@@ -30,6 +30,7 @@ class RestoreSettings:
     tile: int = 512  # images larger than this are restored tile by tile; memory is bounded by the tile
     tile_overlap: int = 64  # >= 4x the receptive radius keeps tiled == whole (DnCNN-17: radius 17)
     batch_size: int | None = None  # tiles or same-sized images per forward pass; None: 4 on CPU, 16 on GPU
+    max_call_megapixels: float = 32.0  # decoded pixels one model call holds; a larger image is a call alone
     device: str = "cpu"  # "cuda" on GPU replicas
     bf16: bool = True  # autocast to bfloat16 on CUDA (ignored on CPU, where it is slower)
     threads: int | None = None  # torch intra-op threads; None leaves torch's default
@@ -45,6 +46,8 @@ class RestoreSettings:
             raise ValueError(f"tile_overlap must be within 0 and tile/2 ({self.tile // 2}), got {self.tile_overlap}")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_call_megapixels <= 0:
+            raise ValueError(f"max_call_megapixels must be positive, got {self.max_call_megapixels}")
         if self.io_threads is not None and self.io_threads < 1:
             raise ValueError(f"io_threads must be >= 1, got {self.io_threads}")
         if self.device != "cpu" and not self.device.startswith("cuda"):
@@ -98,7 +101,7 @@ class TrainConfig:
 
 
 
-# --- training presets (STYLE.md 4: functions, derived with replace) --------------------------
+# --- training presets: functions, derived with replace --------------------------------------
 
 
 def tiny() -> TrainConfig:

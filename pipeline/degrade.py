@@ -181,6 +181,7 @@ def degrade_dataset(source: str, destination: str, degradation: Degradation, see
     files = check_dataset(source, columns)
     storage.ensure_bucket(destination)
     manifest = Manifest(destination, "degrade")
+    finished = manifest.all()  # one read of the records, not one per file
     report = DegradeReport(output=destination)
     # as the manifest will read it back (tuples become lists), so that a rerun compares equal
     recipe = json.loads(json.dumps({"degradation": dataclasses.asdict(degradation), "seed": seed,
@@ -188,7 +189,7 @@ def degrade_dataset(source: str, destination: str, degradation: Degradation, see
     bar = tqdm(total=len(files), desc="degrade", unit="file", disable=not progress, file=sys.stderr)
     for info in files:
         name = storage.relative_path(source, info.uri)  # nested layouts keep their folders
-        done = manifest.get(name)
+        done = finished.get(name)
         if done and done.get("input_etag") == info.etag and done.get("recipe") == recipe:
             report.files_skipped += 1
             report.images += done.get("rows", 0)

@@ -3,7 +3,7 @@
 An image value is either raw encoded bytes (PNG, JPEG, TIFF, WebP, BMP) or the Hugging
 Face `datasets` layout struct<bytes: binary, path: string>. Decoding never raises for a
 bad image: `decode` returns a `Decoded` with `error` set, so one corrupt row becomes one
-`failed` row and the rest of the batch goes on (STYLE.md: errors are values at row level).
+`failed` row and the rest of the batch goes on (errors are values at row level, exceptions at job level).
 
 Only the formats of the data contract are decoded (PNG, JPEG, TIFF, WebP, BMP); anything
 else Pillow could open (EPS, which calls Ghostscript, GIF, PSD, ...) is a failed row, as is a
@@ -151,6 +151,21 @@ def image_bytes(value, base_dir: str | None = None, max_bytes: int | None = None
         except Exception as error:  # the row fails, not the batch
             return None, f"the image struct has no bytes and its path {path!r} could not be read: {error}"
     return None, f"unsupported image value of type {type(value).__name__}"
+
+
+def declared_pixels(value) -> int:
+    """The pixel count an encoded image's header declares (reading the header only), or 0
+    when it cannot tell without more (a path to read, bytes that are not an image)."""
+    if isinstance(value, dict):
+        value = value.get("bytes")
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        return 0
+    try:
+        with Image.open(io.BytesIO(value), formats=ACCEPTED_FORMATS) as image:
+            width, height = image.size
+    except Exception:
+        return 0
+    return width * height
 
 
 def decode(value, limits: DecodeLimits = DecodeLimits(), base_dir: str | None = None) -> Decoded:

@@ -5,8 +5,7 @@ Restoration, evaluation and training's validation all run models through here.
 image channel by channel (here, and nowhere else). `ImageRestorer` loads the model once in
 `__init__` and restores a batch of encoded rows in `__call__` (decode -> restore ->
 encode), a bad row becoming `failed` with its reason. Neither knows about Ray or storage:
-`restore.FileRestorer`, the callable class that Ray Data runs in an actor pool (STYLE.md
-7), calls `ImageRestorer` on the rows of each file; a plain loop can too.
+`restore.UnitRestorer`, the callable class that Ray Data runs in an actor pool, calls `ImageRestorer` on the rows of each file; a plain loop can too.
 
 Tiling: an image larger than `tile` is cut into tiles that overlap by `tile_overlap`
 pixels. Each tile's output is weighted by a ramp that is zero within overlap/4 of an
@@ -18,6 +17,7 @@ restoration as long as the overlap covers the network's receptive field.
 from __future__ import annotations
 
 import ctypes
+import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
@@ -189,12 +189,15 @@ class ImageRestorer:
         except Exception as error:
             return None, f"encoding failed: {type(error).__name__}: {error}"
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: dict[str, np.ndarray], timings: dict | None = None) -> dict[str, np.ndarray]:
+        """Restore a batch of rows; `timings`, when given, gains the seconds this call spent
+        decoding, in the forward pass (with float conversion) and encoding."""
         values = batch[self.columns.image]
         count = len(values)
         encoded: list[bytes | None] = [None] * count
         errors: list[str | None] = [None] * count
         decoded_rows, pixels_list, modes, orientations = [], [], [], []
+        clock = time.perf_counter()
         for row, decoded in enumerate(self._each(lambda value: decode(value, self.limits, self.base_dir), values)):
             if not decoded.ok:
                 errors[row] = decoded.error
@@ -206,17 +209,28 @@ class ImageRestorer:
             pixels_list.append(decoded.pixels)
             modes.append(decoded.mode)
             orientations.append(decoded.orientation)
+        clock = _lap(timings, "decode", clock)
         try:
             restored = self.restore_pixels(pixels_list, modes)
         except Exception as error:  # e.g. out of memory on one huge image: fail these rows, keep going
             restored = []
             for row in decoded_rows:
                 errors[row] = f"restoration failed: {type(error).__name__}: {error}"
+        clock = _lap(timings, "forward", clock)
         for row, (png, error) in zip(decoded_rows, self._each(self._encode, zip(restored, modes, orientations))):
             encoded[row], errors[row] = png, error
+        _lap(timings, "encode", clock)
         out = {key: value for key, value in batch.items() if key != self.columns.image}
         out[self.columns.image] = np.array(encoded, dtype=object)
         out["status"] = np.array(["failed" if error else "ok" for error in errors], dtype=object)
         out["error"] = np.array(errors, dtype=object)
         out["model_version"] = np.array([self.model_version] * count, dtype=object)
         return out
+
+
+def _lap(timings: dict | None, stage: str, since: float) -> float:
+    """Add the seconds since `since` to `timings[stage]`; returns now."""
+    now = time.perf_counter()
+    if timings is not None:
+        timings[stage] = timings.get(stage, 0.0) + now - since
+    return now

@@ -74,13 +74,14 @@ def ingest(source: str, destination: str, rows_per_file: int = 64, progress: boo
         storage.check_disjoint(root, destination)
     storage.ensure_bucket(destination)
     manifest = Manifest(destination, "ingest")
+    finished = manifest.all()  # one read of the records, not one per shard
     report = IngestReport(images=len(images), output=destination)
     shards = list(storage.iter_chunks(images, rows_per_file))
     bar = tqdm(total=len(images), desc="ingest", unit="img", disable=not progress, file=sys.stderr)
     for index, shard in enumerate(shards):
         name = f"part-{index:05d}.parquet"
         sources = [[relative_id(info.uri, root), info.size, info.etag] for info in shard]
-        done = manifest.get(name)
+        done = finished.get(name)
         if done and done.get("sources") == sources and storage.exists(storage.join(destination, name)):
             report.files_skipped += 1
             bar.update(len(shard))

@@ -38,10 +38,16 @@ class RestoreJob:
     stall_timeout_s: float = 600.0  # fail when no row is restored for this long
     lease_wait_s: float = 0.0  # how long to wait for another run's lease on the output before giving up
     lease_ttl_s: float = 120.0  # a crashed run's lease is taken over this long after its last renewal
+    # A unit of work is whole row groups of one file, at most this many rows and this much
+    # compressed input (a larger row group is a unit alone): large files spread over replicas.
+    unit_rows: int = 256
+    unit_megabytes: float = 64.0
 
     def __post_init__(self):
         if self.workers is not None and self.workers < 1:
             raise ValueError("workers must be >= 1")
+        if self.unit_rows < 1 or self.unit_megabytes <= 0:
+            raise ValueError("unit_rows must be >= 1 and unit_megabytes positive")
         if self.stall_timeout_s <= 0:
             raise ValueError("stall_timeout_s must be positive")
         if self.lease_wait_s < 0 or self.lease_ttl_s <= 0:

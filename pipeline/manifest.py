@@ -1,14 +1,16 @@
 """What a job has finished, kept beside its output: `<root>/_resflow/<kind>/`.
 
-    entries/<relative path>.json   one small object per finished file, written as it finishes
+    entries/<relative path>.json   one small object per finished file (ingest, degrade)
+    batches/<time>-<id>.json       many records at once, and removals (restore's driver
+                                   flushes what finished every few seconds)
     snapshot.json                  every entry as of the end of the last run
 
 Entries are keyed by the input file's path relative to the dataset root (folders, Hive
 partitions and Hugging Face shard names kept), so same-named files in two folders are two
-entries. One object per file means a finished file is recorded with one PUT, whatever
-else is running; at the end of a run `compact` folds the entries into the snapshot and
-deletes them, so planning the next run reads one object plus the few entries written
-since, not one object per file (docs/scaling.md).
+entries. A batch records many finished files with one PUT, so the driver's storage calls
+do not grow with the files per second (docs/scaling.md); at the end of a run `compact`
+folds entries and batches into the snapshot and deletes them, so planning the next run
+reads one object plus the few written since, not one object per file.
 
 An entry is evidence, not truth: the restore trusts it only while the output it names
 still exists with the recorded ETag and size (pipeline/restore.py, `plan`).
@@ -18,11 +20,14 @@ from __future__ import annotations
 
 import json
 import posixpath
+import time
+import uuid
 from dataclasses import dataclass
 
 from pipeline import storage
 
 ENTRIES = "entries"
+BATCHES = "batches"
 SNAPSHOT = "snapshot.json"
 
 
@@ -45,8 +50,7 @@ class Manifest:
             return None
 
     def get(self, key: str) -> dict | None:
-        entry = self._read_entry(key)
-        return entry if entry is not None else self._snapshot().get(key)
+        return self.all().get(key)
 
     def put(self, key: str, record: dict) -> None:
         storage.write_bytes(self._entry_uri(key), json.dumps(record, sort_keys=True).encode())
@@ -57,39 +61,51 @@ class Manifest:
         except FileNotFoundError:
             return {}
 
-    def _entry_keys(self) -> list[str]:
-        folder = storage.join(self.folder, ENTRIES)
-        fs, path = storage.fsspec_filesystem(folder)
-        if not storage.exists(folder):
+    def put_many(self, records: dict[str, dict | None]) -> None:
+        """Record many keys with one PUT; a None record removes its key."""
+        if records:
+            name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json"
+            storage.write_bytes(storage.join(self.folder, BATCHES, name), json.dumps(records, sort_keys=True).encode())
+
+    def _listed(self, folder: str) -> list[str]:
+        """The objects under one of this manifest's folders, by name."""
+        uri = storage.join(self.folder, folder)
+        fs, path = storage.fsspec_filesystem(uri)
+        if not storage.exists(uri):
             return []
-        found = storage.retry(lambda: fs.find(path), what=f"listing {folder}")
-        return [posixpath.relpath(name, path)[: -len(".json")] for name in found if name.endswith(".json")]
+        found = storage.retry(lambda: fs.find(path), what=f"listing {uri}")
+        return sorted(posixpath.relpath(name, path) for name in found if name.endswith(".json"))
 
     def all(self) -> dict[str, dict]:
-        """Every entry: the snapshot, overridden by the entries written since."""
+        """Every entry: the snapshot, overridden by the entries and then the batches written
+        since (in the order they were written)."""
         entries = self._snapshot()
-        for key in self._entry_keys():
-            record = self._read_entry(key)
+        for name in self._listed(ENTRIES):
+            record = self._read_entry(name[: -len(".json")])
             if record is not None:
-                entries[key] = record
+                entries[name[: -len(".json")]] = record
+        for name in self._listed(BATCHES):
+            for key, record in json.loads(storage.read_bytes(storage.join(self.folder, BATCHES, name))).items():
+                if record is None:
+                    entries.pop(key, None)
+                else:
+                    entries[key] = record
         return entries
 
     def remove(self, key: str) -> None:
         storage.delete(self._entry_uri(key))
-        snapshot = self._snapshot()
-        if snapshot.pop(key, None) is not None:
-            storage.write_bytes(storage.join(self.folder, SNAPSHOT), json.dumps(snapshot, sort_keys=True).encode())
+        self.put_many({key: None})
 
     def compact(self) -> int:
-        """Fold the entries into the snapshot and delete them (one writer at a time: the
-        caller holds the output's lease). Returns how many entries were folded."""
-        keys = self._entry_keys()
-        if not keys:
+        """Fold the entries and batches into the snapshot and delete them (one writer at a
+        time: the caller holds the output's lease). Returns how many objects were folded."""
+        folded = [storage.parse(storage.join(self.folder, folder, name)).path
+                  for folder in (ENTRIES, BATCHES) for name in self._listed(folder)]
+        if not folded:
             return 0
         merged = self.all()
         storage.write_bytes(storage.join(self.folder, SNAPSHOT), json.dumps(merged, sort_keys=True).encode())
         fs, _ = storage.fsspec_filesystem(self.folder)
-        paths = [storage.parse(self._entry_uri(key)).path for key in keys]
-        for chunk in storage.iter_chunks(paths, 1000):  # one DeleteObjects request per 1,000 on S3
+        for chunk in storage.iter_chunks(folded, 1000):  # one DeleteObjects request per 1,000 on S3
             storage.retry(lambda chunk=chunk: fs.rm(chunk), what=f"compacting {self.folder}")
-        return len(keys)
+        return len(folded)

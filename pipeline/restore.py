@@ -1,27 +1,35 @@
 """Restoring whole datasets with Ray Data batch inference.
 
-    # laptop: local Ray, CPU actors, data in the local S3 server
+    # laptop: local Ray, CPU replicas, data in the local S3 server
     resflow restore --input s3://resflow/incoming/ --output s3://resflow/restored/ --model s3://resflow/models
     # cluster: RAY_ADDRESS set, one GPU per model replica
-    resflow restore --input s3://... --output s3://... --model s3://... --workers 8 --gpu --batch-size 16
+    resflow restore --input s3://... --output s3://... --model s3://... --workers 8 --gpu
 
-Ray Data hands input files to an actor pool of model replicas (`FileRestorer`). A replica
-streams its file's row groups from object storage, restores them (`ImageRestorer`:
-decode, tiled forward, encode), stores the output file whole (one PUT: atomic) and returns
-one summary row; the driver records each finished file in the manifest
-(`_resflow/manifest/`). Image bytes never pass through the driver or Ray's object store, so
-reading and writing scale with the replicas; a replica holds one row group of its file's
-input and the file's restored output.
+Work is cut into units of whole row groups (at most `unit_rows` rows and `unit_megabytes`
+of compressed input each, read from the footers), so one large file spreads over every
+replica. Ray Data hands the units to an actor pool of model replicas (`UnitRestorer`). A
+replica streams its unit's row groups from storage, restores them (`ImageRestorer`:
+decode, tiled forward, encode; one model call is bounded by rows and by pixels), and
+streams the output to storage (a multipart upload completed only when the unit is whole).
+A file of one unit is written straight to its output; a file of several units is written
+as parts under `<output>/_resflow/parts/`, and once its last part is done an assembly task
+streams them, row group by row group, into the one output file. Either way readers see an
+output file whole or not at all, with every input row once, in order.
 
-A rerun restores only input files that are new, changed (ETag/size) or were restored by
-another model version; `--force` redoes all. A run that makes no progress for
-`stall_timeout_s` fails with a message saying where it stalled; the rerun completes it.
+The driver only plans, records and watches: each finished unit of a multi-unit file is
+recorded (`_resflow/units/`), each finished file in the manifest (`_resflow/manifest/`).
+A rerun restores only files that are new, changed or not done by this model version, and
+of those only the units not finished; `force` redoes all. Image bytes never pass through
+the driver or Ray's object store. docs/architecture.md draws the path; docs/scaling.md
+says how far it goes.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import io
+import math
 import queue
 import threading
 import time
@@ -33,31 +41,38 @@ import pyarrow.parquet as pq
 from pipeline import raycluster, registry, storage
 from pipeline.config import RestoreSettings
 from pipeline.contract import OUTPUT_COLUMNS, DecodeLimits, ImageColumns
-from pipeline.dataset import PARQUET_COMPRESSION, inspect_dataset
+from pipeline.dataset import PARQUET_COMPRESSION, dataset_files, read_footers
+from pipeline.images import declared_pixels, validate_schema
 from pipeline.inference import ImageRestorer
 from pipeline.jobs import Events, RestoreJob
 from pipeline.lease import OutputLease
 from pipeline.manifest import Manifest
 from pipeline.modelio import load_model
 
-# A GPU replica's forward pass outruns one core's PNG decoding and encoding many times over
-# (H200, DnCNN-S in bf16: ~120 MP/s at 16 rows per call; one core decodes and encodes under
-# 10 MP/s): it decodes and encodes on its node's CPUs per GPU but one (left to Ray), and
-# restores several files at once, so that their reads, writes and PNG work overlap one
-# another's forward passes (a 4-image file costs ~25 ms of storage round trips here against
-# ~5 ms of H200 forward).
-GPU_FILES_AT_ONCE = 4
+# A GPU replica's forward pass outruns one core's PNG work many times over: it decodes and
+# encodes on its node's CPUs per GPU but one and restores several units at once, so that
+# their reads, writes and PNG work overlap one another's forward passes (bench/README.md).
+GPU_UNITS_AT_ONCE = 4
 GPU_NODE_CPUS_WHEN_NONE_IS_UP = 8  # infra/k8s's GPU workers: the autoscaler starts them on demand
-# Ray Data keeps one block per input file (the unit a replica takes), up to this many; a
-# larger dataset packs several files into a block, which one replica restores in turn.
-MAX_BLOCKS = 10_000
-# While no file finishes, the driver asks the replicas' row counter this often whether rows
-# are still being restored (a large file can take minutes), before calling it a stall.
-PROGRESS_POLL_S = 5.0
+MAX_BLOCKS = 10_000  # Ray Data blocks (a unit each, up to this many; then several units a block)
+PROGRESS_POLL_S = 5.0  # how often the driver asks whether rows are still being restored
+# Ray restarts a replica lost with its process or node and hands its unit to another; a unit
+# that has taken its replica down this often (an image that crashes the decoder, say) fails
+# the job instead of looping forever (Ray Data retries a lost actor's tasks without limit).
+UNIT_ATTEMPTS = 4
+SPLIT_AT_LEAST = 8  # a file too large for one unit is cut into this many at least (or one per row group)
+ASSEMBLY_CPUS = 0.25  # an assembly task streams bytes: it needs little CPU of its own
+# The driver records what finished in batches, one PUT every few seconds whatever the files
+# per second; a crash loses at most these seconds of records (their files are redone).
+RECORD_EVERY_S = 3.0
 
 
 class StallError(RuntimeError):
     """The pipeline delivered no rows for longer than the stall timeout."""
+
+
+class PoisonedUnitError(RuntimeError):
+    """A unit whose replica died again and again."""
 
 
 @dataclass
@@ -67,12 +82,17 @@ class RestoreReport:
     files_total: int = 0
     files_restored: int = 0
     files_skipped: int = 0
-    images_total: int = 0  # rows in the files to restore this run
+    units_restored: int = 0  # units of work restored by this run
+    units_skipped: int = 0  # units of unfinished files that an earlier run had finished
+    images_total: int = 0  # rows in the units to restore this run
     images_ok: int = 0
     images_failed: int = 0
     megapixels: float = 0.0
     seconds: float = 0.0
     first_rows_seconds: float = 0.0  # start-up: planning, Ray Data and model replicas until the first restored rows
+    rows_by_replica: dict = field(default_factory=dict)  # replica (host:pid) -> rows it restored
+    units_retried: list = field(default_factory=list)  # units restored again after their replica was lost
+    stage_seconds: dict = field(default_factory=dict)  # busy seconds of all replicas per stage: read, decode, ...
     failures: list = field(default_factory=list)  # first few (image_id, reason)
     outputs: list = field(default_factory=list)
 
@@ -84,50 +104,140 @@ class RestoreReport:
         return {**asdict(self), "megapixels_per_s": self.megapixels_per_s}
 
 
+# --- planning -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Whole row groups `first`..`last` of one input file: what one replica restores at once."""
+
+    key: str  # the input file's path relative to the input prefix
+    input: str
+    first: int
+    last: int
+    rows: int
+    index: int  # this unit's place among its file's units
+    count: int  # how many units the file has
+    target: str  # the output file itself (count == 1), or this unit's staged part
+
+    @property
+    def name(self) -> str:
+        return f"{self.key}/{self.first:06d}-{self.last:06d}"
+
+
+@dataclass
+class FilePlan:
+    info: storage.FileInfo
+    key: str
+    output: str
+    rows: int
+    units: list[Unit]
+    done: dict = field(default_factory=dict)  # unit index -> part record of an earlier run
+
+
+@dataclass
+class RestorePlan:
+    files: list[FilePlan]  # to restore: new, changed, or not done by this model version (all with force)
+    skipped: list[storage.FileInfo]  # done for this model version, outputs unchanged
+    model_folder: str
+    model_version: str
+
+    @property
+    def todo(self) -> list[storage.FileInfo]:
+        return [file.info for file in self.files]
+
+    @property
+    def rows(self) -> dict[str, int]:
+        return {file.info.uri: file.rows for file in self.files}
+
+
 def output_uri(job: RestoreJob, input_info: storage.FileInfo) -> str:
     """The input's path relative to the input prefix, under the output prefix."""
     return storage.join(job.output, storage.relative_path(job.input, input_info.uri))
 
 
-@dataclass
-class RestorePlan:
-    todo: list[storage.FileInfo]  # new, changed, or restored by another model version (all with force)
-    skipped: list[storage.FileInfo]  # done for this model version
-    model_folder: str
-    model_version: str
-    rows: dict[str, int]  # rows per input file to restore, from the footers
+def part_folder(job: RestoreJob, key: str, info: storage.FileInfo, model_version: str) -> str:
+    """Where a file's parts are staged: named by the input's identity and the model
+    version, so parts of another input or model never mix with these."""
+    identity = hashlib.sha256(f"{info.etag}|{info.size}|{model_version}".encode()).hexdigest()[:16]
+    return storage.join(job.output, storage.RESFLOW_DIR, "parts", key, identity)
+
+
+def split_into_units(footer: pq.FileMetaData, max_rows: int, max_bytes: int) -> list[tuple[int, int, int]]:
+    """(first, last, rows) of consecutive whole row groups. A file within `max_rows` and
+    `max_bytes` (compressed) is one unit; a larger one is cut into at least
+    SPLIT_AT_LEAST units of about equal rows, so that one large file keeps several
+    replicas busy. Depends only on the file and the limits: a rerun cuts the same units."""
+    groups = [(footer.row_group(g).num_rows,
+               sum(footer.row_group(g).column(c).total_compressed_size for c in range(footer.row_group(g).num_columns)))
+              for g in range(footer.num_row_groups)]
+    if not groups:
+        return [(0, -1, 0)]  # a file without rows still gets its (empty) output
+    rows, size = sum(r for r, _ in groups), sum(b for _, b in groups)
+    count = max(math.ceil(rows / max_rows), math.ceil(size / max_bytes))
+    if count > 1:
+        count = min(max(count, SPLIT_AT_LEAST), len(groups))
+    target = rows / count
+    units, first, taken, done = [], 0, 0, 0
+    for group, (group_rows, _) in enumerate(groups):
+        taken += group_rows
+        if done + taken >= target * (len(units) + 1) - 1e-9 or group == len(groups) - 1:
+            units.append((first, group, taken))
+            done, first, taken = done + taken, group + 1, 0
+    return units
 
 
 def plan(job: RestoreJob) -> RestorePlan:
-    """Check everything that can be checked before any work: input and output apart, the
-    model loads (safetensors, architecture), the input is non-empty and every file has the
-    contract's columns. A file counts as done only when its manifest entry matches the
-    input (ETag, size), the model version, and an output that still exists unchanged."""
+    """Everything that can be checked before any work: input and output apart, the model
+    loads, the input is not empty, every file to restore has the contract's columns. A file
+    is done when its manifest entry matches the input (ETag, size), the model version, and
+    an output that still exists unchanged: one listing of each prefix and the manifest, and
+    footers only of the files to restore."""
     storage.check_disjoint(job.input, job.output)
     model_folder = registry.resolve(job.model)
     _, card = load_model(model_folder)
-    inspected = inspect_dataset(job.input, job.columns)
+    inputs = dataset_files(job.input)
     done = Manifest(job.output, "manifest").all()
-    outputs = {storage.relative_path(job.output, info.uri): info for info in _existing_outputs(job.output)}
+    outputs = {storage.relative_path(job.output, info.uri): info for info in _existing(job.output)}
     todo, skipped = [], []
-    for info, _ in inspected:
+    for info in inputs:
         key = storage.relative_path(job.input, info.uri)
         entry, output = done.get(key) or {}, outputs.get(key)
         up_to_date = (entry.get("input_etag") == info.etag and entry.get("input_size") == info.size
                       and entry.get("model_version") == card.version and output is not None
                       and entry.get("output_etag") == output.etag and entry.get("output_size") == output.size)
-        (skipped if up_to_date and not job.force else todo).append(info)
-    wanted = {info.uri for info in todo}
-    rows = {info.uri: footer.num_rows for info, footer in inspected if info.uri in wanted}
-    return RestorePlan(todo, skipped, model_folder, card.version, rows)
+        (skipped if up_to_date and not job.force else todo).append((key, info))
+    footers = read_footers([info for _, info in todo])
+    for (_, info), footer in zip(todo, footers):
+        validate_schema(footer.schema.to_arrow_schema(), job.columns, where=info.uri)
+    units_done = Manifest(job.output, "units").all() if not job.force else {}
+    parts = {info.uri: info for info in _existing(storage.join(job.output, storage.RESFLOW_DIR, "parts"))}
+    files = []
+    for (key, info), footer in zip(todo, footers):
+        bounds = split_into_units(footer, job.unit_rows, int(job.unit_megabytes * 2**20))
+        folder = part_folder(job, key, info, card.version)
+        units = [Unit(key, info.uri, first, last, rows, index, len(bounds),
+                      output_uri(job, info) if len(bounds) == 1 else storage.join(folder, f"{first:06d}-{last:06d}.parquet"))
+                 for index, (first, last, rows) in enumerate(bounds)]
+        file = FilePlan(info, key, output_uri(job, info), footer.num_rows, units)
+        for unit in units if len(units) > 1 else []:
+            record, part = units_done.get(unit.name) or {}, parts.get(unit.target)
+            if (part is not None and record.get("part") == unit.target and record.get("part_etag") == part.etag
+                    and record.get("model_version") == card.version and record.get("input_etag") == info.etag):
+                file.done[unit.index] = record
+        files.append(file)
+    return RestorePlan(files, [info for _, info in skipped], model_folder, card.version)
 
 
-def _existing_outputs(output: str) -> list[storage.FileInfo]:
-    """Every Parquet file under the output (one listing), or none when it does not exist yet."""
+def _existing(prefix: str) -> list[storage.FileInfo]:
+    """Every Parquet file under `prefix` (one listing), or none when it does not exist yet."""
     try:
-        return storage.list_files(output)
+        return storage.list_files(prefix)
     except FileNotFoundError:
         return []
+
+
+# --- the replica ---------------------------------------------------------------------------------
 
 
 def output_schema(schema: pa.Schema, columns: ImageColumns) -> pa.Schema:
@@ -177,61 +287,72 @@ class RetryingInput(io.RawIOBase):
         return len(data)
 
 
-class FileRestorer:
-    """A model replica, as Ray Data's actor pool runs it: restores whole input files.
+class UnitRestorer:
+    """A model replica, as Ray Data's actor pool runs it: restores units of work.
 
-    For each file of a batch it streams the input's row groups from storage, restores their
-    rows `settings.batch_size` at a time (`ImageRestorer`), writes one output row group per
-    input row group into an in-memory Parquet file, and stores that file whole (one PUT,
-    so a reader never sees part of it). The other columns pass through as Arrow, types
-    untouched. Returns one summary row per file, with the stored output's ETag and size.
-    A bad row (undecodable image, null or non-UTF-8 id, a row group whose bytes are
-    corrupt) is a `failed` row with its reason; `progress` (an actor handle with `add`)
-    hears of every restored chunk, which is how the driver tells a long file from a stall."""
+    For each unit it streams the unit's row groups from storage, restores their rows in
+    model calls bounded by rows and decoded pixels (`ImageRestorer`), and streams one
+    output row group per input row group to the unit's target (`storage.AtomicWriter`), so
+    it holds one row group and its output, never a file. Other columns pass through as
+    Arrow, types untouched. A bad row (undecodable image, null or non-UTF-8 id, a row
+    group whose bytes are corrupt) is a `failed` row with its reason. `progress` (a
+    `Progress` actor) hears of every restored call, which tells a long unit from a stall,
+    and counts attempts, which stops a unit that keeps killing its replica."""
 
     def __init__(self, model_uri: str, settings: RestoreSettings, columns: ImageColumns = ImageColumns(),
                  limits: DecodeLimits = DecodeLimits(), base_dir: str | None = None, progress=None):
+        import os
+        import socket
+
         self.images = ImageRestorer(model_uri, settings, columns, limits, base_dir)
-        self.rows_per_call = settings.rows_per_call
-        self.columns = columns
-        self.progress = progress
-        self.filesystem = None  # the inputs' (one job's files share it), made on the first file
+        self.settings, self.columns, self.progress = settings, columns, progress
+        self.replica = f"{socket.gethostname()}:{os.getpid()}"
+        self.filesystem = None  # the inputs' (one job's files share it), made on the first unit
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        summaries = [self.restore_file(source, target)
-                     for source, target in zip(batch.column("input").to_pylist(), batch.column("output").to_pylist())]
-        return pa.Table.from_pylist(summaries, schema=SUMMARY_SCHEMA)
+        return pa.Table.from_pylist([self.restore_unit(Unit(**row)) for row in batch.to_pylist()],
+                                    schema=SUMMARY_SCHEMA)
 
-    def restore_file(self, input_uri: str, output_uri: str) -> dict:
-        restored, summary = self._restore(input_uri)
-        stored = storage.write_bytes(output_uri, restored)
-        return {"input": input_uri, "output": output_uri, "output_etag": stored.etag, "output_size": stored.size,
-                **summary}
+    def restore_unit(self, unit: Unit) -> dict:
+        import ray
 
-    def _restore(self, input_uri: str) -> tuple[bytes, dict]:
+        if self.progress is not None:
+            attempt = ray.get(self.progress.start.remote(unit.name))
+            if attempt > UNIT_ATTEMPTS:
+                raise PoisonedUnitError(f"{unit.input} row groups {unit.first}-{unit.last} took their replica down "
+                                        f"{attempt - 1} times (an image that crashes the decoder or exhausts memory?); "
+                                        f"lower the decode limits or remove the file, then rerun")
         if self.filesystem is None:
-            self.filesystem = storage.pyarrow_filesystem(input_uri)[0]
-        summary = {"rows": 0, "ok": 0, "failed": 0, "megapixels": 0.0, "failures": []}
-        sink = pa.BufferOutputStream()
-        path = storage.parse(input_uri).path
-        handle = storage.retry(lambda: self.filesystem.open_input_file(path), what=f"opening {input_uri}")
+            self.filesystem = storage.pyarrow_filesystem(unit.input)[0]
+        summary = {"rows": 0, "ok": 0, "failed": 0, "megapixels": 0.0, "failures": [],
+                   "stages": dict.fromkeys(("read", "decode", "forward", "encode", "write"), 0.0)}
+        started = time.perf_counter()
+        path = storage.parse(unit.input).path
+        handle = storage.retry(lambda: self.filesystem.open_input_file(path), what=f"opening {unit.input}")
+        writer = storage.AtomicWriter(unit.target)
         with handle:
-            parquet = pq.ParquetFile(RetryingInput(handle, input_uri))
+            parquet = pq.ParquetFile(RetryingInput(handle, unit.input))
             schema = output_schema(parquet.schema_arrow, self.columns)
-            with pq.ParquetWriter(sink, schema, compression=PARQUET_COMPRESSION) as writer:
-                for group in range(parquet.num_row_groups):
+            with writer as sink, pq.ParquetWriter(sink, schema, compression=PARQUET_COMPRESSION) as out:
+                for group in range(unit.first, unit.last + 1):
+                    read_started = time.perf_counter()
                     try:
                         rows = parquet.read_row_group(group)
                     except storage.StorageError:
-                        raise  # storage, not data: the file fails and is retried whole
+                        raise  # storage, not data: the unit fails and is retried whole
                     except Exception as error:
-                        writer.write_table(self._unreadable_group(parquet, group, error, schema, summary))
+                        out.write_table(self._unreadable_group(parquet, group, error, schema, summary))
                         continue
-                    parts = [self._restore_rows(rows.slice(start, self.rows_per_call), schema, summary)
-                             for start in range(0, rows.num_rows, self.rows_per_call)]
+                    summary["stages"]["read"] += time.perf_counter() - read_started
+                    parts = [self._restore_rows(rows.take(call), schema, summary)
+                             for call in model_calls(rows.column(self.columns.image), self.settings)]
                     if parts:
-                        writer.write_table(pa.concat_tables(parts))
-        return sink.getvalue().to_pybytes(), summary
+                        write_started = time.perf_counter()
+                        out.write_table(pa.concat_tables(parts))
+                        summary["stages"]["write"] += time.perf_counter() - write_started
+        summary["stages"]["write"] += max(0.0, time.perf_counter() - started - sum(summary["stages"].values()))
+        return {**asdict(unit), "output_etag": writer.stored.etag, "output_size": writer.stored.size,
+                "replica": self.replica, **summary}
 
     def _unreadable_group(self, parquet: pq.ParquetFile, group: int, error: Exception, schema: pa.Schema,
                           summary: dict) -> pa.Table:
@@ -260,14 +381,14 @@ class FileRestorer:
         image = self.columns.image
         ids, id_errors = image_ids(rows.column(self.columns.id))
         values = [None if problem else value for value, problem in zip(rows.column(image).to_pylist(), id_errors)]
-        out = self.images({image: values})
+        out = self.images({image: values}, timings=summary["stages"])
         errors = [problem or error for problem, error in zip(id_errors, out["error"].tolist())]
         status = ["failed" if error else "ok" for error in errors]
         restored = {name: rows.column(name) for name in rows.column_names}
         restored[image] = pa.array(out[image], pa.binary())
         restored.update({"status": pa.array(status, pa.string()), "error": pa.array(errors, pa.string()),
                          "model_version": pa.array(out["model_version"], pa.string())})
-        table = pa.table([restored[field.name] for field in schema], schema=schema)
+        table = pa.table([restored[name] for name in schema.names], schema=schema)
         summary["rows"] += table.num_rows
         summary["ok"] += status.count("ok")
         summary["failed"] += status.count("failed")
@@ -278,6 +399,22 @@ class FileRestorer:
         if self.progress is not None:
             self.progress.add.remote(table.num_rows)  # fire and forget: the counter is only a heartbeat
         return table
+
+
+def model_calls(images: pa.ChunkedArray, settings: RestoreSettings) -> list[list[int]]:
+    """Row indices per model call: at most `rows_per_call` rows and about
+    `max_call_megapixels` of decoded pixels (read from the image headers), so sixteen
+    64-MP images are sixteen calls, not one; a larger image is a call of its own."""
+    limit = settings.max_call_megapixels * 1e6
+    calls, current, pixels = [], [], 0
+    for row, value in enumerate(images.to_pylist()):
+        size = declared_pixels(value)
+        if current and (len(current) >= settings.rows_per_call or pixels + size > limit):
+            calls.append(current)
+            current, pixels = [], 0
+        current.append(row)
+        pixels += size
+    return calls + ([current] if current else [])
 
 
 def image_ids(column: pa.ChunkedArray) -> tuple[list[str], list[str | None]]:
@@ -298,19 +435,23 @@ def image_ids(column: pa.ChunkedArray) -> tuple[list[str], list[str | None]]:
     return printable, problems
 
 
-MAX_FAILURES_KEPT = 20  # per file and per report: the first few reasons, not every failed row
-SUMMARY_SCHEMA = pa.schema([("input", pa.string()), ("output", pa.string()), ("output_etag", pa.string()),
-                            ("output_size", pa.int64()), ("rows", pa.int64()),
-                            ("ok", pa.int64()), ("failed", pa.int64()), ("megapixels", pa.float64()),
-                            ("failures", pa.list_(pa.list_(pa.string())))])  # [image id, reason]
+MAX_FAILURES_KEPT = 20  # per unit and per report: the first few reasons, not every failed row
+SUMMARY_SCHEMA = pa.schema([
+    ("key", pa.string()), ("input", pa.string()), ("first", pa.int64()), ("last", pa.int64()), ("rows", pa.int64()),
+    ("index", pa.int64()), ("count", pa.int64()), ("target", pa.string()), ("output_etag", pa.string()),
+    ("output_size", pa.int64()), ("replica", pa.string()), ("ok", pa.int64()), ("failed", pa.int64()),
+    ("megapixels", pa.float64()), ("failures", pa.list_(pa.list_(pa.string()))),  # [image id, reason]
+    ("stages", pa.map_(pa.string(), pa.float64())),
+])
 
 
-class RowCounter:
-    """Rows restored so far by all replicas: the driver's evidence that a job whose files
-    take long is still moving (a Ray actor with no CPU of its own)."""
+class Progress:
+    """Rows restored so far by all replicas (the driver's evidence that a long unit is still
+    moving) and attempts per unit (a Ray actor with no CPU of its own)."""
 
     def __init__(self):
         self.rows = 0
+        self.attempts: dict[str, int] = {}
 
     def add(self, rows: int) -> None:
         self.rows += rows
@@ -318,123 +459,249 @@ class RowCounter:
     def total(self) -> int:
         return self.rows
 
+    def start(self, unit: str) -> int:
+        self.attempts[unit] = self.attempts.get(unit, 0) + 1
+        return self.attempts[unit]
+
+    def attempts_of(self) -> dict[str, int]:
+        return self.attempts
+
+
+def assemble(parts: list[str], output: str) -> dict:
+    """Stream a file's parts, row group by row group, into its one output file (a Ray task):
+    the output appears whole when the last row group is written, or not at all."""
+    filesystem = storage.pyarrow_filesystem(parts[0])[0]
+    writer = storage.AtomicWriter(output)
+    with writer as sink:
+        out = None
+        for part in parts:
+            with filesystem.open_input_file(storage.parse(part).path) as handle:
+                parquet = pq.ParquetFile(handle)
+                out = out or pq.ParquetWriter(sink, parquet.schema_arrow, compression=PARQUET_COMPRESSION)
+                for group in range(parquet.num_row_groups):
+                    out.write_table(parquet.read_row_group(group))
+        out.close()
+    return {"output_etag": writer.stored.etag, "output_size": writer.stored.size}
+
+
+# --- the driver ----------------------------------------------------------------------------------
+
 
 def restore_dataset(job: RestoreJob, events: Events | None = None) -> RestoreReport:
     """Restore every new or changed input file; `events` hears log lines and progress
-    (images done of images to restore) after each finished output file. Starts local Ray
-    when none is connected (raycluster.connect).
+    (images done of images to restore). Starts local Ray when none is connected
+    (raycluster.connect).
 
     The run holds the output's lease (pipeline/lease.py) from before planning to the end,
     so a second run on the same output waits or stops instead of writing beside it."""
     events = events or Events()
     storage.check_disjoint(job.input, job.output)  # before the lease, which writes under the output
     with OutputLease(job.output, ttl_s=job.lease_ttl_s, wait_s=job.lease_wait_s, log=events.log) as lease:
-        return _restore_holding_lease(job, lease, events)
+        return Run(job, lease, events).execute()
 
 
 def replica_settings(job: RestoreJob, resources: dict) -> tuple[int, RestoreSettings, dict, int]:
     """How many replicas, the settings each runs with, its Ray resources, and how many
-    files it restores at once: derived from the job and what the cluster offers."""
+    units it restores at once: derived from the job and what the cluster offers."""
     workers = job.workers or (max(1, int(resources.get("GPU", 1))) if job.use_gpu
                               else max(1, int(resources.get("CPU", 2) // 2)))
     if job.use_gpu:
         io_threads = job.settings.io_threads or max(1, (raycluster.cpus_per_gpu() or GPU_NODE_CPUS_WHEN_NONE_IS_UP) - 1)
         settings = replace(job.settings, device="cuda", io_threads=io_threads)
-        return workers, settings, {"num_gpus": 1, "num_cpus": io_threads}, GPU_FILES_AT_ONCE
-    # one torch thread per core, so a second file at once would only contend for it
+        return workers, settings, {"num_gpus": 1, "num_cpus": io_threads}, GPU_UNITS_AT_ONCE
+    # one torch thread per core, so a second unit at once would only contend for it
     settings = replace(job.settings, device="cpu", threads=job.settings.threads or
                        max(1, raycluster.physical_cores() // workers))
     return workers, settings, {"num_cpus": job.cpus_per_worker}, 1
 
 
-def _restore_holding_lease(job: RestoreJob, lease: OutputLease, events: Events) -> RestoreReport:
-    import ray
-    import ray.data
+class Run:
+    """One restore run holding the output's lease: plan, dispatch units, record what
+    finishes, assemble multi-unit files, watch for stalls."""
 
-    started = time.time()
-    planned = plan(job)
-    todo, skipped, model_version, expected = planned.todo, planned.skipped, planned.model_version, planned.rows
-    report = RestoreReport(job.output, model_version, files_total=len(todo) + len(skipped), files_skipped=len(skipped))
-    if not todo:
-        events.log(f"nothing to restore: all {len(skipped)} input file(s) are done for model {model_version}")
-        report.seconds = time.time() - started
-        return report
-    workers, settings, actor_options, files_at_once = replica_settings(job, raycluster.connect())
-    report.images_total = sum(expected.values())
-    events.progress(0, report.images_total)
-    if len(todo) < workers:
-        events.log(f"note: {len(todo)} file(s) for {workers} replicas: a file is restored by one replica, so "
-                   f"{workers - len(todo)} will idle; a dataset of more, smaller files spreads over more replicas")
-    events.log(f"restoring {len(todo)} file(s), {report.images_total} images, with model {model_version} on "
-               f"{workers} {'GPU' if job.use_gpu else 'CPU'} replica(s) ({settings.rows_per_call} rows per call, "
-               f"{settings.io_threads or 1} PNG thread(s) and {files_at_once} file(s) at once each); "
-               f"{len(skipped)} file(s) already done")
+    def __init__(self, job: RestoreJob, lease: OutputLease, events: Events):
+        self.job, self.lease, self.events = job, lease, events
+        self.manifest = Manifest(job.output, "manifest")
+        self.units_manifest = Manifest(job.output, "units")
+        self.unrecorded: dict[str, dict] = {"manifest": {}, "units": {}}  # records not yet stored
+        self.recorded_at = time.monotonic()
+        self.started = time.time()
 
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = events.interactive
-    counter = ray.remote(num_cpus=0)(RowCounter).remote()
-    units = [{"input": info.uri, "output": output_uri(job, info)} for info in todo]
-    restored = ray.data.from_items(units, override_num_blocks=min(len(units), MAX_BLOCKS)).map_batches(
-        FileRestorer,
-        fn_constructor_kwargs={"model_uri": planned.model_folder, "settings": settings, "columns": job.columns,
-                               "limits": job.limits, "base_dir": job.input, "progress": counter},
-        batch_size=1, batch_format="pyarrow",
-        # Every replica starts at once (model loads overlap one another); the pool may shrink
-        # to one when a node is lost, and Ray Data retries a lost replica's files elsewhere.
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers, initial_size=workers,
-                                           max_concurrent_calls_per_actor=files_at_once,
-                                           enable_true_multi_threading=files_at_once > 1),
-        **actor_options,
-    )
+    def execute(self) -> RestoreReport:
+        import ray
+        import ray.data
 
-    def rows_restored() -> int:
+        job, events = self.job, self.events
+        planned = plan(job)
+        self.files = {file.key: file for file in planned.files}
+        report = self.report = RestoreReport(job.output, planned.model_version,
+                                             files_total=len(planned.files) + len(planned.skipped),
+                                             files_skipped=len(planned.skipped))
+        if not planned.files:
+            events.log(f"nothing to restore: all {len(planned.skipped)} input file(s) are done for model "
+                       f"{planned.model_version}")
+            report.seconds = time.time() - self.started
+            return report
+        pending = [unit for file in planned.files for unit in file.units if unit.index not in file.done]
+        report.units_skipped = sum(len(file.done) for file in planned.files)
+        report.images_total = sum(unit.rows for unit in pending)
+        workers, settings, actor_options, units_at_once = replica_settings(job, raycluster.connect())
+        events.progress(0, report.images_total)
+        events.log(f"restoring {len(planned.files)} file(s) in {len(pending)} unit(s) ({report.units_skipped} "
+                   f"already done), {report.images_total} images, with model {planned.model_version} on {workers} "
+                   f"{'GPU' if job.use_gpu else 'CPU'} replica(s) ({settings.rows_per_call} rows per call, "
+                   f"{settings.io_threads or 1} PNG thread(s), {units_at_once} unit(s) at once each); "
+                   f"{len(planned.skipped)} file(s) already done")
+        if len(pending) < workers:
+            events.log(f"note: {len(pending)} unit(s) for {workers} replicas: {workers - len(pending)} will idle; "
+                       f"smaller units (unit_rows) spread a few files over more replicas")
+        ray.data.DataContext.get_current().enable_progress_bars = events.interactive
+        self.progress = ray.remote(num_cpus=0)(Progress).remote()
+        self.assembling: dict = {}  # Ray object ref -> file key
+        self.assemble_task = ray.remote(num_cpus=ASSEMBLY_CPUS)(assemble)
+        for file in planned.files:  # every unit done by an earlier run: only the assembly is left
+            if file.units and len(file.done) == len(file.units):
+                self._assemble(file)
         try:
-            return ray.get(counter.total.remote(), timeout=PROGRESS_POLL_S)
+            if pending:
+                restored = ray.data.from_items([asdict(unit) for unit in pending],
+                                               override_num_blocks=min(len(pending), MAX_BLOCKS)).map_batches(
+                    UnitRestorer,
+                    fn_constructor_kwargs={"model_uri": planned.model_folder, "settings": settings,
+                                           "columns": job.columns, "limits": job.limits, "base_dir": job.input,
+                                           "progress": self.progress},
+                    batch_size=1, batch_format="pyarrow",
+                    # every replica starts at once (model loads overlap one another); the pool may
+                    # shrink to one when a node is lost, and Ray Data gives its units to another
+                    compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers, initial_size=workers,
+                                                       max_concurrent_calls_per_actor=units_at_once,
+                                                       enable_true_multi_threading=units_at_once > 1),
+                    **actor_options,
+                )
+                for batch in _batches_with_watchdog(restored, job.stall_timeout_s, self._where, self._rows_restored):
+                    report.first_rows_seconds = report.first_rows_seconds or time.time() - self.started
+                    for done in batch.to_pylist():
+                        self._record(done)
+                    self._collect_assemblies(timeout=0)
+                    self._store_records()
+            self._collect_assemblies(timeout=job.stall_timeout_s, all_of_them=True)
+        finally:
+            try:  # what finished stays recorded, whatever ended the run
+                self._store_records(now=True)
+            except Exception as error:
+                events.log(f"could not record the last finished work ({error}); a rerun redoes it")
+            try:
+                attempts = ray.get(self.progress.attempts_of.remote(), timeout=PROGRESS_POLL_S)
+                report.units_retried = sorted(unit for unit, count in attempts.items() if count > 1)
+            except Exception:  # statistics only
+                pass
+            ray.kill(self.progress)
+            for manifest in (self.manifest, self.units_manifest):
+                try:
+                    self.lease.check()
+                    manifest.compact()
+                except Exception as error:  # entries stay valid one by one; never mask the run's own error
+                    events.log(f"{manifest.kind} not compacted ({error}); the next run reads its entries one by one")
+        if report.files_restored != len(planned.files):
+            raise RuntimeError(f"restore ended early: {report.files_restored} of {len(planned.files)} file(s) "
+                               f"complete; rerun to finish (done files and units are skipped)")
+        report.seconds = time.time() - self.started
+        return report
+
+    def _rows_restored(self) -> int:
+        import ray
+
+        try:
+            return ray.get(self.progress.total.remote(), timeout=PROGRESS_POLL_S)
         except Exception:  # an unreachable counter proves nothing either way
             return -1
 
-    def where() -> str:
-        return (f"{report.files_restored}/{len(todo)} file(s) written, {report.images_ok + report.images_failed} "
-                f"rows in them; the replicas last reported {max(rows_restored(), 0)} rows restored")
+    def _where(self) -> str:
+        report = self.report
+        return (f"{report.files_restored}/{len(self.files)} file(s) and {report.units_restored} unit(s) written, "
+                f"{report.images_ok + report.images_failed} rows in them; the replicas last reported "
+                f"{max(self._rows_restored(), 0)} rows restored")
 
-    manifest = Manifest(job.output, "manifest")
-    by_uri = {info.uri: info for info in todo}
-    try:
-        for batch in _batches_with_watchdog(restored, job.stall_timeout_s, where, rows_restored):
-            report.first_rows_seconds = report.first_rows_seconds or time.time() - started
-            for done in batch.to_pylist():
-                info = by_uri[done["input"]]
-                if done["rows"] != expected[info.uri]:
-                    raise RuntimeError(f"{info.uri} had {expected[info.uri]} rows when planned and {done['rows']} "
-                                       f"when restored: it changed during the run; rerun to restore it again")
-                lease.check()  # never record a result once another run may own the output
-                manifest.put(storage.relative_path(job.input, info.uri), {
-                    "input": info.uri, "input_etag": info.etag, "input_size": info.size, "output": done["output"],
-                    "output_etag": done["output_etag"], "output_size": done["output_size"],
-                    "model_version": model_version, "rows": done["rows"], "ok": done["ok"], "failed": done["failed"],
-                    "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                })
-                report.files_restored += 1
-                report.images_ok += done["ok"]
-                report.images_failed += done["failed"]
-                report.megapixels += done["megapixels"]
-                report.outputs.append(done["output"])
-                for image_id, reason in done["failures"]:
-                    if len(report.failures) < MAX_FAILURES_KEPT:
-                        report.failures.append((image_id, reason))
-                events.progress(report.images_ok + report.images_failed, report.images_total)
-    finally:
-        ray.kill(counter)
-        try:
-            lease.check()
-            manifest.compact()
-        except Exception as error:  # the entries stay valid one by one; never mask the run's own error
-            events.log(f"manifest not compacted ({error}); the next run reads its entries one by one")
-    if report.files_restored != len(todo):
-        raise RuntimeError(f"restore ended early: {report.files_restored} of {len(todo)} file(s) complete; "
-                           f"rerun to finish (done files are skipped)")
-    report.seconds = time.time() - started
-    return report
+    def _record(self, done: dict) -> None:
+        """A unit finished: count it, record it, and finish its file when it was the last."""
+        report, file = self.report, self.files[done["key"]]
+        unit = file.units[done["index"]]
+        if done["rows"] != unit.rows:
+            raise RuntimeError(f"{file.info.uri} row groups {unit.first}-{unit.last} had {unit.rows} rows when "
+                               f"planned and {done['rows']} when restored: it changed during the run; rerun")
+        report.units_restored += 1
+        report.images_ok += done["ok"]
+        report.images_failed += done["failed"]
+        report.megapixels += done["megapixels"]
+        report.rows_by_replica[done["replica"]] = report.rows_by_replica.get(done["replica"], 0) + done["rows"]
+        for stage, seconds in done["stages"]:
+            report.stage_seconds[stage] = report.stage_seconds.get(stage, 0.0) + seconds
+        for image_id, reason in done["failures"]:
+            if len(report.failures) < MAX_FAILURES_KEPT:
+                report.failures.append((image_id, reason))
+        record = {"input_etag": file.info.etag, "model_version": report.model_version, "rows": done["rows"],
+                  "ok": done["ok"], "failed": done["failed"]}
+        if unit.count == 1:
+            self._finish(file, {**record, "output_etag": done["output_etag"], "output_size": done["output_size"]})
+        else:
+            file.done[unit.index] = {**record, "part": unit.target, "part_etag": done["output_etag"]}
+            self.unrecorded["units"][unit.name] = file.done[unit.index]
+            if len(file.done) == len(file.units):
+                self._assemble(file)
+        self.events.progress(report.images_ok + report.images_failed, report.images_total)
+
+    def _assemble(self, file: FilePlan) -> None:
+        parts = [unit.target for unit in file.units]
+        self.assembling[self.assemble_task.remote(parts, file.output)] = file.key
+
+    def _collect_assemblies(self, timeout: float, all_of_them: bool = False) -> None:
+        import ray
+
+        deadline = time.monotonic() + timeout
+        while self.assembling:
+            left = max(0.0, deadline - time.monotonic())
+            ready, _ = ray.wait(list(self.assembling), num_returns=1, timeout=left if all_of_them else 0)
+            if not ready:
+                if all_of_them:
+                    raise StallError(f"assembling {len(self.assembling)} file(s) took longer than {timeout:.0f} s: "
+                                     f"{self._where()}; finished units are kept, and a rerun assembles them")
+                return
+            key = self.assembling.pop(ready[0])
+            file = self.files[key]
+            stored = ray.get(ready[0])
+            rows = sum(record["rows"] for record in file.done.values())
+            self._finish(file, {"input_etag": file.info.etag, "model_version": self.report.model_version,
+                                "rows": rows, "ok": sum(record["ok"] for record in file.done.values()),
+                                "failed": sum(record["failed"] for record in file.done.values()), **stored,
+                                "parts": len(file.units)})
+            for unit in file.units:  # the parts are in the output now; their records and bytes can go
+                self.unrecorded["units"][unit.name] = None
+                try:
+                    storage.delete(unit.target)
+                except Exception as error:  # leftovers are skipped by readers and overwritten by reruns
+                    self.events.log(f"could not clean up {unit.target}: {error}")
+
+    def _finish(self, file: FilePlan, record: dict) -> None:
+        if record["rows"] != file.rows:
+            raise RuntimeError(f"{file.info.uri} had {file.rows} rows when planned and {record['rows']} in its "
+                               f"output: it changed during the run; rerun to restore it again")
+        self.unrecorded["manifest"][file.key] = {
+            "input": file.info.uri, "input_size": file.info.size, "output": file.output,
+            "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **record}
+        self.report.files_restored += 1
+        self.report.outputs.append(file.output)
+
+    def _store_records(self, now: bool = False) -> None:
+        """Store what finished since the last time, one batch per manifest, every
+        RECORD_EVERY_S seconds (or `now`); never once another run may own the output."""
+        if not now and time.monotonic() - self.recorded_at < RECORD_EVERY_S:
+            return
+        if any(self.unrecorded.values()):
+            self.lease.check()
+            self.manifest.put_many(self.unrecorded["manifest"])  # files first: a crash in between redoes less
+            self.units_manifest.put_many(self.unrecorded["units"])
+            self.unrecorded = {"manifest": {}, "units": {}}
+        self.recorded_at = time.monotonic()
 
 
 def _megapixels(encoded) -> float:
@@ -479,7 +746,7 @@ def _batches_with_watchdog(dataset, stall_timeout_s: float, where, rows_restored
                 elif time.monotonic() - last_progress >= stall_timeout_s:
                     raise StallError(f"no restored rows for {stall_timeout_s:.0f} s: {where()}. The pipeline is "
                                      f"stuck (a lost node, a hung storage call?); this run is abandoned, finished "
-                                     f"files are kept, and a rerun restores the rest") from None
+                                     f"files and units are kept, and a rerun restores the rest") from None
                 continue
             if item is finished:
                 return
@@ -495,10 +762,10 @@ def _batches_with_watchdog(dataset, stall_timeout_s: float, where, rows_restored
 
 def format_report(report: dict) -> str:
     """What `resflow restore` prints without --json (`report`: RestoreReport.to_dict())."""
-    lines = [f"restored {report['files_restored']} file(s) ({report['files_skipped']} already done): "
-             f"{report['images_ok']} ok, {report['images_failed']} failed; {report['megapixels']:.1f} MP in "
-             f"{report['seconds']:.1f} s = {report['megapixels_per_s']:.3f} MP/s (first rows after "
-             f"{report['first_rows_seconds']:.1f} s); model {report['model_version']}",
+    lines = [f"restored {report['files_restored']} file(s) ({report['files_skipped']} already done) in "
+             f"{report['units_restored']} unit(s): {report['images_ok']} ok, {report['images_failed']} failed; "
+             f"{report['megapixels']:.1f} MP in {report['seconds']:.1f} s = {report['megapixels_per_s']:.3f} MP/s "
+             f"(first rows after {report['first_rows_seconds']:.1f} s); model {report['model_version']}",
              f"output: {report['output']}"]
     for image_id, reason in report["failures"][:10]:
         lines.append(f"  failed: {image_id}: {reason}")

@@ -331,6 +331,62 @@ def _local_temporary(path: str) -> Iterator[str]:
             os.unlink(temporary)
 
 
+# Streamed writes go up in parts of this size (S3's minimum is 5 MiB): what a writer holds.
+PART_BYTES = 8 * 2**20
+
+
+class AtomicWriter:
+    """A binary file to stream a whole object into; readers see it only once the block
+    ends without an error, and never part of it. On S3 an object smaller than PART_BYTES
+    is stored with one PUT at the end; a larger one goes up as a multipart upload in
+    PART_BYTES parts, completed at the end and aborted on failure (no parts linger).
+    Locally a temporary file renamed into place. Afterwards `stored` is its FileInfo.
+
+        writer = AtomicWriter(uri)
+        with writer as sink:
+            sink.write(...)
+        writer.stored.etag
+    """
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.stored: FileInfo | None = None
+        self._temporary = None
+
+    def __enter__(self):
+        location = parse(self.uri)
+        fs, path = fsspec_filesystem(self.uri)
+        if location.scheme == "s3":
+            self._handle = retry(lambda: fs.open(path, "wb", block_size=PART_BYTES), what=f"opening {self.uri}")
+        else:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            self._temporary = f"{path}.{uuid.uuid4().hex}.tmp"
+            self._handle = open(self._temporary, "wb")  # noqa: SIM115 - closed in __exit__
+        return self._handle
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if self._temporary is None:  # S3
+            if kind is None:
+                self._handle.close()  # the one PUT, or the last part and the multipart completion
+            else:
+                try:
+                    self._handle.discard()
+                except Exception:
+                    pass  # the upload expires with the bucket's lifecycle rules; the original error matters
+                self._handle.closed = True  # discarded: nothing left to flush when it is collected
+                return
+        else:
+            self._handle.close()
+            if kind is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._temporary)
+                return
+            with open(self._temporary, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(self._temporary, parse(self.uri).path)
+        self.stored = file_info(self.uri)
+
+
 def delete(uri: str) -> None:
     fs, path = fsspec_filesystem(uri)
     if retry(lambda: fs.exists(path), what=f"checking {uri}"):

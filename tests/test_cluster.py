@@ -116,7 +116,7 @@ def test_restore_spreads_over_nodes_and_a_lost_node_loses_no_row(cluster, heavy_
     manifest = Manifest(output, "manifest")
     wait_for(lambda: manifest.all(), 300, "the first restored file")
     # Both replicas start at once, one per worker node (2 CPUs each on 3-CPU nodes).
-    wait_for(lambda: len(actor_nodes(cluster, "FileRestorer")) == 2, 120, "replicas on both worker nodes")
+    wait_for(lambda: len(actor_nodes(cluster, "UnitRestorer")) == 2, 120, "replicas on both worker nodes")
 
     done_at_fault = len(manifest.all())
     ray_nodes.kill_raylet(cluster, "node-2")  # the machine is gone, mid-run

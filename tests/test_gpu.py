@@ -124,3 +124,22 @@ def test_restore_dataset_on_gpu_replicas(gpu_ray, paper_model, tmp_path):
     for gpu_png, cpu_png in zip(out["image"].to_pylist(), cpu["image"]):
         gpu_pixels, cpu_pixels = decode(gpu_png).pixels.astype(np.float32), decode(cpu_png).pixels.astype(np.float32)
         assert np.abs(gpu_pixels - cpu_pixels).mean() < 1.0  # grey levels
+
+
+def test_peak_device_memory_is_bounded_by_the_tile_not_the_image(paper_model):
+    """A 2048-pixel image fills one call of 16 tiles; a 6144-pixel one needs nine such
+    calls, never a larger one: the device holds a call's tiles, whatever the image's size."""
+    from pipeline.modelio import load_model
+
+    model, _ = load_model(paper_model)
+    runner = ModelRunner(model, RestoreSettings(device="cuda", batch_size=16, tile=512, tile_overlap=64))
+    peaks = []
+    for side in (2048, 6144):
+        image = np.random.default_rng(side).random((side, side, 1), dtype=np.float32)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        runner.restore_images([image])
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated() - before)
+    assert peaks[1] <= 1.1 * peaks[0], peaks

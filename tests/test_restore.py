@@ -29,6 +29,7 @@ from tests.test_images import bad_values
 
 def job(input_uri, output_uri, model, batch_size=4, tile=RestoreSettings.tile,
         tile_overlap=RestoreSettings.tile_overlap, **overrides) -> RestoreJob:
+    """A restore job for tests: 2 CPU replicas at half a CPU each, 4 rows per call."""
     fields = dict(workers=2, cpus_per_worker=0.5, stall_timeout_s=300)
     fields.update(overrides)
     settings = RestoreSettings(batch_size=batch_size, tile=tile, tile_overlap=tile_overlap)
@@ -467,32 +468,6 @@ def test_s3_server_paused_past_the_request_timeout(ray_local, s3_server, trained
     assert_every_row_exactly_once(bsd68_input, s3_prefix + "/out")
 
 
-def test_a_replica_killed_mid_run_loses_and_duplicates_nothing(ray_local, bsd68_input, s3_prefix):
-    """SIGKILL one replica's process while files are in flight: Ray restarts the replica and
-    retries its file whole, or the job fails cleanly and the rerun completes it."""
-    import os
-    import signal
-
-    from ray.util.state import list_actors
-
-    slow = s3_prefix + "/dncnn-s"  # untrained DnCNN-S: ~1 s per BSD68 image here, so the kill lands mid-file
-    save_model(slow, build_model("dncnn", depth=17, width=64), version="dncnn-s-untrained")
-    files = storage.list_files(bsd68_input)
-    manifest = Manifest(s3_prefix + "/out", "manifest")
-    worker, outcome = restore_in_background(job(bsd68_input, s3_prefix + "/out", slow, batch_size=2))
-    done_at_fault = wait_until_some_files_are_done(manifest, worker)
-    replicas = [actor for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-                if "FileRestorer" in actor.class_name]
-    assert replicas and worker.is_alive()
-    os.kill(replicas[0].pid, signal.SIGKILL)
-    assert 0 < done_at_fault < len(files)  # the fault struck mid-run
-    worker.join(timeout=900)
-    assert not worker.is_alive()
-    if "error" in outcome:
-        restore_dataset(job(bsd68_input, s3_prefix + "/out", slow, batch_size=2))
-    assert_every_row_exactly_once(bsd68_input, s3_prefix + "/out")
-
-
 def test_two_restore_processes_on_one_output_never_write_together(s3_server, trained_model, bsd68_input, s3_prefix):
     """Two `resflow restore` commands on the same output: one holds the lease and restores;
     the other stops at once, naming the holder. Every row is written exactly once."""
@@ -541,3 +516,114 @@ def test_resflow_restore_runs_local_ray_without_its_dashboard(monkeypatch):
                                  timeout=180, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
         assert started.returncode == 0, started.stderr
         assert started.stdout.strip().splitlines()[-1] == str(dashboard)
+
+
+# --- units of work: large files over many replicas ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_large_file(s3_server):
+    """32 BSD68 images in ONE file of 16 row groups of 2, with other columns; and an
+    untrained DnCNN-S, slow enough here (~0.5 s an image) that units overlap in time."""
+    root = f"s3://tests/large-{time.time_ns()}"
+    images = [path.read_bytes() for path in sorted(shared_data("BSD68").glob("*.png"))[:32]]
+    table = pa.table({"image_id": [f"bsd-{i:02d}" for i in range(32)], "image": pa.array(images, pa.binary()),
+                      "label": pa.array(range(32), pa.int32()),
+                      "tags": pa.array([["a", str(i)] for i in range(32)], pa.list_(pa.string()))})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, row_group_size=2)
+    storage.write_bytes(root + "/in/shard-00000-of-00001.parquet", sink.getvalue().to_pybytes())
+    save_model(root + "/dncnn-s", build_model("dncnn", depth=17, width=64), version="dncnn-s-untrained")
+    return root
+
+
+def test_one_large_file_is_spread_over_both_replicas_and_assembled_whole(ray_local, one_large_file, s3_prefix):
+    source, output = one_large_file + "/in", s3_prefix + "/out"
+    report = restore_dataset(job(source, output, one_large_file + "/dncnn-s", batch_size=2, unit_rows=4))
+    assert (report.files_restored, report.units_restored) == (1, 8)  # 16 groups of 2 rows, 4 rows a unit
+    assert len(report.rows_by_replica) == 2 and all(rows > 0 for rows in report.rows_by_replica.values())
+    assert sum(report.rows_by_replica.values()) == 32
+    [written] = storage.list_files(output)
+    restored, original = read_table(written.uri), read_table(source + "/shard-00000-of-00001.parquet")
+    assert restored["image_id"].to_pylist() == original["image_id"].to_pylist()  # every row once, in order
+    for name in ("label", "tags"):
+        assert restored.schema.field(name).type == original.schema.field(name).type
+        assert restored[name].to_pylist() == original[name].to_pylist()
+    assert pq.ParquetFile(storage.pyarrow_filesystem(written.uri)[0].open_input_file(
+        storage.parse(written.uri).path)).num_row_groups == 16  # row groups kept
+    assert storage.list_files(output + "/_resflow/parts") == []  # the parts went once assembled
+    assert set(report.stage_seconds) == {"read", "decode", "forward", "encode", "write"}
+    assert report.stage_seconds["forward"] > report.stage_seconds["read"]
+
+
+def test_a_replica_killed_mid_file_redoes_only_its_unit(ray_local, one_large_file, s3_prefix):
+    import os
+    import signal
+
+    from ray.util.state import list_actors
+
+    source, output = one_large_file + "/in", s3_prefix + "/out"
+    units = Manifest(output, "units")
+    restore_job = job(source, output, one_large_file + "/dncnn-s", batch_size=2, unit_rows=4)
+    worker, outcome = restore_in_background(restore_job)
+    deadline = time.time() + 300
+    while time.time() < deadline and worker.is_alive() and not units.all():
+        time.sleep(0.3)
+    done_at_fault = len(units.all())
+    replicas = [actor for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+                if "UnitRestorer" in actor.class_name]
+    assert replicas and worker.is_alive()
+    os.kill(replicas[0].pid, signal.SIGKILL)
+    assert 0 < done_at_fault < 8  # the fault struck mid-file: some units done, not all
+    worker.join(timeout=900)
+    assert not worker.is_alive()
+    if "error" in outcome:  # Ray did not recover: the rerun restores only what no unit record vouches for
+        rerun = restore_dataset(restore_job)
+        assert rerun.units_skipped >= done_at_fault and rerun.units_skipped + rerun.units_restored == 8
+    else:
+        report = outcome["report"]
+        assert report.units_restored == 8 and len(report.units_retried) <= 1  # at most the killed one, again
+    assert_every_row_exactly_once(source, output)
+
+
+def test_a_crashed_run_is_finished_by_redoing_only_its_unfinished_units(s3_server, one_large_file, s3_prefix):
+    """The whole restore process (driver and its local Ray) killed mid-file; the rerun takes
+    the expired lease over and restores only the units no record vouches for."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    source, output = one_large_file + "/in", s3_prefix + "/out"
+    command = [sys.executable, "-m", "pipeline.cli", "restore", "--input", source, "--output", output, "--model",
+               one_large_file + "/dncnn-s", "--workers", "1", "--batch-size", "2", "--unit-rows", "4",
+               "--lease-ttl", "5", "--json"]
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    run = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    units = Manifest(output, "units")
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and run.poll() is None and len(units.all()) < 2:
+            time.sleep(0.3)
+        done_at_crash = len(units.all())
+        os.killpg(run.pid, signal.SIGKILL)
+    finally:
+        run.wait()
+    assert 2 <= done_at_crash < 8 and not storage.exists(output + "/shard-00000-of-00001.parquet")
+    rerun = restore_dataset(job(source, output, one_large_file + "/dncnn-s", batch_size=2, unit_rows=4,
+                                lease_wait_s=60, lease_ttl_s=5))
+    assert rerun.units_skipped >= done_at_crash and rerun.units_skipped + rerun.units_restored == 8
+    assert rerun.units_restored <= 8 - done_at_crash
+    assert_every_row_exactly_once(source, output)
+
+
+def test_a_model_call_is_bounded_by_rows_and_by_pixels():
+    from pipeline.restore import model_calls
+    from tests.test_images import png_header_only
+
+    small, huge = encode_png(np.zeros((40, 50), np.uint8), "L"), png_header_only(8000, 8000)  # 0.002 and 64 MP
+    images = pa.chunked_array([pa.array([small, small, huge, huge, small, small, small], pa.binary())])
+    calls = model_calls(images, RestoreSettings(batch_size=16, max_call_megapixels=32))
+    assert calls == [[0, 1], [2], [3], [4, 5, 6]]  # each 64 MP image a call of its own
+    assert model_calls(images, RestoreSettings(batch_size=2, max_call_megapixels=1000)) == [[0, 1], [2, 3], [4, 5], [6]]

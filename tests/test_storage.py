@@ -126,3 +126,34 @@ def test_server_refuses_a_taken_port(tmp_path, s3_server):
     taken = int(s3_server.endpoint_url.rsplit(":", 1)[1])
     with pytest.raises(s3server.S3ServerError, match="taken"):
         s3server.start(tmp_path / "other", port=taken)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_streamed_write_appears_whole_or_not_at_all(where, tmp_path, s3_prefix):
+    """Outputs stream to storage (S3 multipart in PART_BYTES parts): a failure mid-way
+    leaves no object, no temporary file and no multipart upload behind."""
+    import os
+
+    root = str(tmp_path / "out") if where == "local" else s3_prefix
+    big = os.urandom(storage.PART_BYTES * 2 + 12345)  # three parts
+    target = storage.join(root, "a/part.bin")
+
+    class SimulatedCrash(Exception):
+        pass
+
+    with pytest.raises(SimulatedCrash):
+        with storage.AtomicWriter(target) as sink:
+            sink.write(big)
+            raise SimulatedCrash()
+    assert not storage.exists(target)
+    if where == "s3":
+        fs, path = storage.fsspec_filesystem(root)
+        uploads = fs.call_s3("list_multipart_uploads", Bucket=path.split("/")[0]).get("Uploads") or []
+        assert [upload for upload in uploads if upload["Key"].startswith(path.split("/", 1)[1])] == []
+    else:
+        assert [name for name in os.listdir(tmp_path / "out" / "a")] == []
+    writer = storage.AtomicWriter(target)
+    with writer as sink:
+        sink.write(big)
+    assert storage.read_bytes(target) == big and writer.stored.size == len(big)
+    assert writer.stored == storage.file_info(target)
