@@ -47,6 +47,18 @@ def keep_freed_memory() -> bool:
     return all(mallopt(parameter, value) == 1 for parameter, value in CPU_MALLOC_SETTINGS.items())
 
 
+def native_bf16(device: str) -> bool:
+    """Whether bfloat16 runs natively on `device`: any CUDA device torch runs here, or a CPU
+    with AVX512-BF16 or AMX. There autocasting to bf16 roughly doubles the convolutions'
+    speed (bench/README.md, "bf16 on CPU"); elsewhere it would be emulated, and slower."""
+    if device.startswith("cuda"):
+        return True
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     if length <= tile:
         return [0]
@@ -82,12 +94,13 @@ class ModelRunner:
         # benchmark's forward pass and loop, evaluation. (On GPU the activations live on the
         # device, in torch's caching allocator.)
         self.keeps_freed_memory = settings.device == "cpu" and keep_freed_memory()
+        self.autocast = dict(device_type="cuda" if settings.device.startswith("cuda") else "cpu", dtype=torch.bfloat16,
+                             enabled=settings.bf16 and native_bf16(settings.device))
 
     @torch.inference_mode()
     def _forward(self, pieces: list[np.ndarray]) -> list[np.ndarray]:
         batch = torch.from_numpy(np.stack(pieces)).to(self.settings.device).contiguous(memory_format=torch.channels_last)
-        use_bf16 = self.settings.bf16 and self.settings.device.startswith("cuda")
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_bf16):
+        with torch.autocast(**self.autocast):
             out = self.model(batch)
         return list(out.float().cpu().numpy())
 

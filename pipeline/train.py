@@ -170,6 +170,19 @@ class Worker:
     rank: int
     world: int
     state: dict = field(default_factory=lambda: {"epoch": 0, "elapsed_s": 0.0, "resumed_from": None, "restarts": 0})
+    session_start: float = 0.0  # time.time() at which this run's training clock reads 0
+
+    def set_learning_rate(self, epoch: int) -> float:
+        """The schedule's rate now: by the budget's elapsed share when there is a budget
+        (checked every step, so warmup and annealing are smooth), else by epochs."""
+        config = self.config
+        progress = (epoch - 1) / config.epochs
+        if config.max_minutes:
+            progress = max(progress, (time.time() - self.session_start) / (config.max_minutes * 60))
+        rate = learning_rate_at(progress, config, self.world)
+        for group in self.optimizer.param_groups:
+            group["lr"] = rate
+        return rate
 
     @property
     def channels(self) -> int:
@@ -177,13 +190,19 @@ class Worker:
 
     @property
     def use_bf16(self) -> bool:
-        return self.config.use_gpu and self.device.type == "cuda"
+        from pipeline.inference import native_bf16
+
+        return self.config.bf16 and native_bf16(str(self.device))
 
 
 def learning_rate_at(progress: float, config: TrainConfig, workers: int) -> float:
+    """Linear warmup over `config.warmup` of the schedule, then cosine to the floor."""
     top = config.learning_rate * math.sqrt(workers)
     low = config.min_learning_rate * math.sqrt(workers)
-    return low + 0.5 * (top - low) * (1 + math.cos(math.pi * min(1.0, progress)))
+    if progress < config.warmup:
+        return low + (top - low) * progress / config.warmup
+    annealed = (progress - config.warmup) / (1 - config.warmup)
+    return low + 0.5 * (top - low) * (1 + math.cos(math.pi * min(1.0, annealed)))
 
 
 def _all_reduce(values: list[float], op: str = "sum") -> list[float]:
@@ -249,6 +268,7 @@ def train_one_epoch(worker: Worker, shard, epoch: int, paired: bool, hooks: Trai
     losses, samples, exhausted = [], 0, False
     batches = iter(shard.iter_batches(batch_size=8, batch_format="numpy", local_shuffle_buffer_size=64))
     while True:
+        worker.set_learning_rate(epoch)
         while len(buffer) < config.batch_size and not exhausted:
             try:
                 buffer.extend(sample_patches(next(batches), config, worker.channels, paired, rng, noise_rng, limits))
@@ -263,7 +283,7 @@ def train_one_epoch(worker: Worker, shard, epoch: int, paired: bool, hooks: Trai
         target = torch.from_numpy(np.stack([pair[1] for pair in chosen])).to(device)
         if device.type == "cpu":
             source = source.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=worker.use_bf16):
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=worker.use_bf16):
             output = worker.model(source)
         loss = F.mse_loss(output.float(), target)
         worker.optimizer.zero_grad(set_to_none=True)
@@ -288,7 +308,7 @@ def validate(worker: Worker, shard, paired: bool) -> dict:
 
     config = worker.config
     worker.network.eval()
-    runner = ModelRunner(worker.network, RestoreSettings(batch_size=1, device=str(worker.device)))
+    runner = ModelRunner(worker.network, RestoreSettings(batch_size=1, device=str(worker.device), bf16=config.bf16))
     limits, columns = DecodeLimits(), config.columns
     mode = "L" if worker.channels == 1 else "RGB"
     totals = [0.0, 0.0, 0.0, 0.0]  # output psnr, output ssim, input psnr, count
@@ -332,18 +352,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
     resume(worker)
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     budget_s = config.max_minutes * 60 if config.max_minutes else None
-    session_start = time.time() - worker.state["elapsed_s"]
+    session_start = worker.session_start = time.time() - worker.state["elapsed_s"]
     epoch_seconds: list[float] = []
     for epoch in range(worker.state["epoch"] + 1, config.epochs + 1):
         elapsed = _all_reduce([time.time() - session_start], "max")[0]
         if budget_s and elapsed + (float(np.mean(epoch_seconds)) if epoch_seconds else 0.0) > budget_s:
             break  # the next epoch would overrun the budget: stop inside it
-        lr = learning_rate_at(max((epoch - 1) / config.epochs, elapsed / budget_s if budget_s else 0.0),
-                              config, worker.world)
-        for group in worker.optimizer.param_groups:
-            group["lr"] = lr
         epoch_start = time.time()
         losses, samples = train_one_epoch(worker, train_shard, epoch, paired, hooks)
+        lr = worker.optimizer.param_groups[0]["lr"]
         train_seconds = time.time() - epoch_start
         metrics = validate(worker, val_shard, paired)
         loss_sum, sample_sum = _all_reduce([float(np.sum(losses)), float(samples)])

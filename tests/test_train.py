@@ -3,6 +3,7 @@
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass, replace
 
 import pytest
@@ -34,13 +35,21 @@ def train(data: str, val_data: str, registry: str, config: TrainConfig, run_name
 @dataclass
 class CrashOnce:
     """A real worker death in the middle of `epoch`, once per run: the last rank exits after
-    its third step unless `marker` exists (the restarted group must get past it)."""
+    its third step unless `marker` exists (the restarted group must get past it). It waits
+    until the controller has registered the previous epoch's checkpoint (its snapshot file
+    is in `runs`): a report still in flight when a worker dies is lost, and on a fast
+    machine the crash could otherwise outrun it and test a restart from scratch instead."""
 
     epoch: int
     marker: str
+    runs: str
 
     def __call__(self, epoch: int, step: int, rank: int, world: int) -> None:
         if epoch == self.epoch and rank == world - 1 and step == 3 and not storage.exists(self.marker):
+            deadline = time.monotonic() + 120
+            while not storage.list_files(self.runs, suffixes=("checkpoint_manager_snapshot.json",)):
+                assert time.monotonic() < deadline, "the controller never registered a checkpoint"
+                time.sleep(0.2)
             storage.write_bytes(self.marker, b"injected")
             print(f"fault injection: worker {rank} exits in the middle of epoch {epoch}", flush=True)
             os._exit(1)
@@ -66,7 +75,7 @@ def test_killed_worker_resumes_from_checkpoint(ray_local, train400_small, s3_pre
     import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers need not import the tests
-    hooks = TrainHooks(after_step=CrashOnce(epoch=2, marker=s3_prefix + "/fault_injected"))
+    hooks = TrainHooks(after_step=CrashOnce(epoch=2, marker=s3_prefix + "/fault_injected", runs=s3_prefix + "/models/_runs"))
     result = train(train400_small + "/train", train400_small + "/val", s3_prefix + "/models", tiny_config(), hooks=hooks)
     last = result.history[-1]
     assert last["restarts"] == 1 and last["resumed_from"] == 1  # restarted after epoch 1's checkpoint
