@@ -143,6 +143,56 @@ def _browsable(uri: str) -> str:
     return uri
 
 
+def training_chart(history: list[dict], width: int = 640, height: int = 240) -> str:
+    """Loss and validation score per epoch as a PNG data URI: two panels side by side,
+    drawn with Pillow (no plotting library in the image)."""
+    from PIL import ImageDraw
+
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    score_name = "val PSNR (dB)" if any(row.get("val_psnr") is not None for row in history) else "val N2N PSNR (dB)"
+    panels = [("training loss", [row.get("loss") for row in history], (200, 60, 40)),
+              (score_name, [row.get("val_score") for row in history], (40, 90, 200))]
+    epochs = [row["epoch"] for row in history]
+    panel_width = width // 2
+    for index, (title, values, colour) in enumerate(panels):
+        left, top, right, bottom = index * panel_width + 48, 24, (index + 1) * panel_width - 12, height - 28
+        draw.text((left, 6), title, fill="black")
+        draw.rectangle((left, top, right, bottom), outline=(180, 180, 180))
+        points = [(epoch, value) for epoch, value in zip(epochs, values) if value is not None]
+        if not points:
+            continue
+        low, high = min(v for _, v in points), max(v for _, v in points)
+        high = high if high > low else low + 1e-9
+        first, last = epochs[0], max(epochs[-1], epochs[0] + 1)
+        xy = [(left + (right - left) * (epoch - first) / (last - first),
+               bottom - (bottom - top) * (value - low) / (high - low)) for epoch, value in points]
+        draw.line(xy, fill=colour, width=2) if len(xy) > 1 else None
+        for x, y in xy:
+            draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
+        draw.text((left - 44, top - 4), f"{high:.4g}", fill="black")
+        draw.text((left - 44, bottom - 8), f"{low:.4g}", fill="black")
+        draw.text((left, bottom + 6), f"epoch {first}", fill="black")
+        draw.text((right - 52, bottom + 6), f"epoch {epochs[-1]}", fill="black")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def training_artifact(summary: dict, data: str) -> None:
+    """The run's scores (table) and its curves per epoch (markdown with the chart embedded)."""
+    history = summary.get("history") or []
+    evaluation_artifact([{k: v for k, v in summary.items() if k != "history"}], key="training",
+                        description=f"Training on {data}")
+    lines = [f"# Training {summary['version']}", "", f"Data: `{data}`; checkpoints: `{summary['checkpoints']}`", ""]
+    if history:
+        lines += [f"![loss and validation score per epoch]({training_chart(history)})", "",
+                  "| epoch | loss | val score | minutes |", "| --- | --- | --- | --- |"]
+        lines += [f"| {row['epoch']} | {row['loss']:.5f} | {row['val_score']:.2f} | {row['elapsed_s'] / 60:.1f} |"
+                  for row in history]
+    create_markdown_artifact("\n".join(lines), key="training-curves", description=f"Training curves, {summary['version']}")
+
+
 def evaluation_artifact(rows: list[dict], key: str, description: str) -> None:
     create_table_artifact([{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()} for row in rows],
                           key=key, description=description)

@@ -65,13 +65,15 @@ def restore_job(input: str, output: str, model: str, workers: int | None = None,
 @flow(name="resflow-train", log_prints=True, **hooks)
 def train_flow(data: str = DEFAULTS["train_data"], val_data: str = DEFAULTS["val_data"],
                registry: str = DEFAULTS["registry"], preset: str = "cpu", max_minutes: float | None = 20,
-               workers: int | None = None, use_gpu: bool = False) -> dict:
-    """Train a model version into the registry (it is not promoted; see `challenge_flow`)."""
-    config = train_preset(preset, max_minutes=max_minutes, workers=workers, use_gpu=use_gpu or None)
+               workers: int | None = None, use_gpu: bool = False, self_supervised: bool = False) -> dict:
+    """Train a model version into the registry (it is not promoted; see `challenge_flow`).
+    `self_supervised` learns from noisy-only data (no target column, no clean images)."""
+    config = train_preset(preset, max_minutes=max_minutes, workers=workers, use_gpu=use_gpu or None,
+                          self_supervised=self_supervised or None)
     summary = tasks.run_step_task(TrainJob(data=data, val_data=val_data, registry=registry, config=config))
     tasks.record_training(registry, summary["version"])
-    get_run_logger().info(f"trained {summary['version']}: val PSNR {summary.get('val_psnr', float('nan')):.2f} dB")
-    artifacts.evaluation_artifact([summary], key="training", description=f"Training on {data}")
+    get_run_logger().info(f"trained {summary['version']}: validation score {summary.get('val_score', float('nan')):.2f} dB")
+    artifacts.training_artifact(summary, data)
     return summary
 
 

@@ -1,7 +1,7 @@
 """Cluster mode: run a step's job as a Ray job and follow it from a Prefect task.
 
 With RAY_ADDRESS set, a flow does not become a Ray driver itself: each step's job is
-submitted through the Ray Jobs API as `python -m pipeline.jobs '<job as JSON>'`, its log
+submitted through the Ray Jobs API as `python -m pipeline.steps '<job as JSON>'`, its log
 streams into the Prefect run's logs as it is written (`tail_job_logs`), its events
 (progress, the result: JSON lines, pipeline/jobs.py) are read as data, and its exit status
 says whether a retry can help. Without RAY_ADDRESS the flows run the job in-process.
@@ -75,7 +75,7 @@ def submission_base(job, flow_run_id: str) -> str:
 
 
 def entrypoint(job) -> str:
-    return "python -m pipeline.jobs " + shlex.quote(job_to_json(job))
+    return "python -m pipeline.steps " + shlex.quote(job_to_json(job))
 
 
 def _client(address: str | None = None):

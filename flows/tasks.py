@@ -1,6 +1,6 @@
 """Prefect tasks: small, typed wrappers over the pipeline.
 
-`run_step` runs any step's job (pipeline/jobs.py): in-process on local Ray, or, with
+`run_step` (pipeline/steps.py) runs any step's job (pipeline/jobs.py): in-process on local Ray, or, with
 RAY_ADDRESS set, as a Ray job (flows/raybridge.py). Retries back off with jitter and
 happen only for failures a retry can fix (storage outages, stalls, lost nodes, another
 run holding the output); a job rejected as given (bad schema, bad parameter, a model that
@@ -21,7 +21,8 @@ from prefect.runtime import flow_run
 
 from flows import raybridge
 from pipeline import registry, storage
-from pipeline.jobs import Events, RestoreJob, failure_kind, run_step, step_of
+from pipeline.jobs import Events, RestoreJob, failure_kind, step_of
+from pipeline.steps import run_step
 
 RETRY_DELAYS_S = [10, 60, 300]  # a step is minutes to hours of work: retry it few times, far apart
 RETRY_JITTER = 0.5  # up to +50% per delay, so that runs that failed together do not retry together

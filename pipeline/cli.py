@@ -170,7 +170,8 @@ def run_degrade(args) -> int:
     check_storage(args.source, args.destination)
     degradation = degradation_from(args)
     report = degrade_dataset(args.source, args.destination, degradation, seed=args.seed,
-                             seed_per_image=args.seed_per_image, columns=columns_from(args), progress=not args.quiet)
+                             seed_per_image=args.seed_per_image, columns=columns_from(args), progress=not args.quiet,
+                             keep_target=not args.no_target)
     text = [f"{report.images} images degraded ({degradation.describe()}) -> {report.output}: "
             f"{report.files_written} files written, {report.files_skipped} already up to date"]
     text += [f"failed: {image_id} in {file_uri}: {reason}" for file_uri, image_id, reason in report.failed]
@@ -194,12 +195,14 @@ def run_split(args) -> int:
 
 def run_train(args) -> int:
     from pipeline.config import train_preset
-    from pipeline.jobs import TrainJob, run_step
+    from pipeline.jobs import TrainJob
+    from pipeline.steps import run_step
 
     overrides = {"workers": args.workers, "max_minutes": args.max_minutes, "epochs": args.epochs,
                  "batch_size": args.batch_size, "patch_size": args.patch_size, "learning_rate": args.learning_rate,
                  "seed": args.seed, "cpus_per_worker": args.cpus_per_worker, "keep_checkpoints": args.keep_checkpoints,
                  "use_gpu": True if args.gpu else None, "architecture": args.architecture,
+                 "self_supervised": True if args.self_supervised else None,
                  "architecture_config": json.loads(args.architecture_config) if args.architecture_config else None,
                  "columns": columns_from(args)}
     if args.noise_sigma_range or args.jpeg_quality or args.blur_sigma or args.downscale or args.noise_sigma is not None:
@@ -210,27 +213,34 @@ def run_train(args) -> int:
                    config=train_preset(args.preset, **overrides), run_name=args.run_name)
     check_storage(job.data, job.val_data, job.registry)
     result = run_step(job, CliEvents(quiet=args.json))
-    print_result(result, args, f"best epoch {result.get('epoch')}: val PSNR {result.get('val_psnr', float('nan')):.2f} "
-                               f"dB, SSIM {result.get('val_ssim', float('nan')):.4f}\n"
+    score = (f"val PSNR {result['val_psnr']:.2f} dB, SSIM {result.get('val_ssim', float('nan')):.4f}"
+             if "val_psnr" in result else f"val N2N PSNR {result.get('val_n2n_psnr', float('nan')):.2f} dB (reference-free)")
+    print_result(result, args, f"best epoch {result.get('epoch')}: {score}\n"
                                f"model version {result['version']} -> {result['model']}")
     return 0
 
 
 def run_evaluate(args) -> int:
-    from pipeline.evaluate import format_evaluation
-    from pipeline.jobs import EvaluateJob, run_step
+    from pipeline.evaluate import format_evaluation, format_sigma_table
+    from pipeline.jobs import EvaluateJob
+    from pipeline.steps import run_step
 
-    job = EvaluateJob(model=args.model, data=args.data, noise_sigma=args.noise_sigma, seed=args.seed,
-                      settings=settings_from(args), columns=columns_from(args), per_image=args.per_image)
-    check_storage(job.model, job.data)
-    result = run_step(job, CliEvents(quiet=args.json))
-    print_result(result, args, format_evaluation(result))
+    sigmas = args.noise_sigma or [None]
+    jobs = [EvaluateJob(model=args.model, data=args.data, noise_sigma=sigma, seed=args.seed,
+                        settings=settings_from(args), columns=columns_from(args), per_image=args.per_image)
+            for sigma in sigmas]
+    check_storage(args.model, args.data)
+    results = [run_step(job, CliEvents(quiet=args.json)) for job in jobs]
+    if len(results) == 1:
+        print_result(results[0], args, format_evaluation(results[0]))
+    else:
+        print_result({"by_sigma": results}, args, format_sigma_table(results))
     return 0
 
 
 def run_restore(args) -> int:
     from pipeline import raycluster
-    from pipeline.jobs import run_step
+    from pipeline.steps import run_step
     from pipeline.restore import format_report
 
     job = RestoreJob(input=args.input, output=args.output, model=args.model, settings=settings_from(args),
@@ -288,12 +298,15 @@ def add_commands(commands) -> None:
 
     p = command(commands, "degrade", "write a paired dataset (image degraded, target clean) from a clean one",
                 "  resflow degrade s3://resflow/set12 s3://resflow/set12-noisy25 --noise-sigma 25\n"
-                "  resflow degrade ./clean ./blind --noise-sigma-range 5 55 --seed-per-image", run_degrade)
+                "  resflow degrade ./clean ./blind --noise-sigma-range 5 55 --seed-per-image\n"
+                "  resflow degrade ./clean ./noisy-only --noise-sigma 25 --seed-per-image --no-target", run_degrade)
     p.add_argument("source", help="clean dataset")
     p.add_argument("destination", help="paired dataset to write (outside the source)")
     add_degradation_flags(p, default_sigma=Degradation.noise_sigma)
     p.add_argument("--seed", type=int, default=0, help="noise seed; the protocol seeds every image with 0")
     p.add_argument("--seed-per-image", action="store_true", help="a distinct noise stream per image id")
+    p.add_argument("--no-target", action="store_true",
+                   help="leave the clean target out: a noisy-only dataset, as self-supervised training takes")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_common_flags(p)
 
@@ -330,15 +343,21 @@ def add_commands(commands) -> None:
     overrides.add_argument("--seed", type=int, help="seeds initialisation, patches and synthetic noise")
     overrides.add_argument("--keep-checkpoints", type=int, help="best N checkpoints by validation PSNR kept")
     p.add_argument("--run-name", help="reuse a name to resume that run from its latest checkpoint")
+    p.add_argument("--self-supervised", action="store_true",
+                   help="learn from noisy images alone (Neighbor2Neighbor): --data needs no target and no clean "
+                        "images; --val-data without a target is scored reference-free (default: off)")
     add_degradation_flags(p, default_sigma=None)
     add_common_flags(p)
 
     p = command(commands, "evaluate", "PSNR/SSIM of a model on a paired dataset, or on clean data with noise added",
                 "  resflow evaluate --model s3://resflow/models --data s3://resflow/set12 --noise-sigma 25\n"
-                "  resflow evaluate --model ./model --data s3://resflow/set12-noisy25 --per-image", run_evaluate)
+                "  resflow evaluate --model ./model --data s3://resflow/set12-noisy25 --per-image\n"
+                "  resflow evaluate --model s3://resflow/models --data s3://resflow/bsd68 --noise-sigma 15 25 50",
+                run_evaluate)
     add_model_flag(p)
     p.add_argument("--data", required=True, help="paired dataset, or clean with --noise-sigma")
-    p.add_argument("--noise-sigma", type=float, help="clean data: the protocol's Gaussian noise at this sigma")
+    p.add_argument("--noise-sigma", type=float, nargs="+", metavar="SIGMA",
+                   help="clean data: the protocol's Gaussian noise at this sigma; several give a table (blind models)")
     p.add_argument("--seed", type=int, default=0, help="noise seed; the protocol seeds every image with 0")
     p.add_argument("--per-image", action="store_true", help="scores of every image, not only the means")
     add_common_flags(p, inference=True)

@@ -78,6 +78,9 @@ class TrainConfig:
     workers: int = 1  # Ray Train workers (DDP ranks)
     use_gpu: bool = False  # one GPU per worker
     bf16: bool = True  # autocast to bfloat16 where the hardware computes it natively (CUDA; AVX512-BF16/AMX CPUs)
+    # Learn from noisy images alone (Neighbor2Neighbor, Huang et al. 2021): no target column,
+    # no clean images; the training set's image column is taken as already noisy.
+    self_supervised: bool = False
     cpus_per_worker: float = 1.0  # logical CPUs each worker reserves (fractions keep 2-core machines alive)
     threads_per_worker: int | None = None  # torch threads; None: physical cores / workers on CPU
     max_failures: int = 2  # worker-group restarts from the latest checkpoint before the run fails
@@ -97,6 +100,9 @@ class TrainConfig:
             (self.workers >= 1, "workers must be >= 1"),
             (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
             (self.cpus_per_worker > 0, "cpus_per_worker must be positive"),
+            (not self.self_supervised or self.patch_size % 4 == 0,
+             f"self-supervised training halves patches twice (neighbour sub-sampling, then the network's"
+             f" unshuffle): patch_size must be a multiple of 4, got {self.patch_size}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -122,6 +128,11 @@ def cpu() -> TrainConfig:
                        learning_rate=2e-3, warmup=0.03)
 
 
+def cpu_blind() -> TrainConfig:
+    """The cpu preset trained over noise sigma 0-55 (one sigma drawn per patch): one model for any level in the range."""
+    return replace(cpu(), degradation=Degradation(noise_sigma=None, noise_sigma_range=(0.0, 55.0)))
+
+
 def dncnn_cpu() -> TrainConfig:
     """The paper's DnCNN, shallower (10 x 32), for CPUs."""
     return TrainConfig(architecture="dncnn", architecture_config={"depth": 10, "width": 32}, epochs=400, max_minutes=30)
@@ -135,7 +146,7 @@ def dncnn_paper() -> TrainConfig:
                        min_learning_rate=1e-4, use_gpu=True)
 
 
-TRAIN_PRESETS = {"tiny": tiny, "cpu": cpu, "dncnn-cpu": dncnn_cpu, "dncnn-paper": dncnn_paper}
+TRAIN_PRESETS = {"tiny": tiny, "cpu": cpu, "cpu-blind": cpu_blind, "dncnn-cpu": dncnn_cpu, "dncnn-paper": dncnn_paper}
 
 
 def train_preset(name: str, **overrides) -> TrainConfig:

@@ -27,7 +27,7 @@ from pipeline.contract import DecodeLimits, ImageColumns
 @dataclass(frozen=True)
 class Degradation:
     noise_sigma: float | None = 25.0  # fixed Gaussian sigma on the 0-255 scale; None: no fixed-sigma noise
-    noise_sigma_range: tuple[float, float] | None = None  # blind denoising: sigma drawn uniformly per image
+    noise_sigma_range: tuple[float, float] | None = None  # blind denoising: a sigma drawn uniformly per call (image or training patch)
     jpeg_quality: int | None = None  # JPEG round trip at this quality (1-95)
     blur_sigma: float | None = None  # isotropic Gaussian blur, in pixels
     downscale: int | None = None  # bicubic down by this factor and back up (super-resolution input)
@@ -163,10 +163,12 @@ def degradation_seed(seed: int, image_id: str, per_image: bool) -> int:
 
 def degrade_dataset(source: str, destination: str, degradation: Degradation, seed: int = 0,
                     seed_per_image: bool = False, columns: ImageColumns = ImageColumns(),
-                    limits: DecodeLimits = DecodeLimits(), progress: bool = True) -> DegradeReport:
+                    limits: DecodeLimits = DecodeLimits(), progress: bool = True,
+                    keep_target: bool = True) -> DegradeReport:
     """Write a paired dataset: `image` degraded (lossless PNG of the clipped, rounded
-    result), `target` the untouched clean bytes, other columns carried through, each file
-    at its relative path. Rows whose image cannot be decoded are left out and listed in
+    result), `target` the untouched clean bytes (left out with `keep_target=False`: a
+    noisy-only dataset, what self-supervised training learns from), other columns carried
+    through, each file at its relative path. Rows whose image cannot be decoded are left out and listed in
     the report; a rerun skips files already written with the same recipe."""
     # Imported here: the CLI reads Degradation's defaults for its help without loading storage.
     import pyarrow as pa
@@ -185,7 +187,7 @@ def degrade_dataset(source: str, destination: str, degradation: Degradation, see
     report = DegradeReport(output=destination)
     # as the manifest will read it back (tuples become lists), so that a rerun compares equal
     recipe = json.loads(json.dumps({"degradation": dataclasses.asdict(degradation), "seed": seed,
-                                    "seed_per_image": seed_per_image}))
+                                    "seed_per_image": seed_per_image, "keep_target": keep_target}))
     bar = tqdm(total=len(files), desc="degrade", unit="file", disable=not progress, file=sys.stderr)
     for info in files:
         name = storage.relative_path(source, info.uri)  # nested layouts keep their folders
@@ -212,7 +214,8 @@ def degrade_dataset(source: str, destination: str, degradation: Degradation, see
         out = table.take(keep)
         out = out.drop_columns([columns.image] + ([columns.target] if columns.target in out.column_names else []))
         out = out.append_column(columns.image, pa.array(degraded, type=pa.binary()))
-        out = out.append_column(columns.target, pa.array(clean_bytes, type=pa.binary()))
+        if keep_target:
+            out = out.append_column(columns.target, pa.array(clean_bytes, type=pa.binary()))
         write_table(storage.join(destination, name), out)
         manifest.put(name, {"input": info.uri, "input_etag": info.etag, "recipe": recipe, "rows": out.num_rows})
         report.files_written += 1

@@ -39,6 +39,7 @@ class Evaluation:
     model_version: str
     data: str
     protocol: str
+    noise_sigma: float | None = None  # the protocol's sigma; None for a paired dataset
     images: int = 0
     failed: list = field(default_factory=list)  # (image_id, reason)
     per_image: list = field(default_factory=list)
@@ -50,7 +51,7 @@ class Evaluation:
 
     def summary(self) -> dict:
         return {"model_version": self.model_version, "data": self.data, "protocol": self.protocol,
-                "images": self.images, "failed": len(self.failed),
+                "noise_sigma": self.noise_sigma, "images": self.images, "failed": len(self.failed),
                 **{key: self.mean(key) for key in ("input_psnr", "input_ssim", "output_psnr", "output_ssim")},
                 "seconds": round(self.seconds, 2)}
 
@@ -69,7 +70,7 @@ def evaluate(job: EvaluateJob, events: Events | None = None) -> Evaluation:
     total = sum(footer.num_rows for _, footer in inspected)
     protocol = ("paired dataset" if paired else
                 f"synthetic Gaussian noise sigma {job.noise_sigma:g}, seed {job.seed} per image")
-    result = Evaluation(card.version, job.data, protocol)
+    result = Evaluation(card.version, job.data, protocol, job.noise_sigma)
     events.log(f"evaluating {card.version} on {total} images of {job.data} ({protocol})")
     events.progress(0, total)
     wanted = [columns.id, columns.image] + ([columns.target] if paired else [])
@@ -108,4 +109,15 @@ def format_evaluation(result: dict) -> str:
                  f"PSNR {result['input_psnr']:.2f} -> {result['output_psnr']:.2f} dB, "
                  f"SSIM {result['input_ssim']:.4f} -> {result['output_ssim']:.4f}")
     lines += [f"failed: {image_id}: {reason}" for image_id, reason in result.get("failures", [])]
+    return "\n".join(lines)
+
+
+def format_sigma_table(results: list[dict]) -> str:
+    """What `resflow evaluate --noise-sigma A B C` prints: one row per sigma."""
+    first = results[0]
+    lines = [f"model {first['model_version']} on {first['images']} images of {first['data']}",
+             f"{'sigma':>6} {'input PSNR':>10} {'output PSNR':>11} {'input SSIM':>10} {'output SSIM':>11}"]
+    for result in results:
+        lines.append(f"{result['noise_sigma']:>6g} {result['input_psnr']:>10.2f} {result['output_psnr']:>11.2f} "
+                     f"{result['input_ssim']:>10.4f} {result['output_ssim']:>11.4f}")
     return "\n".join(lines)

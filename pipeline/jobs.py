@@ -1,16 +1,12 @@
 """The step contract: train, evaluate and restore each take one frozen job object.
 
 The CLI parses flags into a job, a Prefect task passes one, and in cluster mode a Ray job
-receives one as JSON and runs it here:
-
-    python -m pipeline.jobs '{"step": "restore", "job": {"input": "s3://...", ...}}'
-
-`run_step(job, events)` runs any of them in this process and returns the step's result
-as plain data. While it runs, the step reports through `events` (log lines, progress); as
-a Ray job those become JSON lines on stdout (`{"resflow_event": ...}`), the last one the
-result, and the exit status says what kind of failure it was: 2 (rejected: the job as
-given cannot run, a retry cannot help), 75 (busy: another run holds the output; retry
-later), 1 (failed: storage, a lost node, a stall; a retry may help).
+receives one as JSON (pipeline/steps.py runs it). This module is the contract only: the
+job types, how they travel as JSON, how a running step reports (`Events`: log lines,
+progress; as a Ray job, JSON lines on stdout, `{"resflow_event": ...}`, the last one the
+result) and what its exit status means: 2 (rejected: the job as given cannot run, a retry
+cannot help), 75 (busy: another run holds the output; retry later), 1 (failed: storage, a
+lost node, a stall; a retry may help). The steps import it; it imports none of them.
 """
 
 from __future__ import annotations
@@ -154,44 +150,3 @@ def failure_kind(error: BaseException) -> str:
 
 
 EXIT_STATUS = {"failed": EXIT_FAILED, "rejected": EXIT_REJECTED, "busy": EXIT_BUSY}
-
-
-def run_step(job, events: Events | None = None) -> dict:
-    """Run a train, evaluate or restore job in this process; returns its result."""
-    events = events or Events()
-    if isinstance(job, RestoreJob):
-        from pipeline.restore import restore_dataset
-
-        return restore_dataset(job, events).to_dict()
-    if isinstance(job, EvaluateJob):
-        from pipeline.evaluate import evaluate
-
-        return evaluate(job, events).to_dict(per_image=job.per_image)
-    if isinstance(job, TrainJob):
-        from pipeline.train import train
-
-        return train(job, events).summary()
-    raise TypeError(f"not a resflow job: {type(job).__name__}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The Ray job entry point: one job as JSON in, JSON lines and an exit status out."""
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m pipeline.jobs JOB_JSON", file=sys.stderr)
-        return EXIT_REJECTED
-    try:
-        job = job_from_json(argv[0])
-        result = run_step(job, JsonLinesEvents())
-    except Exception as error:
-        kind = failure_kind(error)
-        emit("error", kind=kind, error=type(error).__name__, message=str(error))
-        if kind == "failed":
-            raise  # the traceback belongs in the job's log
-        return EXIT_STATUS[kind]
-    emit("result", step=step_of(job), result=result)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

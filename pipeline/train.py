@@ -6,17 +6,29 @@
     # cluster: RAY_ADDRESS=http://head:8265 (or ray://...), one GPU per worker
     resflow train ... --preset dncnn-paper --workers 8 --gpu
 
-Data: a Parquet image dataset, clean (degradations are synthesised on the fly from a
-seeded stream that differs per worker and epoch) or paired (`image` degraded, `target`
-clean). Ray Data streams it into the workers through `ray.train.get_dataset_shard`.
+Data: a Parquet image dataset of one of three kinds, decided from its own columns
+(`dataset_kind`): paired (`image` degraded, `target` clean), clean (degradations are
+synthesised on the fly from a seeded stream that differs per worker and epoch), or
+noisy-only (self-supervised training: `image` is taken as already noisy and nothing is
+added). The validation set's kind is decided the same way, from its columns, so a paired
+validation set is scored as pairs whatever the training set is. Ray Data streams the data
+into the workers through `ray.train.get_dataset_shard`.
+
+Self-supervised (`TrainConfig.self_supervised`): Neighbor2Neighbor (Huang et al., CVPR
+2021). Two half-size images are sub-sampled from one noisy patch, a random pixel of every
+2x2 cell and one of its neighbours; their noise is independent and their signal nearly the
+same, so the network learns to map one to the other, with the paper's regulariser (weight
+ramped to 2) tying that to the full-size output. Validation without references reports
+`val_n2n_psnr`: the same comparison on whole held-out images at a fixed sampling seed. It
+is capped by the noise but rises as the model improves, and picks the checkpoint.
 
 Batch scaling: `batch_size` is per worker, so the global batch is workers x batch_size;
 the learning rate is scaled by sqrt(workers), Adam's usual rule for a larger batch.
 
-Every epoch: validation PSNR/SSIM on whole images (the quality protocol), and a
-checkpoint (safetensors weights, model.json, optimizer state in safetensors,
+Every epoch: validation PSNR/SSIM on whole images (the quality protocol), every epoch's
+metrics appended to `epochs.json` in the run's folder (what charts draw), and a checkpoint (safetensors weights, model.json, optimizer state in safetensors,
 train_state.json) reported through `ray.train.report` into the run's storage path in
-object storage; the best `keep_checkpoints` by validation PSNR are kept. A rerun with the
+object storage; the best `keep_checkpoints` by validation score are kept. A rerun with the
 same run name resumes from the latest checkpoint; FailureConfig restarts a crashed
 worker group from it too. Nothing here unpickles.
 
@@ -45,7 +57,7 @@ import torch.nn.functional as F
 from pipeline import storage
 from pipeline.config import TrainConfig, from_data, to_data
 from pipeline.contract import DecodeLimits
-from pipeline.dataset import check_dataset, inspect_dataset
+from pipeline.dataset import inspect_dataset
 from pipeline.degrade import Degradation
 from pipeline.images import decode, to_float, validate_schema
 from pipeline.jobs import Events, TrainJob
@@ -76,12 +88,29 @@ def image_float(value, channels: int, limits: DecodeLimits) -> np.ndarray | None
     return image
 
 
-def sample_patches(batch: dict, config: TrainConfig, channels: int, paired: bool, rng: np.random.Generator,
+CLEAN, PAIRED, NOISY = "clean", "paired", "noisy"  # the dataset kinds
+
+
+def dataset_kind(column_names, config: TrainConfig, training: bool) -> str:
+    """What a dataset's rows are, from its own columns. A target column makes it paired,
+    except as self-supervised training data, which learns from the image column alone
+    (the target is ignored). Without a target: noisy-only when training is
+    self-supervised (nothing clean to compare with), else clean (noise synthesised)."""
+    if config.columns.target in column_names and not (training and config.self_supervised):
+        return PAIRED
+    return NOISY if config.self_supervised else CLEAN
+
+
+def sample_patches(batch: dict, config: TrainConfig, channels: int, kind: str, rng: np.random.Generator,
                    noise_rng: np.random.RandomState, limits: DecodeLimits) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(degraded, clean) patch pairs, (C, P, P) float32, from one Ray Data batch of rows."""
+    """(input, target) patch pairs, (C, P, P) float32, from one Ray Data batch of rows:
+    (degraded, clean) for paired and clean data, (noisy, the same noisy) for noisy-only data,
+    which the self-supervised loss sub-samples itself. A degradation with a sigma range
+    draws its sigma per patch."""
     pairs = []
     size = config.patch_size
     columns = config.columns
+    paired = kind == PAIRED
     for row in range(len(batch[columns.image])):
         clean = image_float(batch[columns.target if paired else columns.image][row], channels, limits)
         degraded = image_float(batch[columns.image][row], channels, limits) if paired else None
@@ -96,11 +125,52 @@ def sample_patches(batch: dict, config: TrainConfig, channels: int, paired: bool
             target = dihedral(clean[y : y + size, x : x + size], k)
             if paired:
                 source = dihedral(degraded[y : y + size, x : x + size], k)
+            elif kind == NOISY:
+                source = target
             else:
                 source = config.degradation.apply(np.ascontiguousarray(target), noise_rng)
             pairs.append((np.ascontiguousarray(source.transpose(2, 0, 1)),
                           np.ascontiguousarray(target.transpose(2, 0, 1))))
     return pairs
+
+
+# --- Neighbor2Neighbor ---------------------------------------------------------------------------
+
+# Each 2x2 cell's pixels in pixel_unshuffle order (0,0) (0,1) (1,0) (1,1); the two that share
+# a side with each (the paper's neighbours).
+_NEIGHBOURS = torch.tensor([[1, 2], [0, 3], [0, 3], [1, 2]])
+N2N_REGULARISER = 2.0  # the paper's gamma for Gaussian noise, ramped up from 0 over the run
+
+
+def neighbour_masks(shape: tuple[int, ...], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per 2x2 cell of an (N, C, H, W) batch: a random pixel and one of its neighbours, as
+    indices into the cell (shared by every channel)."""
+    n, _, h, w = shape
+    first = torch.randint(0, 4, (n, 1, 1, h // 2, w // 2), generator=generator)
+    second = _NEIGHBOURS[first, torch.randint(0, 2, first.shape, generator=generator)]
+    return first, second
+
+
+def neighbour_subsample(images: torch.Tensor, masks: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two half-size sub-images g1(y), g2(y) that `masks` pick."""
+    n, c, h, w = images.shape
+    cells = F.pixel_unshuffle(images, 2).view(n, c, 4, h // 2, w // 2)
+    first, second = (mask.to(images.device).expand(n, c, 1, h // 2, w // 2) for mask in masks)
+    return cells.gather(2, first).squeeze(2), cells.gather(2, second).squeeze(2)
+
+
+def neighbor2neighbor_loss(model: torch.nn.Module, network: torch.nn.Module, noisy: torch.Tensor, gamma: float,
+                           generator: torch.Generator, bf16: bool) -> torch.Tensor:
+    """||f(g1 y) - g2 y||^2 + gamma ||f(g1 y) - g2 y - (g1 f(y) - g2 f(y))||^2, f(y) without gradient."""
+    masks = neighbour_masks(tuple(noisy.shape), generator)
+    first, second = neighbour_subsample(noisy, masks)
+    with torch.autocast(device_type=noisy.device.type, dtype=torch.bfloat16, enabled=bf16):
+        output = model(first.contiguous(memory_format=torch.channels_last) if noisy.device.type == "cpu" else first)
+        with torch.no_grad():
+            full = network(noisy)
+    full_first, full_second = neighbour_subsample(full.float(), masks)
+    difference = output.float() - second
+    return F.mse_loss(difference, torch.zeros_like(difference)) + gamma * F.mse_loss(difference, full_first - full_second)
 
 
 # --- checkpoints (no pickle: safetensors + JSON) -------------------------------------------------
@@ -171,15 +241,20 @@ class Worker:
     world: int
     state: dict = field(default_factory=lambda: {"epoch": 0, "elapsed_s": 0.0, "resumed_from": None, "restarts": 0})
     session_start: float = 0.0  # time.time() at which this run's training clock reads 0
+    steps_per_epoch: float = 1.0  # expected, from the row count: moves the schedule within an epoch
+    step: int = 0  # steps taken in this epoch
+
+    def progress(self, epoch: int) -> float:
+        """How far through the schedule: the budget's elapsed share when there is a budget
+        (checked every step, so warmup and annealing are smooth), else by epochs."""
+        progress = (epoch - 1 + min(1.0, self.step / self.steps_per_epoch)) / self.config.epochs
+        if self.config.max_minutes:
+            progress = max(progress, (time.time() - self.session_start) / (self.config.max_minutes * 60))
+        return min(progress, 1.0)
 
     def set_learning_rate(self, epoch: int) -> float:
-        """The schedule's rate now: by the budget's elapsed share when there is a budget
-        (checked every step, so warmup and annealing are smooth), else by epochs."""
-        config = self.config
-        progress = (epoch - 1) / config.epochs
-        if config.max_minutes:
-            progress = max(progress, (time.time() - self.session_start) / (config.max_minutes * 60))
-        rate = learning_rate_at(progress, config, self.world)
+        """The schedule's rate now (`progress`)."""
+        rate = learning_rate_at(self.progress(epoch), self.config, self.world)
         for group in self.optimizer.param_groups:
             group["lr"] = rate
         return rate
@@ -255,23 +330,25 @@ def resume(worker: Worker) -> None:
     worker.network = worker.model.module if hasattr(worker.model, "module") else worker.model
 
 
-def train_one_epoch(worker: Worker, shard, epoch: int, paired: bool, hooks: TrainHooks) -> tuple[list[float], int]:
+def train_one_epoch(worker: Worker, shard, epoch: int, kind: str, hooks: TrainHooks) -> tuple[list[float], int]:
     """One pass over this rank's shard; returns the step losses and the patches seen. Every
     rank steps together or none does (DDP), so a rank that runs out of patches first ends
     the epoch for all."""
     config, device = worker.config, worker.device
     rng = np.random.default_rng([config.seed, epoch, worker.rank])
     noise_rng = np.random.RandomState((config.seed * 1_000_003 + epoch * 1009 + worker.rank) % 2**32)
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch * 1009 + worker.rank)
     limits = DecodeLimits()
     worker.model.train()
     buffer: list = []
     losses, samples, exhausted = [], 0, False
     batches = iter(shard.iter_batches(batch_size=8, batch_format="numpy", local_shuffle_buffer_size=64))
+    worker.step = 0
     while True:
         worker.set_learning_rate(epoch)
         while len(buffer) < config.batch_size and not exhausted:
             try:
-                buffer.extend(sample_patches(next(batches), config, worker.channels, paired, rng, noise_rng, limits))
+                buffer.extend(sample_patches(next(batches), config, worker.channels, kind, rng, noise_rng, limits))
             except StopIteration:
                 exhausted = True
         if _all_reduce([1.0 if len(buffer) >= config.batch_size else 0.0], "min")[0] < 1:
@@ -283,15 +360,20 @@ def train_one_epoch(worker: Worker, shard, epoch: int, paired: bool, hooks: Trai
         target = torch.from_numpy(np.stack([pair[1] for pair in chosen])).to(device)
         if device.type == "cpu":
             source = source.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=worker.use_bf16):
-            output = worker.model(source)
-        loss = F.mse_loss(output.float(), target)
+        if config.self_supervised:
+            gamma = N2N_REGULARISER * worker.progress(epoch)
+            loss = neighbor2neighbor_loss(worker.model, worker.network, source, gamma, generator, worker.use_bf16)
+        else:
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=worker.use_bf16):
+                output = worker.model(source)
+            loss = F.mse_loss(output.float(), target)
         worker.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(worker.model.parameters(), config.grad_clip)
         worker.optimizer.step()
         losses.append(loss.item())
         samples += len(chosen)
+        worker.step += 1
         if hooks.after_step:
             hooks.after_step(epoch, len(losses), worker.rank, worker.world)
     for _ in batches:  # drain, so that the streaming split can start the next epoch
@@ -299,16 +381,53 @@ def train_one_epoch(worker: Worker, shard, epoch: int, paired: bool, hooks: Trai
     return losses, samples
 
 
-def validate(worker: Worker, shard, paired: bool) -> dict:
-    """Whole-image PSNR/SSIM under the quality protocol (evaluate.restore_and_score), the
-    sums reduced across ranks."""
+def validate(worker: Worker, shard, kind: str) -> dict:
+    """Score the validation shard by what it holds, the sums reduced across ranks: with
+    references (paired, or clean with the degradation synthesised at the validation seed)
+    whole-image PSNR/SSIM under the quality protocol (evaluate.restore_and_score);
+    noisy-only, the reference-free `val_n2n_psnr`. `val_score` is the one that picks checkpoints."""
     from pipeline.config import RestoreSettings
-    from pipeline.evaluate import restore_and_score
     from pipeline.inference import ModelRunner
 
-    config = worker.config
     worker.network.eval()
-    runner = ModelRunner(worker.network, RestoreSettings(batch_size=1, device=str(worker.device), bf16=config.bf16))
+    runner = ModelRunner(worker.network, RestoreSettings(batch_size=1, device=str(worker.device), bf16=worker.config.bf16))
+    try:
+        if kind == NOISY:
+            metrics = _validate_without_references(worker, shard, runner)
+            metrics["val_score"] = metrics["val_n2n_psnr"]
+        else:
+            metrics = _validate_with_references(worker, shard, runner, kind == PAIRED)
+            metrics["val_score"] = metrics["val_psnr"]
+    finally:
+        worker.network.train()
+    return metrics
+
+
+def _validate_without_references(worker: Worker, shard, runner) -> dict:
+    """PSNR of f(g1(y)) against g2(y) on whole noisy images, the sub-sampling seeded per image
+    by its position so that every epoch compares the same pixels."""
+    limits, columns = DecodeLimits(), worker.config.columns
+    totals = [0.0, 0.0]  # n2n psnr, count
+    for batch in shard.iter_batches(batch_size=4, batch_format="numpy"):
+        for row in range(len(batch[columns.image])):
+            noisy = image_float(batch[columns.image][row], worker.channels, limits)
+            if noisy is None or min(noisy.shape[:2]) < 8:
+                continue
+            height, width = noisy.shape[0] // 4 * 4, noisy.shape[1] // 4 * 4
+            image = torch.from_numpy(np.ascontiguousarray(noisy[:height, :width].transpose(2, 0, 1)))[None]
+            masks = neighbour_masks(tuple(image.shape), torch.Generator().manual_seed(worker.config.val_seed))
+            first, second = neighbour_subsample(image, masks)
+            restored = runner.restore_images([first[0].numpy().transpose(1, 2, 0)])[0]
+            error = float(np.mean((np.clip(restored, 0, 1) - second[0].numpy().transpose(1, 2, 0)) ** 2))
+            totals = [totals[0] + 10 * math.log10(1 / max(error, 1e-10)), totals[1] + 1]
+    psnr_sum, count = _all_reduce(totals)
+    return {"val_n2n_psnr": psnr_sum / max(count, 1), "val_images": int(count)}
+
+
+def _validate_with_references(worker: Worker, shard, runner, paired: bool) -> dict:
+    from pipeline.evaluate import restore_and_score
+
+    config = worker.config
     limits, columns = DecodeLimits(), config.columns
     mode = "L" if worker.channels == 1 else "RGB"
     totals = [0.0, 0.0, 0.0, 0.0]  # output psnr, output ssim, input psnr, count
@@ -324,7 +443,6 @@ def validate(worker: Worker, shard, paired: bool) -> dict:
             scores = restore_and_score(runner, clean, noisy, mode)
             totals = [totals[0] + scores["output_psnr"], totals[1] + scores["output_ssim"],
                       totals[2] + scores["input_psnr"], totals[3] + 1]
-    worker.network.train()
     psnr_sum, ssim_sum, noisy_sum, count = _all_reduce(totals)
     count = max(count, 1)
     return {"val_psnr": psnr_sum / count, "val_ssim": ssim_sum / count, "val_noisy_psnr": noisy_sum / count,
@@ -343,12 +461,34 @@ def report_epoch(worker: Worker, metrics: dict) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
+HISTORY_FILE = "epochs.json"  # in the run's folder: every epoch's metrics, in order
+
+
+def read_history(uri: str) -> list[dict]:
+    return json.loads(storage.read_bytes(uri)) if storage.exists(uri) else []
+
+
+def record_epoch(uri: str, metrics: dict, epoch: int) -> None:
+    """Append an epoch to the run's history; an epoch redone after a restart replaces the
+    rows from its first attempt."""
+    history = [row for row in read_history(uri) if row["epoch"] < epoch] + [metrics]
+    storage.write_bytes(uri, json.dumps(history).encode())
+
+
+def describe_epoch(metrics: dict) -> str:
+    if "val_psnr" in metrics:
+        return (f"val PSNR {metrics['val_psnr']:.2f} dB (noisy {metrics['val_noisy_psnr']:.2f})  "
+                f"SSIM {metrics['val_ssim']:.4f}")
+    return f"val N2N PSNR {metrics['val_n2n_psnr']:.2f} dB (reference-free)"
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
 
     config = from_data(TrainConfig, loop_config["config"])
-    paired, hooks = loop_config["paired"], loop_config.get("hooks") or TrainHooks()
+    kinds, hooks = loop_config["kinds"], loop_config.get("hooks") or TrainHooks()
     worker = setup_worker(config)
+    worker.steps_per_epoch = loop_config["steps_per_epoch"]
     resume(worker)
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     budget_s = config.max_minutes * 60 if config.max_minutes else None
@@ -359,10 +499,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if budget_s and elapsed + (float(np.mean(epoch_seconds)) if epoch_seconds else 0.0) > budget_s:
             break  # the next epoch would overrun the budget: stop inside it
         epoch_start = time.time()
-        losses, samples = train_one_epoch(worker, train_shard, epoch, paired, hooks)
+        losses, samples = train_one_epoch(worker, train_shard, epoch, kinds["train"], hooks)
         lr = worker.optimizer.param_groups[0]["lr"]
         train_seconds = time.time() - epoch_start
-        metrics = validate(worker, val_shard, paired)
+        metrics = validate(worker, val_shard, kinds["val"])
         loss_sum, sample_sum = _all_reduce([float(np.sum(losses)), float(samples)])
         steps = max(1, _all_reduce([float(len(losses))])[0])
         elapsed = time.time() - session_start
@@ -373,10 +513,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         report_epoch(worker, metrics)
         epoch_seconds.append(time.time() - epoch_start)
         if worker.rank == 0:
+            record_epoch(loop_config["history_uri"], metrics, epoch)
             left = (config.epochs - epoch) * float(np.mean(epoch_seconds))
             left = min(left, max(0.0, budget_s - elapsed)) if budget_s else left
-            print(f"epoch {epoch}/{config.epochs}  loss {metrics['loss']:.5f}  val PSNR {metrics['val_psnr']:.2f} dB "
-                  f"(noisy {metrics['val_noisy_psnr']:.2f})  SSIM {metrics['val_ssim']:.4f}  "
+            print(f"epoch {epoch}/{config.epochs}  loss {metrics['loss']:.5f}  {describe_epoch(metrics)}  "
                   f"{metrics['patches_per_s']:.0f} patches/s  lr {lr:.2e}  elapsed {_clock(elapsed)}  "
                   f"left ~{_clock(left)}", file=sys.stderr, flush=True)  # stdout carries results only
 
@@ -387,6 +527,9 @@ def _clock(seconds: float) -> str:
 
 
 # --- the driver -------------------------------------------------------------------------------
+
+
+HISTORY_KEYS = ("epoch", "loss", "val_score", "val_psnr", "val_n2n_psnr", "lr", "elapsed_s")  # what cards and charts keep
 
 
 @dataclass
@@ -404,7 +547,8 @@ class TrainResult:
         """What `resflow train --json` prints and orchestrators record."""
         return {"model": self.model_uri, "version": self.version, "run_name": self.run_name,
                 "checkpoints": self.checkpoint_uri, **self.metrics, "restarts": self.restarts,
-                "resumed_from": self.resumed_from}
+                "resumed_from": self.resumed_from,
+                "history": [{key: row.get(key) for key in HISTORY_KEYS} for row in self.history]}
 
 
 def data_fingerprint(files: list[storage.FileInfo], degradation: Degradation) -> str:
@@ -436,37 +580,49 @@ def train(job: TrainJob, events: Events | None = None, hooks: TrainHooks | None 
     config, columns = job.config, job.config.columns
     build_model(config.architecture, **config.architecture_config)  # a bad architecture stops the job here
     inspected = inspect_dataset(job.data, columns)  # lists the files and reads each footer once
-    paired = columns.target in inspected[0][1].schema.to_arrow_schema().names
-    if paired:  # then every file must carry the target
+    kinds = {"train": dataset_kind(inspected[0][1].schema.to_arrow_schema().names, config, training=True)}
+    if kinds["train"] == PAIRED:  # then every file must carry the target
         for info, footer in inspected:
             validate_schema(footer.schema.to_arrow_schema(), columns, need_target=True, where=info.uri)
     train_files = [info for info, _ in inspected]
-    val_files = check_dataset(job.val_data, columns, need_target=paired)
+    rows = sum(footer.num_rows for _, footer in inspected)
+    val_inspected = inspect_dataset(job.val_data, columns)
+    kinds["val"] = dataset_kind(val_inspected[0][1].schema.to_arrow_schema().names, config, training=False)
+    for info, footer in val_inspected:
+        validate_schema(footer.schema.to_arrow_schema(), columns, need_target=kinds["val"] == PAIRED, where=info.uri)
+    val_files = [info for info, _ in val_inspected]
     fingerprint = data_fingerprint(train_files, config.degradation)
     run_name = job.run_name or f"train-{time.strftime('%Y%m%d-%H%M%S')}-{fingerprint[:6]}"
     storage_path = storage.join(job.registry, "_runs")
     storage.ensure_bucket(storage_path)
     raycluster.connect()
-    wanted = [columns.id, columns.image] + ([columns.target] if paired else [])
-    datasets = {"train": read_image_dataset(train_files, wanted), "val": read_image_dataset(val_files, wanted)}
+    def wanted(kind: str) -> list[str]:
+        return [columns.id, columns.image] + ([columns.target] if kind == PAIRED else [])
+
+    datasets = {"train": read_image_dataset(train_files, wanted(kinds["train"])),
+                "val": read_image_dataset(val_files, wanted(kinds["val"]))}
+    history_uri = storage.join(storage_path, run_name, HISTORY_FILE)
     run_filesystem, run_path = storage.pyarrow_filesystem(storage_path)
     resources = {"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": to_data(config), "paired": paired, "hooks": hooks},
+        train_loop_config={"config": to_data(config), "kinds": kinds, "hooks": hooks, "history_uri": history_uri,
+                           "steps_per_epoch": max(1.0, rows * config.patches_per_image / (config.batch_size * config.workers))},
         scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=run_path, storage_filesystem=run_filesystem,
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints,
-                                                         checkpoint_score_attribute="val_psnr",
+                                                         checkpoint_score_attribute="val_score",
                                                          checkpoint_score_order="max"),
         ),
         datasets=datasets,
     )
-    events.log(f"training run {run_name!r}: {len(train_files)} train file(s), {len(val_files)} val file(s), "
-               f"{'paired' if paired else 'clean + ' + config.degradation.describe()}, {config.workers} worker(s) "
+    described = {PAIRED: "paired", CLEAN: "clean + " + config.degradation.describe(),
+                 NOISY: "noisy-only, self-supervised (Neighbor2Neighbor)"}
+    events.log(f"training run {run_name!r}: {len(train_files)} train file(s) ({described[kinds['train']]}), "
+               f"{len(val_files)} val file(s) ({kinds['val']}), {config.workers} worker(s) "
                f"{'GPU' if config.use_gpu else 'CPU'}; checkpoints in {storage.join(storage_path, run_name)}")
     result = trainer.fit()
     if result.error:
@@ -474,28 +630,24 @@ def train(job: TrainJob, events: Events | None = None, hooks: TrainHooks | None 
     candidates = result.best_checkpoints or ([(result.checkpoint, result.metrics)] if result.checkpoint else [])
     if not candidates:
         raise RuntimeError(f"training run {run_name} produced no checkpoint (no epoch finished?)")
-    best_checkpoint, best_metrics = max(candidates, key=lambda item: item[1].get("val_psnr", float("-inf")))
+    best_checkpoint, best_metrics = max(candidates, key=lambda item: item[1].get("val_score", float("-inf")))
     with best_checkpoint.as_directory() as directory:
         model, _ = load_model(directory)
         train_state = json.loads(Path(directory, TRAIN_STATE_FILE).read_text())
-    metrics = {key: best_metrics[key] for key in ("val_psnr", "val_ssim", "val_noisy_psnr", "epoch", "loss")
-               if key in best_metrics}
+    metrics = {key: best_metrics[key] for key in ("val_psnr", "val_ssim", "val_noisy_psnr", "val_n2n_psnr", "val_score",
+                                                  "epoch", "loss") if key in best_metrics}
+    history = read_history(history_uri)
     version = f"{config.architecture}-{time.strftime('%Y%m%d-%H%M%S')}-{fingerprint[:6]}"
     published = save_model(
         registry.version_uri(job.registry, version), model, version=version, degradation=to_data(config.degradation),
         data_fingerprint=fingerprint, metrics=metrics,
-        training={"config": to_data(config), "run_name": run_name, "paired": paired, "epochs_run": train_state["epoch"],
-                  "wall_seconds": train_state["elapsed_s"], "train_data": job.data, "val_data": job.val_data},
+        training={"config": to_data(config), "run_name": run_name, "paired": kinds["train"] == PAIRED,
+                  "kinds": kinds, "epochs_run": train_state["epoch"], "wall_seconds": train_state["elapsed_s"],
+                  "train_data": job.data, "val_data": job.val_data,
+                  "history": [{key: row.get(key) for key in HISTORY_KEYS} for row in history]},
     )
     final = result.metrics or {}
     return TrainResult(registry.version_uri(job.registry, version), published.version, metrics, run_name,
-                       storage.join(storage_path, run_name), _history(result), int(final.get("restarts", 0)),
+                       storage.join(storage_path, run_name), history, int(final.get("restarts", 0)),
                        int(final.get("resumed_from", 0)))
 
-
-def _history(result) -> list:
-    try:
-        frame = result.metrics_dataframe
-        return frame.to_dict("records") if frame is not None else []
-    except Exception:
-        return []

@@ -44,7 +44,7 @@ def jobs(cluster):
 
 
 def submit(cluster, job, name: str) -> str:
-    """Submit a step's job the way the flows do in cluster mode (`python -m pipeline.jobs JSON`)."""
+    """Submit a step's job the way the flows do in cluster mode (`python -m pipeline.steps JSON`)."""
     submission_id = f"test-{name}-{time.time_ns()}"
     jobs(cluster).submit_job(entrypoint=raybridge.entrypoint(job), submission_id=submission_id,
                              runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}})

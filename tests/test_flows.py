@@ -224,3 +224,26 @@ def test_a_failed_nightly_run_reaches_the_webhook_with_its_name_and_state(prefec
     with get_client(sync_client=True) as client:
         run_name = client.read_flow_run(state.state_details.flow_run_id).name
     assert run_name in text
+
+
+def test_the_training_chart_draws_loss_and_validation_per_epoch():
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from flows.artifacts import training_chart
+
+    history = [{"epoch": epoch, "loss": 0.01 / epoch, "val_score": 28 + epoch / 4, "val_psnr": 28 + epoch / 4}
+               for epoch in range(1, 9)]
+    uri = training_chart(history)
+    assert uri.startswith("data:image/png;base64,")
+    pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).convert("RGB")).astype(int)
+    half = pixels.shape[1] // 2
+    loss_ink = (abs(pixels[:, :half] - (200, 60, 40)).sum(axis=2) < 30).sum()
+    score_ink = (abs(pixels[:, half:] - (40, 90, 200)).sum(axis=2) < 30).sum()
+    assert loss_ink > 100 and score_ink > 100  # each panel has its curve
+    nothing_yet = training_chart([{"epoch": 1, "loss": None, "val_score": None}])
+    empty = np.asarray(Image.open(io.BytesIO(base64.b64decode(nothing_yet.split(",", 1)[1]))).convert("RGB")).astype(int)
+    assert (abs(empty - (40, 90, 200)).sum(axis=2) < 30).sum() == 0

@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 import pytest
 
 from pipeline import storage
+from pipeline.dataset import read_table
 from pipeline.config import TrainConfig, from_data, to_data, train_preset
 from pipeline.degrade import Degradation, degrade_dataset
 from pipeline.jobs import TrainJob
@@ -132,6 +133,25 @@ def test_config_validation_and_schedule():
     assert from_data(TrainConfig, json.loads(json.dumps(to_data(config)))) == config
 
 
+def test_the_schedule_moves_within_an_epoch():
+    """Warm-up is a share of the schedule: with epochs as the budget, it must rise within
+    the first epoch, not hold the floor for all of it."""
+    import torch
+
+    from pipeline.train import Worker
+
+    config = TrainConfig(epochs=10, warmup=0.05, learning_rate=1e-3, min_learning_rate=1e-5)
+    network = torch.nn.Linear(2, 2)
+    worker = Worker(config, network, network, torch.optim.Adam(network.parameters()), torch.device("cpu"), 0, 1,
+                    steps_per_epoch=100)
+    rates = []
+    for step in (0, 25, 50, 100):
+        worker.step = step
+        rates.append(worker.set_learning_rate(epoch=1))
+    assert rates[0] == pytest.approx(1e-5) and rates[1] == pytest.approx((1e-5 + 1e-3) / 2, rel=0.01)
+    assert rates[2] == pytest.approx(1e-3) and rates[3] < rates[2]  # warm at half an epoch, then annealing
+
+
 def test_optimizer_state_round_trips_without_pickle():
     import torch
 
@@ -144,3 +164,80 @@ def test_optimizer_state_round_trips_without_pickle():
     optimizer_from_tensors(fresh, tensors, json.loads(json.dumps(meta)))
     for a, b in zip(optimizer.state.values(), fresh.state.values()):
         assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_self_supervised_learns_from_noisy_images_alone(ray_local, train400_small, s3_prefix):
+    """Neighbor2Neighbor on data with no target column and no clean images anywhere: the
+    validation set is noisy-only too (a reference-free score picks the checkpoint), and the
+    model still beats the noisy input on a held-out image scored against its clean original."""
+    from pipeline.evaluate import evaluate
+    from pipeline.jobs import EvaluateJob
+
+    for part in ("train", "val"):
+        degrade_dataset(f"{train400_small}/{part}", f"{s3_prefix}/{part}", Degradation(noise_sigma=25),
+                        seed_per_image=True, progress=False, keep_target=False)
+    assert "target" not in read_table(storage.list_files(s3_prefix + "/train")[0].uri).column_names
+    result = train(s3_prefix + "/train", s3_prefix + "/val", s3_prefix + "/models",
+                   tiny_config(self_supervised=True, epochs=4))
+    assert "val_psnr" not in result.metrics and result.metrics["val_n2n_psnr"] > 0
+    _, card = load_model(result.model_uri)
+    assert card.training["kinds"] == {"train": "noisy", "val": "noisy"}
+    scores = evaluate(EvaluateJob(model=result.model_uri, data=train400_small + "/val", noise_sigma=25)).summary()
+    print("self-supervised tiny:", scores["input_psnr"], "->", scores["output_psnr"])
+    assert scores["output_psnr"] > scores["input_psnr"] + 2, scores
+
+
+def test_validation_scores_a_paired_set_as_pairs_and_keeps_every_epoch(ray_local, train400_small, s3_prefix):
+    """Clean training data, paired validation data: the validation input is the stored noisy
+    image, not noise added on top of it (the noisy PSNR is the pairs' own, about 20.4 dB at
+    sigma 25, not about 17.5). Every epoch's metrics are kept with the run and in the card."""
+    import numpy as np
+
+    from pipeline.images import decode
+    from pipeline.metrics import psnr
+    from pipeline.train import HISTORY_FILE, read_history
+
+    degrade_dataset(f"{train400_small}/val", f"{s3_prefix}/val", Degradation(noise_sigma=25),
+                    seed_per_image=True, progress=False)
+    rows = read_table(storage.list_files(s3_prefix + "/val")[0].uri).to_pylist()
+    pairs_psnr = float(np.mean([psnr(decode(row["target"]).pixels, decode(row["image"]).pixels, 255) for row in rows]))
+    result = train(train400_small + "/train", s3_prefix + "/val", s3_prefix + "/models", tiny_config(epochs=2))
+    assert result.history[-1]["val_noisy_psnr"] == pytest.approx(pairs_psnr, abs=0.05)
+    _, card = load_model(result.model_uri)
+    assert card.training["kinds"] == {"train": "clean", "val": "paired"}
+    kept = read_history(storage.join(result.checkpoint_uri, HISTORY_FILE))
+    assert [row["epoch"] for row in kept] == [1, 2] == [row["epoch"] for row in card.training["history"]]
+    assert all(row["loss"] > 0 and row["val_psnr"] > 0 for row in kept)
+
+
+def test_blind_training_draws_a_sigma_per_patch():
+    import numpy as np
+
+    from pipeline.config import train_preset
+    from pipeline.contract import DecodeLimits
+    from pipeline.images import encode_png
+    from pipeline.train import CLEAN, sample_patches
+
+    config = replace(train_preset("cpu-blind"), patches_per_image=24)
+    flat = np.full((96, 96), 128, np.uint8)  # no texture: what a patch's std measures is its noise
+    batch = {"image": [encode_png(flat, "L")], "image_id": ["flat"]}
+    pairs = sample_patches(batch, config, 1, CLEAN, np.random.default_rng(0), np.random.RandomState(0), DecodeLimits())
+    sigmas = [float(np.std(source - target)) * 255 for source, target in pairs]
+    assert len(pairs) == 24 and min(sigmas) >= 0 and max(sigmas) <= 57
+    assert max(sigmas) - min(sigmas) > 20  # not one sigma for the whole image
+    assert len({round(sigma) for sigma in sigmas}) > 12
+
+
+def test_neighbour_subsampling_picks_adjacent_pixels_of_each_cell():
+    import torch
+
+    from pipeline.train import neighbour_masks, neighbour_subsample
+
+    height, width = 8, 12
+    coordinates = torch.arange(height * width, dtype=torch.float32).view(1, 1, height, width)
+    first, second = neighbour_subsample(coordinates, neighbour_masks((1, 1, height, width), torch.Generator().manual_seed(0)))
+    assert first.shape == second.shape == (1, 1, height // 2, width // 2)
+    for a, b in zip(first.flatten().tolist(), second.flatten().tolist()):
+        (ya, xa), (yb, xb) = divmod(int(a), width), divmod(int(b), width)
+        assert (ya // 2, xa // 2) == (yb // 2, xb // 2)  # the same 2x2 cell
+        assert abs(ya - yb) + abs(xa - xb) == 1  # sharing a side

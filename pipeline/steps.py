@@ -1,0 +1,68 @@
+"""Running a step: any job of pipeline/jobs.py, in this process.
+
+The CLI and the Prefect tasks call `run_step`; in cluster mode a Ray job runs
+
+    python -m pipeline.steps '{"step": "restore", "job": {"input": "s3://...", ...}}'
+
+and speaks the contract of pipeline/jobs.py: JSON-line events on stdout, the result last,
+and an exit status that says what kind of failure it was.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from pipeline.jobs import (
+    EXIT_REJECTED,
+    EXIT_STATUS,
+    EvaluateJob,
+    Events,
+    JsonLinesEvents,
+    RestoreJob,
+    TrainJob,
+    emit,
+    failure_kind,
+    job_from_json,
+    step_of,
+)
+
+
+def run_step(job, events: Events | None = None) -> dict:
+    """Run a train, evaluate or restore job in this process; returns its result."""
+    events = events or Events()
+    if isinstance(job, RestoreJob):
+        from pipeline.restore import restore_dataset
+
+        return restore_dataset(job, events).to_dict()
+    if isinstance(job, EvaluateJob):
+        from pipeline.evaluate import evaluate
+
+        return evaluate(job, events).to_dict(per_image=job.per_image)
+    if isinstance(job, TrainJob):
+        from pipeline.train import train
+
+        return train(job, events).summary()
+    raise TypeError(f"not a resflow job: {type(job).__name__}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The Ray job entry point: one job as JSON in, JSON lines and an exit status out."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m pipeline.steps JOB_JSON", file=sys.stderr)
+        return EXIT_REJECTED
+    try:
+        job = job_from_json(argv[0])
+        result = run_step(job, JsonLinesEvents())
+    except Exception as error:
+        kind = failure_kind(error)
+        emit("error", kind=kind, error=type(error).__name__, message=str(error))
+        if kind == "failed":
+            raise  # the traceback belongs in the job's log
+        return EXIT_STATUS[kind]
+    emit("result", step=step_of(job), result=result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
