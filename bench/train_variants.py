@@ -3,8 +3,11 @@ and one blind model against sigma-specific ones.
 
     .venv/bin/python -m bench.train_variants [--epochs 5] [--preset cpu]
 
-Every run is the same network and the same budget (a fixed number of epochs, so that a
-machine busy with something else slows a run down without changing what it learns):
+Every run is the same network and the same budget: a fixed number of epochs, so that a
+machine busy with something else slows a run down without changing what it learns. A
+self-supervised step costs 0.56x a supervised one (sub-images at half size, one no-grad
+full-size pass; measured on this machine, cpu preset network, bf16), so its default budget
+is the epochs that cost the same compute (`--ss-epochs`, default epochs / 0.56, rounded down):
 
 - `supervised-25`: clean Train400 patches with sigma 25 synthesised (the `cpu` preset);
 - `self-supervised-25`: Train400 made noisy once at sigma 25 (`resflow degrade --no-target`,
@@ -38,11 +41,13 @@ from pipeline.train import train
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("RESFLOW_SHARED_DATA", REPO.parent / "shared" / "data"))
 SETS = ("Set12", "BSD68")
+SS_STEP_COST = 0.56  # a self-supervised step's time over a supervised one's (see above)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--epochs", type=int, default=5, help="the budget of every run")
+    parser.add_argument("--epochs", type=int, default=6, help="the budget of every supervised run")
+    parser.add_argument("--ss-epochs", type=int, help="the self-supervised run's budget (default: the same compute)")
     parser.add_argument("--preset", default="cpu", help="the supervised preset; its blind twin is PRESET-blind")
     parser.add_argument("--only", nargs="*", help="run only these variants")
     parser.add_argument("--dir", default=str(REPO / ".bench" / "s3-variants"))
@@ -69,7 +74,9 @@ def run(args) -> None:
     clean = (f"{root}/train400/train", f"{root}/train400/val")
     variants = {
         "supervised-25": (clean, base, (25,)),
-        "self-supervised-25": ((f"{root}/noisy25/train", f"{root}/noisy25/val"), replace(base, self_supervised=True), (25,)),
+        "self-supervised-25": ((f"{root}/noisy25/train", f"{root}/noisy25/val"),
+                               replace(base, self_supervised=True, epochs=args.ss_epochs or int(args.epochs / SS_STEP_COST)),
+                               (25,)),
         "blind": (clean, replace(base, degradation=train_preset(f"{args.preset}-blind").degradation), (15, 25, 50)),
         "specific-15": (clean, replace(base, degradation=Degradation(noise_sigma=15)), (15,)),
         "specific-50": (clean, replace(base, degradation=Degradation(noise_sigma=50)), (50,)),
