@@ -28,6 +28,7 @@ e2e: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.cli_help
 	$(BIN)/python -m bench.restore_bench
+	OMP_NUM_THREADS=1 $(BIN)/python -m bench.noise_estimate
 
 clean:
 	rm -rf .demo .e2e .pytest_cache

@@ -26,6 +26,7 @@ from pipeline import metrics, storage
 from pipeline.dataset import read_table
 from pipeline.images import ImageColumns, decode
 from pipeline.manifest import Manifest
+from pipeline.noise import noise_summary
 
 PREVIEW_SIDE = 256  # px; 10-40 KB per JPEG keeps the artifact page fast
 
@@ -106,9 +107,12 @@ def restore_artifacts(report: dict, input_uri: str, model: str, previews: int, s
     rows = (sample_restored(report["output"], max(previews, sample), only=set(report["outputs"]), input_root=input_uri)
             if report.get("files_restored") else [])
     scores = quality(rows[:sample])
+    noise = noise_summary(report["noise_sigma_counts"])
     row = {"model_version": report["model_version"], "files_restored": report["files_restored"],
            "files_skipped": report["files_skipped"], "images_ok": report["images_ok"],
-           "images_failed": report["images_failed"], "megapixels": round(report["megapixels"], 2),
+           "images_failed": report["images_failed"], "images_skipped": report["images_skipped"],
+           "noise_sigma_median": None if noise["median"] is None else round(noise["median"], 2),
+           "megapixels": round(report["megapixels"], 2),
            "megapixels_per_s": round(report["megapixels_per_s"], 3), "seconds": round(report["seconds"], 1),
            **{key: round(value, 4) for key, value in scores.items()}}
     create_table_artifact([row], key="restore-metrics", description=f"Restore of {input_uri}")
@@ -117,11 +121,12 @@ def restore_artifacts(report: dict, input_uri: str, model: str, previews: int, s
                     f"images against their clean target)" if scores else "no clean reference in this dataset")
     failures = "\n".join(f"- `{image_id}`: {reason}" for image_id, reason in report.get("failures", [])[:10])
     markdown = "\n\n".join(filter(None, [
-        f"# Restore: {report['images_ok']} ok, {report['images_failed']} failed",
+        f"# Restore: {report['images_ok']} ok, {report['images_skipped']} skipped, {report['images_failed']} failed",
         f"- input: `{input_uri}`\n- output: `{report['output']}`\n- model: `{report['model_version']}` (from `{model}`)"
         f"\n- files restored: {report['files_restored']}, already done: {report['files_skipped']}"
         f"\n- {report['megapixels']:.1f} MP in {report['seconds']:.1f} s = {report['megapixels_per_s']:.3f} MP/s"
         f"\n- quality: {quality_line}",
+        f"## Estimated noise\n{noise_markdown(noise)}",
         f"## Failed rows\n{failures}" if failures else "",
         f"## Before / after\n{previews_markdown(rows[:previews])}",
     ]))
@@ -129,6 +134,16 @@ def restore_artifacts(report: dict, input_uri: str, model: str, previews: int, s
     create_link_artifact(_browsable(report["output"]), link_text=report["output"], key="restore-output",
                          description="Restored Parquet files")
     return row
+
+
+def noise_markdown(noise: dict) -> str:
+    """The run's estimated noise (`pipeline.noise.noise_summary`) as a small table."""
+    if not noise["images"]:
+        return "_no image was read in this run_"
+    lines = [f"Median sigma {noise['median']:.1f} (0-255 scale) over {noise['images']} images.", "",
+             "| sigma | images |", "| --- | --- |"]
+    lines += [f"| {label} | {count} |" for label, count in noise["bins"]]
+    return "\n".join(lines)
 
 
 def _browsable(uri: str) -> str:

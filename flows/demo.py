@@ -69,7 +69,8 @@ def run(minutes: float, started: float, state: dict | None) -> None:
     print(f"\nchampion: {record['champion']} ({decision['reason']}); "
           f"held-out PSNR {decision['scores'][0]['input_psnr']:.2f} -> {decision['scores'][0]['output_psnr']:.2f} dB")
     restore = record["restore"]
-    print(f"restored {restore['images_ok']} ok, {restore['images_failed']} failed, {restore['megapixels_per_s']:.3f} MP/s")
+    print(f"restored {restore['images_ok']} ok, {restore['images_skipped']} skipped, {restore['images_failed']} failed, "
+          f"{restore['megapixels_per_s']:.3f} MP/s")
     print_table(f"{root}/incoming", output)
     print(f"\ndemo finished in {(time.time() - started) / 60:.1f} min.\nrestored Parquet: {output}/\n"
           f"model registry: {root}/models/ (champion.json)\nrun record: {record['record']}\n"

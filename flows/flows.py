@@ -49,17 +49,20 @@ hooks = dict(on_cancellation=[stop_ray_jobs], on_crashed=[stop_ray_jobs])
 def restore_flow(input: str = DEFAULTS["input"], output: str = DEFAULTS["output"], model: str = DEFAULTS["registry"],
                  workers: int | None = None, use_gpu: bool = False, batch_size: int | None = None,
                  tile: int = RestoreSettings.tile, force: bool = False, previews: int = 4,
-                 quality_sample: int = 16) -> dict:
-    """Restore every new or changed Parquet file under `input` into `output`."""
-    report = tasks.run_step_task(restore_job(input, output, model, workers, use_gpu, batch_size, tile, force))
+                 quality_sample: int = 16, skip_below: float | None = RestoreSettings.skip_below) -> dict:
+    """Restore every new or changed Parquet file under `input` into `output`; images whose
+    estimated noise sigma is below `skip_below` are left untouched."""
+    report = tasks.run_step_task(restore_job(input, output, model, workers, use_gpu, batch_size, tile, force,
+                                             skip_below))
     report["metrics"] = artifacts.restore_artifacts(report, input, model, previews, quality_sample)
     return report
 
 
 def restore_job(input: str, output: str, model: str, workers: int | None = None, use_gpu: bool = False,
-                batch_size: int | None = None, tile: int = RestoreSettings.tile, force: bool = False) -> RestoreJob:
+                batch_size: int | None = None, tile: int = RestoreSettings.tile, force: bool = False,
+                skip_below: float | None = RestoreSettings.skip_below) -> RestoreJob:
     return RestoreJob(input=input, output=output, model=model, workers=workers, use_gpu=use_gpu, force=force,
-                      settings=RestoreSettings(tile=tile, batch_size=batch_size))
+                      settings=RestoreSettings(tile=tile, batch_size=batch_size, skip_below=skip_below))
 
 
 @flow(name="resflow-train", log_prints=True, **hooks)
@@ -124,7 +127,8 @@ def nightly_flow(input: str = DEFAULTS["input"], output: str = DEFAULTS["output"
                  train_challenger: bool = False, train_every_days: float = 7.0, train_preset: str = "cpu",
                  train_minutes: float = 20.0, min_gain_db: float = 0.05, workers: int | None = None,
                  use_gpu: bool = False, batch_size: int | None = None, tile: int = RestoreSettings.tile,
-                 previews: int = 4, lock_timeout_s: float = 900.0) -> dict:
+                 previews: int = 4, lock_timeout_s: float = 900.0,
+                 skip_below: float | None = RestoreSettings.skip_below) -> dict:
     """Restore what arrived since the last run with the champion; train and challenge on a cadence."""
     logger = get_run_logger()
     record: dict = {"input": input, "output": output, "registry": registry}
@@ -141,7 +145,8 @@ def nightly_flow(input: str = DEFAULTS["input"], output: str = DEFAULTS["output"
         record["new_files"] = plan["todo"]
         if plan["todo"]:
             record["restore"] = restore_flow(input, output, registry, workers=workers, use_gpu=use_gpu,
-                                             batch_size=batch_size, tile=tile, previews=previews)
+                                             batch_size=batch_size, tile=tile, previews=previews,
+                                             skip_below=skip_below)
         else:
             logger.info(f"nothing new under {input}: {plan['skipped']} file(s) already restored with "
                         f"{plan['model_version']}")
@@ -163,7 +168,8 @@ def _summary_markdown(record: dict) -> str:
              f"- input `{record['input']}` → output `{record['output']}`",
              f"- champion before: `{record['champion']}`, after: `{record['champion_after']}`"]
     if restore:
-        lines.append(f"- restored {restore['images_ok']} ok / {restore['images_failed']} failed, "
+        lines.append(f"- restored {restore['images_ok']} ok / {restore['images_skipped']} skipped / "
+                     f"{restore['images_failed']} failed, "
                      f"{restore['megapixels_per_s']:.3f} MP/s (previews: the `restore-summary` artifact)")
     for key in ("bootstrap", "challenge"):
         if record.get(key):

@@ -107,7 +107,7 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
 
 def settings_from(args) -> RestoreSettings:
     return RestoreSettings(tile=args.tile, tile_overlap=args.tile_overlap, batch_size=args.batch_size,
-                           io_threads=getattr(args, "io_threads", None))
+                           io_threads=getattr(args, "io_threads", None), skip_below=getattr(args, "skip_below", None))
 
 
 class CliEvents(Events):
@@ -374,6 +374,10 @@ def add_commands(commands) -> None:
                    help="logical CPUs a CPU replica reserves (fractions leave Ray's own tasks room)")
     p.add_argument("--io-threads", type=int,
                    help="PNG decode/encode threads per replica; default: 1 on CPU, the node's CPUs per GPU on GPU")
+    p.add_argument("--skip-below", type=float, metavar="SIGMA", default=RestoreSettings.skip_below,
+                   help="leave images whose estimated noise sigma (0-255 scale) is below this untouched (status "
+                        "'skipped', input bytes kept); default: none, every image is restored. The estimate is "
+                        "recorded either way (column noise_sigma)")
     p.add_argument("--force", action="store_true", help="restore every file, even those already done")
     p.add_argument("--stall-timeout", type=float, default=RestoreJob.stall_timeout_s,
                    help="fail after this many seconds without progress")

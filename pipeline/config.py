@@ -38,6 +38,9 @@ class RestoreSettings:
     # Threads that decode and encode the rows of a call (Pillow releases the GIL): a GPU
     # replica spreads its PNG work over its node's CPUs; None: 1 on CPU, per node on GPU.
     io_threads: int | None = None
+    # Rows whose estimated noise sigma (0-255 scale, pipeline/noise.py) is below this are left
+    # untouched, status `skipped`; None restores every row (the estimate is recorded either way).
+    skip_below: float | None = None
 
     def __post_init__(self):
         if self.tile < 16:
@@ -50,6 +53,9 @@ class RestoreSettings:
             raise ValueError(f"max_call_megapixels must be positive, got {self.max_call_megapixels}")
         if self.io_threads is not None and self.io_threads < 1:
             raise ValueError(f"io_threads must be >= 1, got {self.io_threads}")
+        if self.skip_below is not None and not self.skip_below >= 0:
+            raise ValueError(f"skip_below must be a noise sigma >= 0 on the 0-255 scale (or None to restore "
+                             f"every image), got {self.skip_below}")
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-OUTPUT_COLUMNS = ("status", "error", "model_version")  # what restore adds to every row
+# What restore adds to every row: status (ok / failed / skipped), error (why a row failed, else
+# null), model_version, and noise_sigma (the input's estimated noise, null when it did not decode).
+OUTPUT_COLUMNS = ("status", "error", "model_version", "noise_sigma")
 
 
 @dataclass(frozen=True)

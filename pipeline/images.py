@@ -61,6 +61,8 @@ class Decoded:
     format: str = ""
     error: str | None = None
     orientation: int | None = None  # EXIF orientation 2-8 when the input had one (1, the default, is left out)
+    data: bytes | None = None  # the encoded bytes as read: a row left untouched carries them to the output
+    too_small: bool = False  # a valid image under `min_side`: too little to restore, not broken (error says so)
 
     @property
     def ok(self) -> bool:
@@ -184,9 +186,6 @@ def decode(value, limits: DecodeLimits = DecodeLimits(), base_dir: str | None = 
             if width * height > limits.max_pixels:
                 return Decoded(None, error=f"image declares {width}x{height} = {width * height} pixels, over the "
                                            f"limit of {limits.max_pixels} (decompression bomb guard; raise max_pixels to allow it)")
-            if min(width, height) < limits.min_side:
-                return Decoded(None, error=f"image is {width}x{height} pixels, smaller than the minimum "
-                                           f"{limits.min_side}x{limits.min_side}")
             frames = getattr(image, "n_frames", 1)
             if frames > 1:
                 return Decoded(None, error=f"{image.format} image with {frames} frames: resflow restores single "
@@ -205,7 +204,10 @@ def decode(value, limits: DecodeLimits = DecodeLimits(), base_dir: str | None = 
                                    f"({', '.join(ACCEPTED_FORMATS)}); it starts with {data[:8]!r}")
     except Exception as error:
         return Decoded(None, error=f"cannot decode image: {type(error).__name__}: {error}")
-    return Decoded(pixels, mode, fmt, orientation=orientation if orientation in range(2, 9) else None)
+    if min(width, height) < limits.min_side:  # decoded all the same: a tiny image that is broken is a failure
+        return Decoded(None, mode, fmt, error=f"image is {width}x{height} pixels, smaller than the minimum "
+                                              f"{limits.min_side}x{limits.min_side}", data=data, too_small=True)
+    return Decoded(pixels, mode, fmt, orientation=orientation if orientation in range(2, 9) else None, data=data)
 
 
 def _is_sixteen_bit_colour(image: Image.Image, data: bytes) -> bool:

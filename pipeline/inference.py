@@ -3,8 +3,10 @@
 Restoration, evaluation and training's validation all run models through here.
 `ModelRunner` restores float images (H, W, C) in [0, 1]; a gray model restores a colour
 image channel by channel (here, and nowhere else). `ImageRestorer` loads the model once in
-`__init__` and restores a batch of encoded rows in `__call__` (decode -> restore ->
-encode), a bad row becoming `failed` with its reason. Neither knows about Ray or storage:
+`__init__` and restores a batch of encoded rows in `__call__` (decode -> estimate noise ->
+restore -> encode), a bad row becoming `failed` with its reason and a row that needs
+nothing (too small, or less noisy than `skip_below`) `skipped` with its input bytes.
+Neither knows about Ray or storage:
 `restore.UnitRestorer`, the callable class that Ray Data runs in an actor pool, calls `ImageRestorer` on the rows of each file; a plain loop can too.
 
 Tiling: an image larger than `tile` is cut into tiles that overlap by `tile_overlap`
@@ -17,6 +19,7 @@ restoration as long as the overlap covers the network's receptive field.
 from __future__ import annotations
 
 import ctypes
+import math
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +31,7 @@ from pipeline.config import RestoreSettings
 from pipeline.contract import DecodeLimits, ImageColumns
 from pipeline.images import color_channels, decode, encode_png, from_float, to_float
 from pipeline.modelio import load_model
+from pipeline.noise import estimate_sigma
 
 # A forward pass frees its activations layer by layer and allocates the same sizes for the
 # next; glibc's defaults hand that memory to the kernel at once, so every layer faults it
@@ -164,7 +168,8 @@ class ModelRunner:
 
 
 class ImageRestorer:
-    """Decode -> restore -> encode a batch of rows; a bad row becomes `failed` with its reason.
+    """Decode -> estimate noise -> restore -> encode a batch of rows; a bad row becomes
+    `failed` with its reason, a row that needs nothing `skipped` with its input bytes.
     Safe to call from two threads at once (a GPU replica overlaps one call's PNG work with
     another's forward pass)."""
 
@@ -204,25 +209,36 @@ class ImageRestorer:
 
     def __call__(self, batch: dict[str, np.ndarray], timings: dict | None = None) -> dict[str, np.ndarray]:
         """Restore a batch of rows; `timings`, when given, gains the seconds this call spent
-        decoding, in the forward pass (with float conversion) and encoding."""
+        decoding, estimating noise, in the forward pass (with float conversion) and encoding.
+
+        Every decoded row gets its estimated noise sigma. A row is `skipped`, its input bytes
+        carried unchanged and no model call made for it, when its image is smaller than
+        `limits.min_side` (too little for the model to help) or its noise is below
+        `settings.skip_below`; its error stays null."""
         values = batch[self.columns.image]
         count = len(values)
         encoded: list[bytes | None] = [None] * count
         errors: list[str | None] = [None] * count
-        decoded_rows, pixels_list, modes, orientations = [], [], [], []
+        skipped = [False] * count
         clock = time.perf_counter()
-        for row, decoded in enumerate(self._each(lambda value: decode(value, self.limits, self.base_dir), values)):
-            if not decoded.ok:
-                errors[row] = decoded.error
-                continue
-            if self.runner.channels == 3 and color_channels(decoded.mode) == 1:
-                errors[row] = f"the model restores colour images; this image is {decoded.mode}"
-                continue
-            decoded_rows.append(row)
-            pixels_list.append(decoded.pixels)
-            modes.append(decoded.mode)
-            orientations.append(decoded.orientation)
+        decoded_all = self._each(lambda value: decode(value, self.limits, self.base_dir), values)
         clock = _lap(timings, "decode", clock)
+        sigmas = self._each(lambda decoded: _noise_sigma(decoded) if decoded.ok else None, decoded_all)
+        clock = _lap(timings, "noise", clock)
+        decoded_rows, pixels_list, modes, orientations = [], [], [], []
+        skip_below = self.settings.skip_below
+        for row, (decoded, sigma) in enumerate(zip(decoded_all, sigmas)):
+            if decoded.too_small or (skip_below is not None and sigma is not None and sigma < skip_below):
+                encoded[row], skipped[row] = decoded.data, True
+            elif not decoded.ok:
+                errors[row] = decoded.error
+            elif self.runner.channels == 3 and color_channels(decoded.mode) == 1:
+                errors[row] = f"the model restores colour images; this image is {decoded.mode}"
+            else:
+                decoded_rows.append(row)
+                pixels_list.append(decoded.pixels)
+                modes.append(decoded.mode)
+                orientations.append(decoded.orientation)
         try:
             restored = self.restore_pixels(pixels_list, modes)
         except Exception as error:  # e.g. out of memory on one huge image: fail these rows, keep going
@@ -235,10 +251,18 @@ class ImageRestorer:
         _lap(timings, "encode", clock)
         out = {key: value for key, value in batch.items() if key != self.columns.image}
         out[self.columns.image] = np.array(encoded, dtype=object)
-        out["status"] = np.array(["failed" if error else "ok" for error in errors], dtype=object)
+        out["status"] = np.array(["failed" if error else "skipped" if skip else "ok"
+                                  for error, skip in zip(errors, skipped)], dtype=object)
         out["error"] = np.array(errors, dtype=object)
         out["model_version"] = np.array([self.model_version] * count, dtype=object)
+        out["noise_sigma"] = np.array(sigmas, dtype=object)
         return out
+
+
+def _noise_sigma(decoded) -> float | None:
+    """The decoded image's estimated noise sigma (0-255), None when it is too small to tell."""
+    sigma = estimate_sigma(decoded.pixels, decoded.mode)
+    return None if math.isnan(sigma) else sigma
 
 
 def _lap(timings: dict | None, stage: str, since: float) -> float:

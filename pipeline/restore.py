@@ -48,6 +48,7 @@ from pipeline.jobs import Events, RestoreJob
 from pipeline.lease import OutputLease
 from pipeline.manifest import Manifest
 from pipeline.modelio import load_model
+from pipeline.noise import NOISE_BINS, noise_bin, noise_summary
 
 # A GPU replica's forward pass outruns one core's PNG work many times over: it decodes and
 # encodes on its node's CPUs per GPU but one and restores several units at once, so that
@@ -87,6 +88,10 @@ class RestoreReport:
     images_total: int = 0  # rows in the units to restore this run
     images_ok: int = 0
     images_failed: int = 0
+    images_skipped: int = 0  # left untouched: too small, or less noisy than skip_below
+    # estimated noise sigma of the rows this run read: count per whole sigma, 0-1, 1-2, ...,
+    # the last bin holding everything above (pipeline/noise.py, `noise_summary`)
+    noise_sigma_counts: list = field(default_factory=lambda: [0] * NOISE_BINS)
     megapixels: float = 0.0
     seconds: float = 0.0
     first_rows_seconds: float = 0.0  # start-up: planning, Ray Data and model replicas until the first restored rows
@@ -240,13 +245,17 @@ def _existing(prefix: str) -> list[storage.FileInfo]:
 # --- the replica ---------------------------------------------------------------------------------
 
 
+OUTPUT_TYPES = {"status": pa.string(), "error": pa.string(), "model_version": pa.string(),
+                "noise_sigma": pa.float64()}  # of contract.OUTPUT_COLUMNS
+
+
 def output_schema(schema: pa.Schema, columns: ImageColumns) -> pa.Schema:
-    """The input's columns in place (the image now PNG bytes), then status, error and
-    model_version (replaced in place when the input already has them: a restored dataset
-    restored again)."""
+    """The input's columns in place (the image now PNG bytes, or the input's own bytes where
+    skipped), then status, error, model_version and noise_sigma (replaced in place when the
+    input already has them: a restored dataset restored again)."""
     fields = [pa.field(f.name, pa.binary()) if f.name == columns.image else f for f in schema]
     for name in OUTPUT_COLUMNS:
-        added = pa.field(name, pa.string())
+        added = pa.field(name, OUTPUT_TYPES[name])
         position = schema.get_field_index(name)
         if position >= 0:
             fields[position] = added
@@ -324,8 +333,9 @@ class UnitRestorer:
                                         f"lower the decode limits or remove the file, then rerun")
         if self.filesystem is None:
             self.filesystem = storage.pyarrow_filesystem(unit.input)[0]
-        summary = {"rows": 0, "ok": 0, "failed": 0, "megapixels": 0.0, "failures": [],
-                   "stages": dict.fromkeys(("read", "decode", "forward", "encode", "write"), 0.0)}
+        summary = {"rows": 0, "ok": 0, "failed": 0, "skipped": 0, "megapixels": 0.0, "failures": [],
+                   "noise_counts": [0] * NOISE_BINS,
+                   "stages": dict.fromkeys(("read", "decode", "noise", "forward", "encode", "write"), 0.0)}
         started = time.perf_counter()
         path = storage.parse(unit.input).path
         handle = storage.retry(lambda: self.filesystem.open_input_file(path), what=f"opening {unit.input}")
@@ -370,7 +380,8 @@ class UnitRestorer:
         reason = f"row group {group} of the input could not be read ({type(error).__name__}: {error})"
         columns[self.columns.image] = pa.nulls(count, pa.binary())
         columns.update({"status": pa.array(["failed"] * count), "error": pa.array([reason] * count),
-                        "model_version": pa.array([self.images.model_version] * count)})
+                        "model_version": pa.array([self.images.model_version] * count),
+                        "noise_sigma": pa.nulls(count, pa.float64())})
         summary["rows"] += count
         summary["failed"] += count
         if len(summary["failures"]) < MAX_FAILURES_KEPT:
@@ -383,16 +394,21 @@ class UnitRestorer:
         values = [None if problem else value for value, problem in zip(rows.column(image).to_pylist(), id_errors)]
         out = self.images({image: values}, timings=summary["stages"])
         errors = [problem or error for problem, error in zip(id_errors, out["error"].tolist())]
-        status = ["failed" if error else "ok" for error in errors]
+        status = ["failed" if problem else state for problem, state in zip(id_errors, out["status"].tolist())]
         restored = {name: rows.column(name) for name in rows.column_names}
         restored[image] = pa.array(out[image], pa.binary())
         restored.update({"status": pa.array(status, pa.string()), "error": pa.array(errors, pa.string()),
-                         "model_version": pa.array(out["model_version"], pa.string())})
+                         "model_version": pa.array(out["model_version"], pa.string()),
+                         "noise_sigma": pa.array(out["noise_sigma"].tolist(), pa.float64())})
         table = pa.table([restored[name] for name in schema.names], schema=schema)
         summary["rows"] += table.num_rows
         summary["ok"] += status.count("ok")
         summary["failed"] += status.count("failed")
-        summary["megapixels"] += _megapixels(out[image])
+        summary["skipped"] += status.count("skipped")
+        summary["megapixels"] += _megapixels(png for png, state in zip(out[image], status) if state == "ok")
+        for sigma in out["noise_sigma"]:
+            if sigma is not None:
+                summary["noise_counts"][noise_bin(sigma)] += 1
         for image_id, error in zip(ids, errors):
             if error and len(summary["failures"]) < MAX_FAILURES_KEPT:
                 summary["failures"].append([image_id, error])
@@ -440,7 +456,9 @@ SUMMARY_SCHEMA = pa.schema([
     ("key", pa.string()), ("input", pa.string()), ("first", pa.int64()), ("last", pa.int64()), ("rows", pa.int64()),
     ("index", pa.int64()), ("count", pa.int64()), ("target", pa.string()), ("output_etag", pa.string()),
     ("output_size", pa.int64()), ("replica", pa.string()), ("ok", pa.int64()), ("failed", pa.int64()),
-    ("megapixels", pa.float64()), ("failures", pa.list_(pa.list_(pa.string()))),  # [image id, reason]
+    ("skipped", pa.int64()), ("megapixels", pa.float64()),
+    ("failures", pa.list_(pa.list_(pa.string()))),  # [image id, reason]
+    ("noise_counts", pa.list_(pa.int64())),  # rows per noise bin (pipeline/noise.py)
     ("stages", pa.map_(pa.string(), pa.float64())),
 ])
 
@@ -619,7 +637,8 @@ class Run:
     def _where(self) -> str:
         report = self.report
         return (f"{report.files_restored}/{len(self.files)} file(s) and {report.units_restored} unit(s) written, "
-                f"{report.images_ok + report.images_failed} rows in them; the replicas last reported "
+                f"{report.images_ok + report.images_failed + report.images_skipped} rows in them; the replicas "
+                f"last reported "
                 f"{max(self._rows_restored(), 0)} rows restored")
 
     def _record(self, done: dict) -> None:
@@ -632,6 +651,8 @@ class Run:
         report.units_restored += 1
         report.images_ok += done["ok"]
         report.images_failed += done["failed"]
+        report.images_skipped += done["skipped"]
+        report.noise_sigma_counts = [a + b for a, b in zip(report.noise_sigma_counts, done["noise_counts"])]
         report.megapixels += done["megapixels"]
         report.rows_by_replica[done["replica"]] = report.rows_by_replica.get(done["replica"], 0) + done["rows"]
         for stage, seconds in done["stages"]:
@@ -640,7 +661,7 @@ class Run:
             if len(report.failures) < MAX_FAILURES_KEPT:
                 report.failures.append((image_id, reason))
         record = {"input_etag": file.info.etag, "model_version": report.model_version, "rows": done["rows"],
-                  "ok": done["ok"], "failed": done["failed"]}
+                  "ok": done["ok"], "failed": done["failed"], "skipped": done["skipped"]}
         if unit.count == 1:
             self._finish(file, {**record, "output_etag": done["output_etag"], "output_size": done["output_size"]})
         else:
@@ -648,7 +669,7 @@ class Run:
             self.unrecorded["units"][unit.name] = file.done[unit.index]
             if len(file.done) == len(file.units):
                 self._assemble(file)
-        self.events.progress(report.images_ok + report.images_failed, report.images_total)
+        self.events.progress(report.images_ok + report.images_failed + report.images_skipped, report.images_total)
 
     def _assemble(self, file: FilePlan) -> None:
         parts = [unit.target for unit in file.units]
@@ -672,7 +693,8 @@ class Run:
             rows = sum(record["rows"] for record in file.done.values())
             self._finish(file, {"input_etag": file.info.etag, "model_version": self.report.model_version,
                                 "rows": rows, "ok": sum(record["ok"] for record in file.done.values()),
-                                "failed": sum(record["failed"] for record in file.done.values()), **stored,
+                                "failed": sum(record["failed"] for record in file.done.values()),
+                                "skipped": sum(record.get("skipped", 0) for record in file.done.values()), **stored,
                                 "parts": len(file.units)})
             for unit in file.units:  # the parts are in the output now; their records and bytes can go
                 self.unrecorded["units"][unit.name] = None
@@ -763,10 +785,15 @@ def _batches_with_watchdog(dataset, stall_timeout_s: float, where, rows_restored
 def format_report(report: dict) -> str:
     """What `resflow restore` prints without --json (`report`: RestoreReport.to_dict())."""
     lines = [f"restored {report['files_restored']} file(s) ({report['files_skipped']} already done) in "
-             f"{report['units_restored']} unit(s): {report['images_ok']} ok, {report['images_failed']} failed; "
+             f"{report['units_restored']} unit(s): {report['images_ok']} ok, {report['images_skipped']} skipped, "
+             f"{report['images_failed']} failed; "
              f"{report['megapixels']:.1f} MP in {report['seconds']:.1f} s = {report['megapixels_per_s']:.3f} MP/s "
              f"(first rows after {report['first_rows_seconds']:.1f} s); model {report['model_version']}",
              f"output: {report['output']}"]
+    noise = noise_summary(report["noise_sigma_counts"])
+    if noise["images"]:
+        lines.append(f"estimated noise sigma: median {noise['median']:.1f} over {noise['images']} images; "
+                     + ", ".join(f"{label}: {count}" for label, count in noise["bins"]))
     for image_id, reason in report["failures"][:10]:
         lines.append(f"  failed: {image_id}: {reason}")
     return "\n".join(lines)

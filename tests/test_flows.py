@@ -77,6 +77,9 @@ def test_nightly_restores_new_files_only_and_leaves_artifacts(prefect_api, ray_l
     found = {artifact.key: artifact for artifact in artifacts_of(flow_run_tree(state.state_details.flow_run_id))}
     assert {"restore-metrics", "restore-summary", "restore-output", "restore-progress", "nightly-summary"} <= set(found)
     assert found["restore-summary"].data.count("data:image/jpeg;base64,") == 4  # 2 previews, before and after
+    summary = found["restore-summary"].data  # the run's estimated noise: Set12 at sigma 25
+    assert "## Estimated noise" in summary and "over 8 images" in summary and "| 0-1 | 0 |" in summary
+    assert sum(first["restore"]["noise_sigma_counts"][23:28]) == 8
     assert float(found["restore-progress"].data) == 100.0
 
     copy_files(files[2:], incoming)  # a new file arrives

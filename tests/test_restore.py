@@ -4,6 +4,7 @@ import json
 import threading
 import time
 import uuid
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -15,14 +16,14 @@ from local import s3server
 from pipeline import metrics, storage
 from pipeline.config import RestoreSettings
 from pipeline.dataset import DatasetError, read_table
-from pipeline.degrade import Degradation, degrade_dataset
-from pipeline.images import SchemaError, decode, encode_png
+from pipeline.degrade import Degradation, degrade_dataset, protocol_noisy
+from pipeline.images import SchemaError, decode, encode_png, from_float, to_float
 from pipeline.ingest import ingest
 from pipeline.jobs import RestoreJob
 from pipeline.manifest import Manifest
 from pipeline.modelio import ModelLoadError, save_model
 from pipeline.models import build_model
-from pipeline.restore import StallError, restore_dataset
+from pipeline.restore import StallError, format_report, restore_dataset
 from tests.conftest import shared_data
 from tests.test_images import bad_values
 
@@ -55,7 +56,7 @@ def test_restore_set12_improves_psnr_and_keeps_rows(ray_local, noisy_set12, trai
         [f.uri.rsplit("/", 1)[1] for f in storage.list_files(noisy_set12)]  # one output per input, same names
     out, source = rows(s3_prefix), rows(noisy_set12)
     assert out["image_id"].to_pylist() == source["image_id"].to_pylist()  # same rows, same order, no duplicates
-    assert set(out.column_names) == {"image_id", "image", "target", "status", "error", "model_version"}
+    assert set(out.column_names) == {"image_id", "image", "target", "status", "error", "model_version", "noise_sigma"}
     before = [metrics.psnr(decode(t).pixels, decode(i).pixels) for i, t in zip(source["image"].to_pylist(), source["target"].to_pylist())]
     after = [metrics.psnr(decode(t).pixels, decode(i).pixels) for i, t in zip(out["image"].to_pylist(), out["target"].to_pylist())]
     assert np.mean(after) > np.mean(before) + 3
@@ -114,14 +115,16 @@ def corrupt_row_group(path, group: int, column: str) -> None:
 
 def test_every_bad_row_fails_alone_and_the_rest_succeed(ray_local, trained_model, tmp_path):
     """One job over files holding each kind of bad row next to good ones: every bad row is
-    `failed` with its reason, every good row `ok`, and the job itself succeeds."""
+    `failed` with its reason, every good row `ok`, and the job itself succeeds. (A valid
+    image too small to restore is not a bad row: it is `skipped`.)"""
     good = (shared_data("Set12") / "01.png").read_bytes()
     bad = {**bad_values(), "animated PNG": (multi_frame_png(), "3 frames"),
            "EPS": (eps(), "not one of the accepted formats")}
+    tiny = bad.pop("1x1 image")[0]
     source = tmp_path / "in"
     source.mkdir()
-    ids = ["good-1"] + list(bad) + ["good-2"]
-    pq.write_table(pa.table({"image_id": ids, "image": pa.array([good] + [v for v, _ in bad.values()] + [good],
+    ids = ["good-1"] + list(bad) + ["good-2", "tiny"]
+    pq.write_table(pa.table({"image_id": ids, "image": pa.array([good] + [v for v, _ in bad.values()] + [good, tiny],
                                                                  pa.binary())}), source / "a-values.parquet")
     # ids: null and not UTF-8 (a string column holding raw bytes, as some writers produce)
     raw_ids = pa.array([b"good-3", None, b"\xff\xfe-latin"], pa.binary()).view(pa.string())
@@ -149,8 +152,39 @@ def test_every_bad_row_fails_alone_and_the_rest_succeed(ray_local, trained_model
     assert "holds text" in by_id[b"text-bytes"][1] and "neither bytes nor a path" in by_id[b"neither"][1]
     for name in ("group-2", "group-3"):  # the corrupt group: failed rows that keep their ids
         assert by_id[name.encode()][0] == "failed" and "row group 1 of the input could not be read" in by_id[name.encode()][1]
+    assert by_id[b"tiny"] == ("skipped", None)
     assert len(out) == len(ids) + 3 + 2 + 6  # every input row once
     assert (report.images_ok, report.images_failed) == (status.count("ok"), status.count("failed")) == (7, len(bad) + 6)
+    assert report.images_skipped == status.count("skipped") == 1
+
+
+def test_skip_below_leaves_clean_and_tiny_images_untouched(ray_local, trained_model, tmp_path):
+    """With skip_below, an image whose estimated noise is below it, and any image too small
+    for the model (under 8 pixels a side, whatever skip_below), is `skipped`: its input
+    bytes carried unchanged, no error. Every decoded row records its noise estimate; the
+    report counts the skipped rows and the estimates."""
+    clean = (shared_data("Set12") / "01.png").read_bytes()
+    pixels, _ = to_float(decode(clean).pixels, "L")
+    noisy = encode_png(from_float(protocol_noisy(pixels, 25, seed=0), "L"), "L")
+    tiny = encode_png(np.full((5, 5), 128, np.uint8), "L")
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"image_id": ["clean", "noisy", "tiny"], "image": pa.array([clean, noisy, tiny], pa.binary())}),
+                   tmp_path / "in" / "a.parquet")
+    skipping = replace(job(str(tmp_path / "in"), str(tmp_path / "out"), trained_model),
+                       settings=RestoreSettings(batch_size=4, skip_below=3.0))
+    report = restore_dataset(skipping)
+    out = rows(str(tmp_path / "out")).to_pydict()
+    assert out["status"] == ["skipped", "ok", "skipped"] and out["error"] == [None, None, None]
+    assert out["image"][0] == clean and out["image"][2] == tiny and out["image"][1] != noisy
+    sigma_clean, sigma_noisy, sigma_tiny = out["noise_sigma"]
+    assert sigma_clean < 3 <= 20 < sigma_noisy < 30 and sigma_tiny is None
+    assert (report.images_ok, report.images_skipped, report.images_failed) == (1, 2, 0)
+    assert sum(report.noise_sigma_counts) == 2 and report.noise_sigma_counts[int(sigma_noisy)] == 1
+    assert "1 ok, 2 skipped, 0 failed" in format_report(report.to_dict())
+
+    report = restore_dataset(replace(skipping, output=str(tmp_path / "all"), settings=RestoreSettings(batch_size=4)))
+    assert rows(str(tmp_path / "all"))["status"].to_pylist() == ["ok", "ok", "skipped"]  # no skip_below: only the tiny one
+    assert (report.images_ok, report.images_skipped) == (2, 1)
 
 
 def test_nested_partitioned_and_same_named_files_each_restore_once(ray_local, noisy_set12, trained_model, s3_prefix):
@@ -281,7 +315,7 @@ def test_other_columns_pass_through_with_their_types(ray_local, trained_model, t
     restore_dataset(job(str(tmp_path / "in"), str(tmp_path / "out"), trained_model, batch_size=4))
     out_file = pq.ParquetFile(tmp_path / "out" / "in.parquet")
     out = out_file.read()
-    assert out.column_names == [*table.column_names, "status", "error", "model_version"]
+    assert out.column_names == [*table.column_names, "status", "error", "model_version", "noise_sigma"]
     for name in ("image_id", "taken", "tags", "box", "camera"):
         assert out.schema.field(name).type == table.schema.field(name).type, name
         assert out[name].to_pylist() == table[name].to_pylist(), name
@@ -552,8 +586,9 @@ def test_one_large_file_is_spread_over_both_replicas_and_assembled_whole(ray_loc
     assert pq.ParquetFile(storage.pyarrow_filesystem(written.uri)[0].open_input_file(
         storage.parse(written.uri).path)).num_row_groups == 16  # row groups kept
     assert storage.list_files(output + "/_resflow/parts") == []  # the parts went once assembled
-    assert set(report.stage_seconds) == {"read", "decode", "forward", "encode", "write"}
+    assert set(report.stage_seconds) == {"read", "decode", "noise", "forward", "encode", "write"}
     assert report.stage_seconds["forward"] > report.stage_seconds["read"]
+    assert sum(report.noise_sigma_counts[:3]) == 32  # clean BSD68 reads below 3, summed over all 8 units
 
 
 def test_a_replica_killed_mid_file_redoes_only_its_unit(ray_local, one_large_file, s3_prefix):
