@@ -54,7 +54,7 @@ def one_line_error(result: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def test_user_errors_are_one_line_with_a_usage_exit_status(tmp_path):
+def test_user_errors_are_one_line_with_a_usage_exit_status(s3_server, tmp_path):
     bad_value = one_line_error(resflow("restore", "--input", "a", "--output", "b", "--model", "m", "--tile", "big"))
     assert "--tile: invalid int value: 'big'" in bad_value
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RESFLOW_S3_", "RAY_ADDRESS"))}
