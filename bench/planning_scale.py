@@ -29,7 +29,7 @@ from pipeline.jobs import RestoreJob
 from pipeline.manifest import SNAPSHOT, Manifest
 from pipeline.modelio import load_model, save_model
 from pipeline.models import build_model
-from pipeline.restore import plan
+from pipeline.restore import output_recipe, plan
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,12 +71,14 @@ def run(root: str, files: int, threads: int) -> dict:
     model = root + "/model"
     save_model(model, build_model("dncnn", depth=3, width=4), version="tiny")
     version = load_model(model)[1].version
+    job = RestoreJob(input=root + "/in", output=root + "/out", model=model)
     entries = {}
     for info in inputs:
         key = storage.relative_path(root + "/in", info.uri)
         entries[key] = {"input": info.uri, "input_etag": info.etag, "input_size": info.size,
                         "output": outputs[key].uri, "output_etag": outputs[key].etag,
-                        "output_size": outputs[key].size, "model_version": version, "rows": 1, "ok": 1,
+                        "output_size": outputs[key].size, "model_version": version, "recipe": output_recipe(job),
+                        "rows": 1, "ok": 1,
                         "failed": 0, "finished": "2026-12-01T02:00:00+00:00"}
     snapshot = json.dumps(entries, sort_keys=True).encode()
     manifest = Manifest(root + "/out")
@@ -86,7 +88,6 @@ def run(root: str, files: int, threads: int) -> dict:
     result.update(snapshot_mb=len(snapshot) / 2**20, snapshot_write_s=write_s, snapshot_read_s=read_s)
     print(f"snapshot of {files} entries: {len(snapshot) / 2**20:.1f} MB, written in {write_s:.2f} s, "
           f"read and parsed in {read_s:.2f} s", flush=True)
-    job = RestoreJob(input=root + "/in", output=root + "/out", model=model)
     plans = [timed(lambda: plan(job)) for _ in range(3)]
     result["plan_nothing_new_s"] = statistics.median(seconds for seconds, _ in plans)
     assert not plans[0][1].files and len(plans[0][1].skipped) == files

@@ -182,7 +182,8 @@ def training_chart(history: list[dict], width: int = 640, height: int = 240) -> 
         first, last = epochs[0], max(epochs[-1], epochs[0] + 1)
         xy = [(left + (right - left) * (epoch - first) / (last - first),
                bottom - (bottom - top) * (value - low) / (high - low)) for epoch, value in points]
-        draw.line(xy, fill=colour, width=2) if len(xy) > 1 else None
+        if len(xy) > 1:
+            draw.line(xy, fill=colour, width=2)
         for x, y in xy:
             draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
         draw.text((left - 44, top - 4), f"{high:.4g}", fill="black")

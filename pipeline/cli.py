@@ -206,6 +206,9 @@ def run_train(args) -> int:
                  "architecture_config": json.loads(args.architecture_config) if args.architecture_config else None,
                  "columns": columns_from(args)}
     if args.noise_sigma_range or args.jpeg_quality or args.blur_sigma or args.downscale or args.noise_sigma is not None:
+        if args.self_supervised:
+            raise ValueError("--self-supervised learns from the noise already in --data: "
+                             "drop the degradation flags (--noise-sigma, --jpeg-quality, ...)")
         if args.noise_sigma is None and not args.noise_sigma_range:
             args.noise_sigma = Degradation.noise_sigma
         overrides["degradation"] = degradation_from(args)

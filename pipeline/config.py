@@ -107,8 +107,8 @@ class TrainConfig:
             (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
             (self.cpus_per_worker > 0, "cpus_per_worker must be positive"),
             (not self.self_supervised or self.patch_size % 4 == 0,
-             f"self-supervised training halves patches twice (neighbour sub-sampling, then the network's"
-             f" unshuffle): patch_size must be a multiple of 4, got {self.patch_size}"),
+             f"self-supervised training trains on half-size sub-patches, which a half-resolution network"
+             f" halves again: patch_size must be a multiple of 4, got {self.patch_size}"),
         ]
         for ok, message in checks:
             if not ok:

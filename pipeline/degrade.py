@@ -187,7 +187,7 @@ def degrade_dataset(source: str, destination: str, degradation: Degradation, see
     report = DegradeReport(output=destination)
     # as the manifest will read it back (tuples become lists), so that a rerun compares equal
     recipe = json.loads(json.dumps({"degradation": dataclasses.asdict(degradation), "seed": seed,
-                                    "seed_per_image": seed_per_image, "keep_target": keep_target}))
+                                    "seed_per_image": seed_per_image, **({} if keep_target else {"keep_target": False})}))
     bar = tqdm(total=len(files), desc="degrade", unit="file", disable=not progress, file=sys.stderr)
     for info in files:
         name = storage.relative_path(source, info.uri)  # nested layouts keep their folders

@@ -38,7 +38,7 @@ MAX_PATCHES = 10_000  # a BSD68 image at stride 4 (9,400); a larger image gets a
 MIN_PATCHES = 4 * PATCH * PATCH  # fewer than this and the covariance says little: stop narrowing
 CONFIDENCE_Z = 4.75  # a patch of pure noise is kept with probability 1 - 1e-6 (one-sided normal)
 CLIP_MARGIN = 2.0  # patch means this many sigmas from black and white: clipping takes < 2% of sigma
-ITERATIONS = 10  # the choice of patches settles in 2-5 on BSD68
+ITERATIONS = 10  # enough for the choice of patches to settle (bench/README.md, "Noise estimate")
 SETTLED = 0.01  # a change of variance this small (0.5% of sigma) ends the iterations
 START_SAMPLE = 4  # the starting upper bound needs only every 4th patch
 

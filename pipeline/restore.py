@@ -29,6 +29,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import io
+import json
 import math
 import queue
 import threading
@@ -161,10 +162,18 @@ def output_uri(job: RestoreJob, input_info: storage.FileInfo) -> str:
     return storage.join(job.output, storage.relative_path(job.input, input_info.uri))
 
 
+def output_recipe(job: RestoreJob) -> dict:
+    """What decides an output's rows besides the input and the model: the columns restore
+    adds and which rows it leaves untouched. An output or part made under another recipe
+    is redone (a rerun with another --skip-below, or after the output contract grew)."""
+    return {"columns": list(OUTPUT_COLUMNS), "skip_below": job.settings.skip_below}
+
+
 def part_folder(job: RestoreJob, key: str, info: storage.FileInfo, model_version: str) -> str:
-    """Where a file's parts are staged: named by the input's identity and the model
-    version, so parts of another input or model never mix with these."""
-    identity = hashlib.sha256(f"{info.etag}|{info.size}|{model_version}".encode()).hexdigest()[:16]
+    """Where a file's parts are staged: named by the input's identity, the model version
+    and the output recipe, so parts of another input, model or recipe never mix with these."""
+    recipe = json.dumps(output_recipe(job), sort_keys=True)
+    identity = hashlib.sha256(f"{info.etag}|{info.size}|{model_version}|{recipe}".encode()).hexdigest()[:16]
     return storage.join(job.output, storage.RESFLOW_DIR, "parts", key, identity)
 
 
@@ -195,9 +204,9 @@ def split_into_units(footer: pq.FileMetaData, max_rows: int, max_bytes: int) -> 
 def plan(job: RestoreJob) -> RestorePlan:
     """Everything that can be checked before any work: input and output apart, the model
     loads, the input is not empty, every file to restore has the contract's columns. A file
-    is done when its manifest entry matches the input (ETag, size), the model version, and
-    an output that still exists unchanged: one listing of each prefix and the manifest, and
-    footers only of the files to restore."""
+    is done when its manifest entry matches the input (ETag, size), the model version, the
+    output recipe (`output_recipe`), and an output that still exists unchanged: one listing
+    of each prefix and the manifest, and footers only of the files to restore."""
     storage.check_disjoint(job.input, job.output)
     model_folder = registry.resolve(job.model)
     _, card = load_model(model_folder)
@@ -205,11 +214,13 @@ def plan(job: RestoreJob) -> RestorePlan:
     done = Manifest(job.output, "manifest").all()
     outputs = {storage.relative_path(job.output, info.uri): info for info in _existing(job.output)}
     todo, skipped = [], []
+    recipe = output_recipe(job)
     for info in inputs:
         key = storage.relative_path(job.input, info.uri)
         entry, output = done.get(key) or {}, outputs.get(key)
         up_to_date = (entry.get("input_etag") == info.etag and entry.get("input_size") == info.size
-                      and entry.get("model_version") == card.version and output is not None
+                      and entry.get("model_version") == card.version and entry.get("recipe") == recipe
+                      and output is not None
                       and entry.get("output_etag") == output.etag and entry.get("output_size") == output.size)
         (skipped if up_to_date and not job.force else todo).append((key, info))
     footers = read_footers([info for _, info in todo])
@@ -661,7 +672,8 @@ class Run:
             if len(report.failures) < MAX_FAILURES_KEPT:
                 report.failures.append((image_id, reason))
         record = {"input_etag": file.info.etag, "model_version": report.model_version, "rows": done["rows"],
-                  "ok": done["ok"], "failed": done["failed"], "skipped": done["skipped"]}
+                  "ok": done["ok"], "failed": done["failed"], "skipped": done["skipped"],
+                  "recipe": output_recipe(self.job)}
         if unit.count == 1:
             self._finish(file, {**record, "output_etag": done["output_etag"], "output_size": done["output_size"]})
         else:
@@ -692,7 +704,7 @@ class Run:
             stored = ray.get(ready[0])
             rows = sum(record["rows"] for record in file.done.values())
             self._finish(file, {"input_etag": file.info.etag, "model_version": self.report.model_version,
-                                "rows": rows, "ok": sum(record["ok"] for record in file.done.values()),
+                                "recipe": output_recipe(self.job), "rows": rows, "ok": sum(record["ok"] for record in file.done.values()),
                                 "failed": sum(record["failed"] for record in file.done.values()),
                                 "skipped": sum(record.get("skipped", 0) for record in file.done.values()), **stored,
                                 "parts": len(file.units)})

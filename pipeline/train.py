@@ -20,16 +20,18 @@ Self-supervised (`TrainConfig.self_supervised`): Neighbor2Neighbor (Huang et al.
 same, so the network learns to map one to the other, with the paper's regulariser (weight
 ramped to 2) tying that to the full-size output. Validation without references reports
 `val_n2n_psnr`: the objective at its full weight on whole held-out images at a fixed
-sampling seed, as a PSNR. It is capped by the noise but rises as the model improves, and
-picks the checkpoint.
+sampling seed, as a PSNR. It is capped by the noise and rises as the model improves, but
+too little to choose between checkpoints: without references the latest one is published.
 
 Batch scaling: `batch_size` is per worker, so the global batch is workers x batch_size;
 the learning rate is scaled by sqrt(workers), Adam's usual rule for a larger batch.
 
 Every epoch: validation PSNR/SSIM on whole images (the quality protocol), every epoch's
-metrics appended to `epochs.json` in the run's folder (what charts draw), and a checkpoint (safetensors weights, model.json, optimizer state in safetensors,
+metrics appended to `epochs.json` in the run's folder (what charts draw), and a
+checkpoint (safetensors weights, model.json, optimizer state in safetensors,
 train_state.json) reported through `ray.train.report` into the run's storage path in
-object storage; the best `keep_checkpoints` by validation score are kept. A rerun with the
+object storage; the best `keep_checkpoints` by validation score are kept (the latest,
+without references). A rerun with the
 same run name resumes from the latest checkpoint; FailureConfig restarts a crashed
 worker group from it too. Nothing here unpickles.
 
@@ -59,7 +61,7 @@ from pipeline import storage
 from pipeline.config import TrainConfig, from_data, to_data
 from pipeline.contract import DecodeLimits
 from pipeline.dataset import inspect_dataset
-from pipeline.degrade import Degradation
+from pipeline.degrade import Degradation, degradation_seed
 from pipeline.images import decode, to_float, validate_schema
 from pipeline.jobs import Events, TrainJob
 from pipeline.models import build_model
@@ -167,8 +169,10 @@ def neighbor2neighbor_loss(model: torch.nn.Module, network: torch.nn.Module, noi
     first, second = neighbour_subsample(noisy, masks)
     with torch.autocast(device_type=noisy.device.type, dtype=torch.bfloat16, enabled=bf16):
         output = model(first.contiguous(memory_format=torch.channels_last) if noisy.device.type == "cpu" else first)
-        with torch.no_grad():
-            full = network(noisy)
+    # A region of its own: autocast caches bf16 weight copies per region, and copies made
+    # under no_grad would carry no gradient into the pass above if the order ever changed.
+    with torch.no_grad(), torch.autocast(device_type=noisy.device.type, dtype=torch.bfloat16, enabled=bf16):
+        full = network(noisy)
     full_first, full_second = neighbour_subsample(full.float(), masks)
     difference = output.float() - second
     return F.mse_loss(difference, torch.zeros_like(difference)) + gamma * F.mse_loss(difference, full_first - full_second)
@@ -432,6 +436,15 @@ def _validate_without_references(worker: Worker, shard, runner) -> dict:
     return {"val_n2n_psnr": psnr_sum / max(count, 1), "val_images": int(count)}
 
 
+def _validation_seed(config: TrainConfig, image_id) -> int:
+    """The protocol's seed for every image; a sigma range draws its sigma from the seed
+    first, so there each image gets a seed of its own (by id): with one seed for all,
+    every image would be scored at the same sigma (about 30 of 0-55)."""
+    if config.degradation.noise_sigma_range is None:
+        return config.val_seed
+    return degradation_seed(config.val_seed, str(image_id), per_image=True)
+
+
 def _validate_with_references(worker: Worker, shard, runner, paired: bool) -> dict:
     from pipeline.evaluate import restore_and_score
 
@@ -444,8 +457,11 @@ def _validate_with_references(worker: Worker, shard, runner, paired: bool) -> di
             clean = image_float(batch[columns.target if paired else columns.image][row], worker.channels, limits)
             if clean is None:
                 continue
-            noisy = (image_float(batch[columns.image][row], worker.channels, limits) if paired else
-                     config.degradation.apply(clean, np.random.RandomState(config.val_seed)))
+            if paired:
+                noisy = image_float(batch[columns.image][row], worker.channels, limits)
+            else:
+                seed = _validation_seed(config, batch[columns.id][row])
+                noisy = config.degradation.apply(clean, np.random.RandomState(seed))
             if noisy is None or noisy.shape != clean.shape:
                 continue
             scores = restore_and_score(runner, clean, noisy, mode)
@@ -518,10 +534,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         metrics.update({"epoch": epoch, "loss": loss_sum / steps, "lr": lr,
                         "patches_per_s": sample_sum / max(train_seconds, 1e-9), "elapsed_s": elapsed,
                         "resumed_from": worker.state["resumed_from"] or 0, "restarts": worker.state["restarts"]})
+        if worker.rank == 0:  # before the checkpoint: a crash between the two redoes the epoch, rows replaced
+            record_epoch(loop_config["history_uri"], metrics, epoch)
         report_epoch(worker, metrics)
         epoch_seconds.append(time.time() - epoch_start)
         if worker.rank == 0:
-            record_epoch(loop_config["history_uri"], metrics, epoch)
             left = (config.epochs - epoch) * float(np.mean(epoch_seconds))
             left = min(left, max(0.0, budget_s - elapsed)) if budget_s else left
             print(f"epoch {epoch}/{config.epochs}  loss {metrics['loss']:.5f}  {describe_epoch(metrics)}  "
@@ -610,6 +627,10 @@ def train(job: TrainJob, events: Events | None = None, hooks: TrainHooks | None 
     datasets = {"train": read_image_dataset(train_files, wanted(kinds["train"])),
                 "val": read_image_dataset(val_files, wanted(kinds["val"]))}
     history_uri = storage.join(storage_path, run_name, HISTORY_FILE)
+    # Without references the latest checkpoint is published: the reference-free score moves
+    # by hundredths of a dB while true PSNR moves by tenths, so it picked mid-schedule
+    # checkpoints 0.2-0.6 dB worse than the annealed last one (bench/README.md).
+    select_by = "epoch" if kinds["val"] == NOISY else "val_score"
     run_filesystem, run_path = storage.pyarrow_filesystem(storage_path)
     resources = {"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})}
     trainer = TorchTrainer(
@@ -622,11 +643,14 @@ def train(job: TrainJob, events: Events | None = None, hooks: TrainHooks | None 
             name=run_name, storage_path=run_path, storage_filesystem=run_filesystem,
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints,
-                                                         checkpoint_score_attribute="val_score",
+                                                         checkpoint_score_attribute=select_by,
                                                          checkpoint_score_order="max"),
         ),
         datasets=datasets,
     )
+    if kinds["train"] == PAIRED and kinds["val"] == CLEAN:
+        events.log(f"note: the training data is paired but {job.val_data} has no {columns.target!r} column: "
+                   f"validation synthesises {config.degradation.describe()} on it, which need not be the pairs' degradation")
     described = {PAIRED: "paired", CLEAN: "clean + " + config.degradation.describe(),
                  NOISY: "noisy-only, self-supervised (Neighbor2Neighbor)"}
     events.log(f"training run {run_name!r}: {len(train_files)} train file(s) ({described[kinds['train']]}), "
@@ -638,7 +662,7 @@ def train(job: TrainJob, events: Events | None = None, hooks: TrainHooks | None 
     candidates = result.best_checkpoints or ([(result.checkpoint, result.metrics)] if result.checkpoint else [])
     if not candidates:
         raise RuntimeError(f"training run {run_name} produced no checkpoint (no epoch finished?)")
-    best_checkpoint, best_metrics = max(candidates, key=lambda item: item[1].get("val_score", float("-inf")))
+    best_checkpoint, best_metrics = max(candidates, key=lambda item: item[1].get(select_by, float("-inf")))
     with best_checkpoint.as_directory() as directory:
         model, _ = load_model(directory)
         train_state = json.loads(Path(directory, TRAIN_STATE_FILE).read_text())

@@ -186,6 +186,11 @@ def test_skip_below_leaves_clean_and_tiny_images_untouched(ray_local, trained_mo
     assert rows(str(tmp_path / "all"))["status"].to_pylist() == ["ok", "ok", "skipped"]  # no skip_below: only the tiny one
     assert (report.images_ok, report.images_skipped) == (2, 1)
 
+    # The threshold decides the output's rows: a rerun with another one redoes the file, the same one does not.
+    assert restore_dataset(skipping).files_restored == 0
+    rerun = restore_dataset(replace(skipping, settings=RestoreSettings(batch_size=4, skip_below=0.0)))
+    assert rerun.files_restored == 1 and rows(str(tmp_path / "out"))["status"].to_pylist() == ["ok", "ok", "skipped"]
+
 
 def test_nested_partitioned_and_same_named_files_each_restore_once(ray_local, noisy_set12, trained_model, s3_prefix):
     """Real layouts: folders several levels deep, Hive partitions, Hugging Face shard names

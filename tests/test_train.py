@@ -179,7 +179,9 @@ def test_self_supervised_learns_from_noisy_images_alone(ray_local, train400_smal
     assert "target" not in read_table(storage.list_files(s3_prefix + "/train")[0].uri).column_names
     result = train(s3_prefix + "/train", s3_prefix + "/val", s3_prefix + "/models",
                    tiny_config(self_supervised=True, epochs=4))
-    assert "val_psnr" not in result.metrics and result.metrics["val_n2n_psnr"] > 0
+    assert "val_psnr" not in result.metrics
+    signal = [row["val_n2n_psnr"] for row in result.history]
+    assert max(signal[1:]) > signal[0]  # the reference-free score rises as the model learns
     _, card = load_model(result.model_uri)
     assert card.training["kinds"] == {"train": "noisy", "val": "noisy"}
     scores = evaluate(EvaluateJob(model=result.model_uri, data=train400_small + "/val", noise_sigma=25)).summary()
