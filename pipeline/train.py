@@ -589,6 +589,16 @@ def read_image_dataset(files: list[storage.FileInfo], columns: list[str]):
     return ray.data.read_parquet(paths, filesystem=filesystem).select_columns(columns)
 
 
+def inspect_with_kind(uri: str, config: TrainConfig, training: bool) -> tuple[list[storage.FileInfo], str, int]:
+    """A dataset's files (each footer read once), its kind from its columns, and its rows;
+    every file must carry the columns its kind needs."""
+    inspected = inspect_dataset(uri, config.columns)
+    kind = dataset_kind(inspected[0][1].schema.to_arrow_schema().names, config, training)
+    for info, footer in inspected:
+        validate_schema(footer.schema.to_arrow_schema(), config.columns, need_target=kind == PAIRED, where=info.uri)
+    return [info for info, _ in inspected], kind, sum(footer.num_rows for _, footer in inspected)
+
+
 def train(job: TrainJob, events: Events | None = None, hooks: TrainHooks | None = None) -> TrainResult:
     """Train on `job.data`, validate on `job.val_data` every epoch, publish the best
     checkpoint as a model version under the registry `job.registry`."""
@@ -601,28 +611,16 @@ def train(job: TrainJob, events: Events | None = None, hooks: TrainHooks | None 
     events = events or Events()
     config, columns = job.config, job.config.columns
     build_model(config.architecture, **config.architecture_config)  # a bad architecture stops the job here
-    inspected = inspect_dataset(job.data, columns)  # lists the files and reads each footer once
-    kinds = {"train": dataset_kind(inspected[0][1].schema.to_arrow_schema().names, config, training=True)}
-    if kinds["train"] == PAIRED:  # then every file must carry the target
-        for info, footer in inspected:
-            validate_schema(footer.schema.to_arrow_schema(), columns, need_target=True, where=info.uri)
-    train_files = [info for info, _ in inspected]
-    rows = sum(footer.num_rows for _, footer in inspected)
-    val_inspected = inspect_dataset(job.val_data, columns)
-    kinds["val"] = dataset_kind(val_inspected[0][1].schema.to_arrow_schema().names, config, training=False)
-    for info, footer in val_inspected:
-        validate_schema(footer.schema.to_arrow_schema(), columns, need_target=kinds["val"] == PAIRED, where=info.uri)
-    val_files = [info for info, _ in val_inspected]
+    kinds: dict[str, str] = {}
+    train_files, kinds["train"], rows = inspect_with_kind(job.data, config, training=True)
+    val_files, kinds["val"], _ = inspect_with_kind(job.val_data, config, training=False)
     fingerprint = data_fingerprint(train_files, config.degradation)
     run_name = job.run_name or f"train-{time.strftime('%Y%m%d-%H%M%S')}-{fingerprint[:6]}"
     storage_path = storage.join(job.registry, "_runs")
     storage.ensure_bucket(storage_path)
     raycluster.connect()
-    def wanted(kind: str) -> list[str]:
-        return [columns.id, columns.image] + ([columns.target] if kind == PAIRED else [])
-
-    datasets = {"train": read_image_dataset(train_files, wanted(kinds["train"])),
-                "val": read_image_dataset(val_files, wanted(kinds["val"]))}
+    datasets = {part: read_image_dataset(files, [columns.id, columns.image] + ([columns.target] if kinds[part] == PAIRED else []))
+                for part, files in (("train", train_files), ("val", val_files))}
     history_uri = storage.join(storage_path, run_name, HISTORY_FILE)
     # Without references the latest checkpoint is published: the reference-free score moves
     # by hundredths of a dB while true PSNR moves by tenths; picking by it chose checkpoints
