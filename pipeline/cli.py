@@ -270,16 +270,17 @@ def run_models(args) -> int:
     if args.action == "list":
         champion = (registry.champion(args.registry) or {}).get("version")
         rows = [{"version": card.version, "champion": card.version == champion, "created": card.created,
-                 "architecture": card.architecture, "val_psnr": card.metrics.get("val_psnr")}
+                 "architecture": card.architecture, "channels": card.channels, "val_psnr": card.metrics.get("val_psnr")}
                 for card in registry.versions(args.registry)]
         lines = [f"{'*' if row['champion'] else ' '} {row['version']:<40} {row['created']:<26} "
-                 f"{row['architecture']:<8} val PSNR {row['val_psnr'] if row['val_psnr'] is None else round(row['val_psnr'], 2)}"
+                 f"{row['architecture']:<8} {'colour' if row['channels'] == 3 else 'gray':<6} val PSNR {row['val_psnr'] if row['val_psnr'] is None else round(row['val_psnr'], 2)}"
                  for row in rows] or [f"no model versions in {args.registry}"]
         print_result({"registry": args.registry, "champion": champion, "versions": rows}, args,
                      "\n".join(lines + (["(* champion)"] if champion else [])))
     elif args.action == "show":
         card = read_card(registry.resolve(args.model))
-        print_result(card.__dict__, args, card.to_json())
+        print_result({**card.__dict__, "kind": card.color_kind}, args,
+                     f"{card.version}: {card.color_kind} model, {card.channels} channel(s)\n{card.to_json()}")
     else:
         record = registry.set_champion(args.registry, args.version, reason=args.reason)
         print_result(record, args, f"champion of {args.registry} is now {record['version']}")

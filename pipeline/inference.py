@@ -1,8 +1,10 @@
 """Inference: running a model on images, whole or tile by tile, batched.
 
 Restoration, evaluation and training's validation all run models through here.
-`ModelRunner` restores float images (H, W, C) in [0, 1]; a gray model restores a colour
-image channel by channel (here, and nowhere else). `ImageRestorer` loads the model once in
+`ModelRunner` restores float images (H, W, C) in [0, 1], choosing the path per image (here,
+and nowhere else): a colour model restores RGB jointly, and a gray image through its three
+channels replicated, the result averaged back to one; a gray model restores a colour image
+channel by channel, which ignores the correlation between channels (the run says so). `ImageRestorer` loads the model once in
 `__init__` and restores a batch of encoded rows in `__call__` (decode -> estimate noise ->
 restore -> encode), a bad row becoming `failed` with its reason and a row that needs
 nothing (too small, or less noisy than `skip_below`) `skipped` with its input bytes.
@@ -63,6 +65,12 @@ def native_bf16(device: str) -> bool:
         return False
 
 
+# How a model meets an image (`ModelRunner.channel_path`): its own channel count, all at once;
+# a gray model on a colour image, one channel at a time; a colour model on a gray image,
+# the gray channel replicated to RGB and the output averaged back to gray.
+JOINT, PER_CHANNEL, REPLICATED = "joint", "per-channel", "replicated"
+
+
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     if length <= tile:
         return [0]
@@ -100,6 +108,16 @@ class ModelRunner:
         self.keeps_freed_memory = settings.device == "cpu" and keep_freed_memory()
         self.autocast = dict(device_type="cuda" if settings.device.startswith("cuda") else "cpu", dtype=torch.bfloat16,
                              enabled=settings.bf16 and native_bf16(settings.device))
+
+    def channel_path(self, image_channels: int) -> str:
+        """How this model restores an image of `image_channels` colour channels (1 or 3)."""
+        if image_channels == self.channels:
+            return JOINT
+        if self.channels == 1:
+            return PER_CHANNEL
+        if image_channels == 1:
+            return REPLICATED
+        raise ValueError(f"a {self.channels}-channel model cannot restore a {image_channels}-channel image")
 
     @torch.inference_mode()
     def _forward(self, pieces: list[np.ndarray]) -> list[np.ndarray]:
@@ -142,26 +160,27 @@ class ModelRunner:
         return outputs
 
     def restore_images(self, images: list[np.ndarray], each=map) -> list[np.ndarray]:
-        """Restore float (H, W, C) images of any sizes and channel counts the model can take:
-        its own, or any, one channel at a time, for a gray model. A colour model cannot
-        restore a gray image (ValueError). `each` maps a function over items (a thread
+        """Restore float (H, W, C) images of any sizes, gray (C = 1) or colour (C = 3), with
+        the path `channel_path` names for each. `each` maps a function over items (a thread
         pool's map spreads the layout work)."""
         planes, layout = [], []
         for image in images:
             chw = np.ascontiguousarray(image.transpose(2, 0, 1))  # (H, W, C) -> (C, H, W)
-            if self.channels == chw.shape[0]:
-                layout.append((len(planes), 1))
+            path = self.channel_path(chw.shape[0])
+            layout.append((len(planes), chw.shape[0] if path == PER_CHANNEL else 1, path))
+            if path == JOINT:
                 planes.append(chw)
-            elif self.channels == 1:
-                layout.append((len(planes), chw.shape[0]))
+            elif path == PER_CHANNEL:
                 planes.extend(chw[c : c + 1] for c in range(chw.shape[0]))
-            else:
-                raise ValueError(f"a {self.channels}-channel model cannot restore a {chw.shape[0]}-channel image")
+            else:  # REPLICATED: a gray image as the colour image whose channels all equal it
+                planes.append(np.ascontiguousarray(np.repeat(chw, self.channels, axis=0)))
         restored = self.run(planes)
 
         def gather(place):
-            first, count = place
+            first, count, path = place
             chw = restored[first] if count == 1 else np.concatenate(restored[first : first + count], axis=0)
+            if path == REPLICATED:
+                chw = chw.mean(axis=0, keepdims=True)  # (3, H, W) -> (1, H, W): the image stays gray
             return chw.transpose(1, 2, 0)  # (C, H, W) -> (H, W, C)
 
         return list(each(gather, layout))
@@ -232,8 +251,6 @@ class ImageRestorer:
                 encoded[row], skipped[row] = decoded.data, True
             elif not decoded.ok:
                 errors[row] = decoded.error
-            elif self.runner.channels == 3 and color_channels(decoded.mode) == 1:
-                errors[row] = f"the model restores colour images; this image is {decoded.mode}"
             else:
                 decoded_rows.append(row)
                 pixels_list.append(decoded.pixels)
@@ -256,6 +273,11 @@ class ImageRestorer:
         out["error"] = np.array(errors, dtype=object)
         out["model_version"] = np.array([self.model_version] * count, dtype=object)
         out["noise_sigma"] = np.array(sigmas, dtype=object)
+        # Colour rows that a gray model restored one channel at a time: the run's summary says so once.
+        per_channel = np.zeros(count, dtype=bool)
+        for row, mode in zip(decoded_rows, modes):
+            per_channel[row] = errors[row] is None and self.runner.channel_path(color_channels(mode)) == PER_CHANNEL
+        out["per_channel"] = per_channel
         return out
 
 

@@ -41,6 +41,12 @@ class ModelCard:
     training: dict = field(default_factory=dict)  # preset, epochs, wall time, ...
     weights_sha256: str = ""
     format: str = FORMAT
+    channels: int = 1  # 1: gray, 3: colour (RGB restored jointly); from config, kept here for readers of the card
+
+    @property
+    def color_kind(self) -> str:
+        """What `resflow models show` and `list` say: gray or colour."""
+        return "colour (RGB)" if self.channels == 3 else "gray"
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2, sort_keys=True)
@@ -62,7 +68,7 @@ def save_model(uri: str, model: nn.Module, *, version: str | None = None, degrad
         architecture=architecture, config=config,
         version=version or f"{architecture}-{now:%Y%m%d-%H%M%S}-{digest[:8]}",
         created=now.isoformat(timespec="seconds"), degradation=degradation, data_fingerprint=data_fingerprint,
-        metrics=metrics or {}, training=training or {}, weights_sha256=digest,
+        metrics=metrics or {}, training=training or {}, weights_sha256=digest, channels=config.get("channels", 1),
     )
     storage.write_bytes(storage.join(uri, WEIGHTS_FILE), weights)
     storage.write_bytes(storage.join(uri, CARD_FILE), card.to_json().encode())
@@ -100,7 +106,9 @@ def read_card(uri: str) -> ModelCard:
     if raw.get("format") != FORMAT:
         raise ModelLoadError(f"{card_uri} has format {raw.get('format')!r}, expected {FORMAT!r}")
     known = set(ModelCard.__dataclass_fields__)
-    return ModelCard(**{key: value for key, value in raw.items() if key in known})
+    card = {key: value for key, value in raw.items() if key in known}
+    card["channels"] = int((raw.get("config") or {}).get("channels", 1))  # cards written before the field: from config
+    return ModelCard(**card)
 
 
 def load_model(uri: str, map_location: str | torch.device = "cpu") -> tuple[nn.Module, ModelCard]:

@@ -90,6 +90,7 @@ class RestoreReport:
     images_ok: int = 0
     images_failed: int = 0
     images_skipped: int = 0  # left untouched: too small, or less noisy than skip_below
+    images_per_channel: int = 0  # colour images a gray model restored one channel at a time (a colour model would not)
     # estimated noise sigma of the rows this run read: count per whole sigma, 0-1, 1-2, ...,
     # the last bin holding everything above (pipeline/noise.py, `noise_summary`)
     noise_sigma_counts: list = field(default_factory=lambda: [0] * NOISE_BINS)
@@ -344,7 +345,7 @@ class UnitRestorer:
                                         f"lower the decode limits or remove the file, then rerun")
         if self.filesystem is None:
             self.filesystem = storage.pyarrow_filesystem(unit.input)[0]
-        summary = {"rows": 0, "ok": 0, "failed": 0, "skipped": 0, "megapixels": 0.0, "failures": [],
+        summary = {"rows": 0, "ok": 0, "failed": 0, "skipped": 0, "per_channel": 0, "megapixels": 0.0, "failures": [],
                    "noise_counts": [0] * NOISE_BINS,
                    "stages": dict.fromkeys(("read", "decode", "noise", "forward", "encode", "write"), 0.0)}
         started = time.perf_counter()
@@ -416,6 +417,7 @@ class UnitRestorer:
         summary["ok"] += status.count("ok")
         summary["failed"] += status.count("failed")
         summary["skipped"] += status.count("skipped")
+        summary["per_channel"] += int(out["per_channel"].sum())
         summary["megapixels"] += _megapixels(png for png, state in zip(out[image], status) if state == "ok")
         for sigma in out["noise_sigma"]:
             if sigma is not None:
@@ -467,7 +469,7 @@ SUMMARY_SCHEMA = pa.schema([
     ("key", pa.string()), ("input", pa.string()), ("first", pa.int64()), ("last", pa.int64()), ("rows", pa.int64()),
     ("index", pa.int64()), ("count", pa.int64()), ("target", pa.string()), ("output_etag", pa.string()),
     ("output_size", pa.int64()), ("replica", pa.string()), ("ok", pa.int64()), ("failed", pa.int64()),
-    ("skipped", pa.int64()), ("megapixels", pa.float64()),
+    ("skipped", pa.int64()), ("per_channel", pa.int64()), ("megapixels", pa.float64()),
     ("failures", pa.list_(pa.list_(pa.string()))),  # [image id, reason]
     ("noise_counts", pa.list_(pa.int64())),  # rows per noise bin (pipeline/noise.py)
     ("stages", pa.map_(pa.string(), pa.float64())),
@@ -663,6 +665,7 @@ class Run:
         report.images_ok += done["ok"]
         report.images_failed += done["failed"]
         report.images_skipped += done["skipped"]
+        report.images_per_channel += done["per_channel"]
         report.noise_sigma_counts = [a + b for a, b in zip(report.noise_sigma_counts, done["noise_counts"])]
         report.megapixels += done["megapixels"]
         report.rows_by_replica[done["replica"]] = report.rows_by_replica.get(done["replica"], 0) + done["rows"]
@@ -806,6 +809,10 @@ def format_report(report: dict) -> str:
     if noise["images"]:
         lines.append(f"estimated noise sigma: median {noise['median']:.1f} over {noise['images']} images; "
                      + ", ".join(f"{label}: {count}" for label, count in noise["bins"]))
+    if report.get("images_per_channel"):
+        lines.append(f"note: model {report['model_version']} is gray: {report['images_per_channel']} colour image(s) "
+                     f"were restored one channel at a time, which ignores the correlation between channels; a colour "
+                     f"model (train --preset cpu-color) restores them jointly")
     for image_id, reason in report["failures"][:10]:
         lines.append(f"  failed: {image_id}: {reason}")
     return "\n".join(lines)

@@ -87,6 +87,8 @@ def image_float(value, channels: int, limits: DecodeLimits) -> np.ndarray | None
     image, _ = to_float(decoded.pixels, decoded.mode)
     if channels == 1 and image.shape[2] == 3:
         image = (image @ np.array([0.299, 0.587, 0.114], np.float32))[:, :, None]  # ITU-R 601 luma
+    elif channels == 3 and image.shape[2] == 1:  # a gray image in colour data: the colour image it is
+        image = np.repeat(image, 3, axis=2)
     elif channels != image.shape[2]:
         return None
     return image

@@ -100,3 +100,24 @@ def test_safetensors_whose_header_length_looks_like_a_pickle_opcode_loads(tmp_pa
     assert (tmp_path / "model.safetensors").read_bytes()[:2] == b"\x80\x02"
     _, card = modelio.load_model(str(tmp_path))
     assert card.version == "small"
+
+
+def test_colour_presets_are_rgb_and_the_card_and_models_show_say_so(tmp_path, capsys):
+    import json
+
+    from pipeline.cli import main
+    from pipeline.modelio import read_card, save_model
+
+    for preset in ("cpu-color", "cpu-color-blind", "dncnn-color"):
+        assert TRAIN_PRESETS[preset]().architecture_config["channels"] == 3, preset
+    assert TRAIN_PRESETS["cpu"]().architecture_config.get("channels", 1) == 1
+    assert TRAIN_PRESETS["cpu-color-blind"]().degradation.noise_sigma_range == (0.0, 55.0)
+    for channels, word in ((3, "colour"), (1, "gray")):
+        folder = str(tmp_path / word)
+        save_model(folder, build_model("resnet", channels=channels, blocks=1, width=4))
+        assert read_card(folder).channels == channels
+        assert main(["models", "show", folder]) == 0
+        assert capsys.readouterr().out.splitlines()[0].endswith(f"{word}{' (RGB)' if channels == 3 else ''} model, "
+                                                                f"{channels} channel(s)")
+        assert main(["models", "show", folder, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["channels"] == channels

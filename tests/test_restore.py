@@ -192,6 +192,33 @@ def test_skip_below_leaves_clean_and_tiny_images_untouched(ray_local, trained_mo
     assert rerun.files_restored == 1 and rows(str(tmp_path / "out"))["status"].to_pylist() == ["ok", "ok", "skipped"]
 
 
+def test_mixed_gray_and_colour_dataset_in_one_job_each_model_its_path(ray_local, trained_model, tmp_path):
+    """Gray and colour rows in one dataset: a gray model restores the colour row one channel
+    at a time and the summary says so once; a colour model restores every row, the gray one
+    staying gray, with no such note."""
+    rng = np.random.default_rng(5)
+    gray = encode_png(rng.integers(0, 256, (40, 40), dtype=np.uint8), "L")
+    colour = [encode_png(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8), "RGB") for _ in range(2)]
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"image_id": ["gray", "rgb1", "rgb2"], "image": pa.array([gray, *colour], pa.binary())}),
+                   tmp_path / "in" / "a.parquet")
+    report = restore_dataset(job(str(tmp_path / "in"), str(tmp_path / "gray-model"), trained_model))
+    assert (report.images_ok, report.images_per_channel) == (3, 2)
+    text = format_report(report.to_dict())
+    assert text.count("2 colour image(s) were restored one channel at a time") == 1
+    modes = [decode(png).mode for png in rows(str(tmp_path / "gray-model"))["image"].to_pylist()]
+    assert modes == ["L", "RGB", "RGB"]
+
+    torch.manual_seed(0)
+    colour_model = build_model("resnet", channels=3, blocks=1, width=8)
+    save_model(str(tmp_path / "colour-model"), colour_model)
+    report = restore_dataset(job(str(tmp_path / "in"), str(tmp_path / "colour-out"), str(tmp_path / "colour-model")))
+    assert (report.images_ok, report.images_failed, report.images_per_channel) == (3, 0, 0)
+    assert "channel at a time" not in format_report(report.to_dict())
+    modes = [decode(png).mode for png in rows(str(tmp_path / "colour-out"))["image"].to_pylist()]
+    assert modes == ["L", "RGB", "RGB"]
+
+
 def test_nested_partitioned_and_same_named_files_each_restore_once(ray_local, noisy_set12, trained_model, s3_prefix):
     """Real layouts: folders several levels deep, Hive partitions, Hugging Face shard names
     and the same file name in two folders. Outputs mirror every relative path; the manifest
