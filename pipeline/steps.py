@@ -26,6 +26,11 @@ from pipeline.jobs import (
     step_of,
 )
 
+USAGE = ("usage: python -m pipeline.steps JOB_JSON\n"
+         "  runs one train, evaluate or restore job (pipeline/jobs.py) given as JSON: JSON-line events\n"
+         "  on stdout, the result last; exit status 0 done, 2 rejected as given, 75 busy (another run\n"
+         "  holds the output), 1 failed")
+
 
 def run_step(job, events: Events | None = None) -> dict:
     """Run a train, evaluate or restore job in this process; returns its result."""
@@ -48,8 +53,11 @@ def run_step(job, events: Events | None = None) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """The Ray job entry point: one job as JSON in, JSON lines and an exit status out."""
     argv = sys.argv[1:] if argv is None else argv
+    if argv in (["--help"], ["-h"]):  # the images' builds check that this entry point starts
+        print(USAGE)
+        return 0
     if len(argv) != 1:
-        print("usage: python -m pipeline.steps JOB_JSON", file=sys.stderr)
+        print(USAGE, file=sys.stderr)
         return EXIT_REJECTED
     try:
         job = job_from_json(argv[0])
