@@ -229,14 +229,14 @@ def run_evaluate(args) -> int:
     from pipeline.steps import run_step
 
     sigmas = args.noise_sigma or [None]
-    jobs = [EvaluateJob(model=args.model, data=args.data, noise_sigma=sigma, seed=args.seed,
+    jobs = [EvaluateJob(model=args.model, data=data, noise_sigma=sigma, seed=args.seed,
                         settings=settings_from(args), columns=columns_from(args), per_image=args.per_image)
-            for sigma in sigmas]
-    check_storage(args.model, args.data)
+            for data in args.data for sigma in sigmas]
+    check_storage(args.model, *args.data)
     results = [run_step(job, CliEvents(quiet=args.json)) for job in jobs]
     if len(results) == 1:
         print_result(results[0], args, format_evaluation(results[0]))
-    else:
+    else:  # several datasets or sigmas: one table (the colour protocol: CBSD68 and Kodak24 at 15/25/50)
         print_result({"by_sigma": results}, args, format_sigma_table(results))
     return 0
 
@@ -356,10 +356,12 @@ def add_commands(commands) -> None:
     p = command(commands, "evaluate", "PSNR/SSIM of a model on a paired dataset, or on clean data with noise added",
                 "  resflow evaluate --model s3://resflow/models --data s3://resflow/set12 --noise-sigma 25\n"
                 "  resflow evaluate --model ./model --data s3://resflow/set12-noisy25 --per-image\n"
-                "  resflow evaluate --model s3://resflow/models --data s3://resflow/bsd68 --noise-sigma 15 25 50",
+                "  resflow evaluate --model s3://resflow/models --data s3://resflow/bsd68 --noise-sigma 15 25 50\n"
+                "  resflow evaluate --model ./colour --data s3://resflow/cbsd68 s3://resflow/kodak24 --noise-sigma 15 25 50",
                 run_evaluate)
     add_model_flag(p)
-    p.add_argument("--data", required=True, help="paired dataset, or clean with --noise-sigma")
+    p.add_argument("--data", required=True, nargs="+", help="paired dataset, or clean with --noise-sigma; several "
+                                                             "give one table")
     p.add_argument("--noise-sigma", type=float, nargs="+", metavar="SIGMA",
                    help="clean data: the protocol's Gaussian noise at this sigma; several give a table (blind models)")
     p.add_argument("--seed", type=int, default=0, help="noise seed; the protocol seeds every image with 0")

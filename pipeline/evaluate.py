@@ -113,11 +113,20 @@ def format_evaluation(result: dict) -> str:
 
 
 def format_sigma_table(results: list[dict]) -> str:
-    """What `resflow evaluate --noise-sigma A B C` prints: one row per sigma."""
+    """What `resflow evaluate --noise-sigma A B C` prints: one row per dataset and sigma."""
     first = results[0]
-    lines = [f"model {first['model_version']} on {first['images']} images of {first['data']}",
-             f"{'sigma':>6} {'input PSNR':>10} {'output PSNR':>11} {'input SSIM':>10} {'output SSIM':>11}"]
-    for result in results:
-        lines.append(f"{result['noise_sigma']:>6g} {result['input_psnr']:>10.2f} {result['output_psnr']:>11.2f} "
-                     f"{result['input_ssim']:>10.4f} {result['output_ssim']:>11.4f}")
+    names = [_dataset_name(result["data"]) for result in results]
+    width = max(7, *(len(name) for name in names))
+    lines = [f"model {first['model_version']}",
+             f"{'data':<{width}} {'images':>6} {'sigma':>6} {'input PSNR':>10} {'output PSNR':>11} {'input SSIM':>10} "
+             f"{'output SSIM':>11}"]
+    for name, result in zip(names, results):
+        sigma = "paired" if result["noise_sigma"] is None else f"{result['noise_sigma']:g}"
+        lines.append(f"{name:<{width}} {result['images']:>6} {sigma:>6} {result['input_psnr']:>10.2f} "
+                     f"{result['output_psnr']:>11.2f} {result['input_ssim']:>10.4f} {result['output_ssim']:>11.4f}")
     return "\n".join(lines)
+
+
+def _dataset_name(uri: str) -> str:
+    """The last part of a dataset's URI: what a table row calls it."""
+    return uri.rstrip("/").rsplit("/", 1)[-1] or uri

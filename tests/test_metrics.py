@@ -38,3 +38,52 @@ def test_identical_images():
     assert metrics.ssim(clean, clean) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="shapes differ"):
         metrics.psnr(clean, clean[:-1])
+
+
+def test_colour_protocol_noisy_input_psnr_on_cbsd68_is_the_documented_value(tmp_path, capsys):
+    """docs/quality.md: CBSD68 at sigma 25, noise per RGB value from seed 0, clipped to
+    uint8: 20.54 dB over the RGB channels. `resflow evaluate` scores exactly these inputs
+    whatever the model and the run (checked on a few images: evaluating all 68 takes
+    minutes); several datasets give one table."""
+    import json
+    import shutil
+
+    import torch
+
+    from pipeline.cli import main
+    from pipeline.degrade import protocol_noisy
+    from pipeline.evaluate import evaluate
+    from pipeline.images import decode, from_float, to_float
+    from pipeline.ingest import ingest
+    from pipeline.jobs import EvaluateJob
+    from pipeline.modelio import save_model
+    from pipeline.models import build_model
+
+    def noisy_psnr(path) -> float:
+        decoded = decode(path.read_bytes())
+        clean, _ = to_float(decoded.pixels, decoded.mode)
+        assert decoded.mode == "RGB"
+        return metrics.psnr(decoded.pixels, from_float(protocol_noisy(clean, 25, seed=0), "RGB"))
+
+    files = sorted(shared_data("CBSD68").glob("*.png"))
+    scores = {path.name: noisy_psnr(path) for path in files}
+    assert len(scores) == 68 and np.mean(list(scores.values())) == pytest.approx(20.54, abs=0.005)
+
+    for folder, names in (("cbsd3", [path.name for path in files[:3]]), ("kodak1", ["kodim01.png"])):
+        (tmp_path / "files" / folder).mkdir(parents=True)
+        for name in names:
+            shutil.copy(shared_data("CBSD68" if folder == "cbsd3" else "Kodak24") / name, tmp_path / "files" / folder)
+        ingest(str(tmp_path / "files" / folder), str(tmp_path / folder), progress=False)
+    torch.manual_seed(0)
+    save_model(str(tmp_path / "identity"), build_model("resnet", channels=3, blocks=1, width=4))  # zero tail: identity
+    save_model(str(tmp_path / "dncnn"), build_model("dncnn", channels=3, depth=3, width=4))
+    assert main(["evaluate", "--model", str(tmp_path / "identity"), "--data", str(tmp_path / "cbsd3"),
+                 str(tmp_path / "kodak1"), "--noise-sigma", "25", "--json"]) == 0
+    table = json.loads(capsys.readouterr().out)["by_sigma"]
+    assert [(row["images"], row["noise_sigma"]) for row in table] == [(3, 25), (1, 25)]
+    assert table[0]["output_psnr"] == pytest.approx(table[0]["input_psnr"], abs=0.01)  # the identity
+    other = evaluate(EvaluateJob(model=str(tmp_path / "dncnn"), data=str(tmp_path / "cbsd3"), noise_sigma=25,
+                                 per_image=True))
+    assert {row["image_id"]: row["input_psnr"] for row in other.per_image} == {name: scores[name] for name in
+                                                                               [path.name for path in files[:3]]}
+    assert other.summary()["input_psnr"] == pytest.approx(table[0]["input_psnr"], abs=1e-9)
