@@ -16,11 +16,17 @@ from dataclasses import dataclass, field, replace
 from pipeline.contract import ImageColumns
 from pipeline.degrade import Degradation
 
-# Rows per model call when the settings do not say. On CPU, larger batches are slower: the
-# activations of 8 BSD68-sized images leave the cache; GPUs want more rows per call
-# (bench/README.md, "Rows per model call").
-CPU_BATCH_SIZE = 4
+# Images (or tiles) per forward pass when the settings do not say. On CPU one at a time, as
+# a plain loop runs them: oneDNN already spreads one image over the cores, and a larger batch
+# only moves activations out of the cache (DnCNN-S on BSD68: 4 per pass ran at 0.41-0.62x of
+# the one-at-a-time loop, 1 per pass 0.93x); GPUs want many (bench/README.md, "Rows per model
+# call"). Only equal shapes share a pass (pipeline/inference.py): batching never pads.
+CPU_BATCH_SIZE = 1
 GPU_BATCH_SIZE = 16
+# Rows decoded, restored and encoded together in one call: enough for the PNG threads to
+# share (decode and encode run on `io_threads`, one row each), bounded in memory by
+# `max_call_megapixels`.
+ROWS_PER_CALL = 8
 
 
 @dataclass(frozen=True)
@@ -29,14 +35,17 @@ class RestoreSettings:
 
     tile: int = 512  # images larger than this are restored tile by tile; memory is bounded by the tile
     tile_overlap: int = 64  # >= 4x the receptive radius keeps tiled == whole (DnCNN-17: radius 17)
-    batch_size: int | None = None  # tiles or same-sized images per forward pass; None: 4 on CPU, 16 on GPU
+    batch_size: int | None = None  # tiles or same-sized images per forward pass; None: 1 on CPU, 16 on GPU
     max_call_megapixels: float = 32.0  # decoded pixels one model call holds; a larger image is a call alone
     device: str = "cpu"  # "cuda" on GPU replicas
     bf16: bool = True  # autocast to bfloat16 where the hardware computes it natively (CUDA; AVX512-BF16/AMX CPUs)
     threads: int | None = None  # torch intra-op threads; None leaves torch's default
-    png_compress_level: int = 3  # lossless either way; 3 is near 6's size at a fraction of its time
-    # Threads that decode and encode the rows of a call (Pillow releases the GIL): a GPU
-    # replica spreads its PNG work over its node's CPUs; None: 1 on CPU, per node on GPU.
+    # zlib level of the output PNGs: lossless at every level; the default is measured
+    # (bench/README.md, "PNG codecs"): the sizes differ by a few percent, the time by 2-3x.
+    png_compress_level: int = 3
+    # Threads that decode and encode the rows of a call (the codecs release the GIL): a GPU
+    # replica spreads its PNG work over its node's CPUs, a CPU replica over its own cores;
+    # None: one (a restore's replicas get theirs from pipeline/restore.py).
     io_threads: int | None = None
     # Rows whose estimated noise sigma (0-255 scale, pipeline/noise.py) is below this are left
     # untouched, status `skipped`; None restores every row (the estimate is recorded either way).
@@ -51,6 +60,8 @@ class RestoreSettings:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.max_call_megapixels <= 0:
             raise ValueError(f"max_call_megapixels must be positive, got {self.max_call_megapixels}")
+        if not 0 <= self.png_compress_level <= 9:
+            raise ValueError(f"png_compress_level must be a zlib level within 0 and 9, got {self.png_compress_level}")
         if self.io_threads is not None and self.io_threads < 1:
             raise ValueError(f"io_threads must be >= 1, got {self.io_threads}")
         if self.skip_below is not None and not self.skip_below >= 0:
@@ -60,10 +71,16 @@ class RestoreSettings:
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
 
     @property
-    def rows_per_call(self) -> int:
+    def rows_per_forward(self) -> int:
+        """Same-shaped images or tiles in one forward pass: `batch_size`, else the device's default."""
         if self.batch_size is not None:
             return self.batch_size
         return CPU_BATCH_SIZE if self.device == "cpu" else GPU_BATCH_SIZE
+
+    @property
+    def rows_per_call(self) -> int:
+        """Rows one restore call decodes, restores and encodes together."""
+        return max(self.rows_per_forward, ROWS_PER_CALL)
 
 
 @dataclass(frozen=True)

@@ -155,19 +155,24 @@ def image_bytes(value, base_dir: str | None = None, max_bytes: int | None = None
     return None, f"unsupported image value of type {type(value).__name__}"
 
 
-def declared_pixels(value) -> int:
-    """The pixel count an encoded image's header declares (reading the header only), or 0
-    when it cannot tell without more (a path to read, bytes that are not an image)."""
+def declared_size(value) -> tuple[int, int] | None:
+    """(width, height) as an encoded image's header declares it (reading the header only),
+    or None when it cannot tell without more (a path to read, bytes that are not an image)."""
     if isinstance(value, dict):
         value = value.get("bytes")
     if not isinstance(value, (bytes, bytearray, memoryview)):
-        return 0
+        return None
     try:
         with Image.open(io.BytesIO(value), formats=ACCEPTED_FORMATS) as image:
-            width, height = image.size
+            return image.size
     except Exception:
-        return 0
-    return width * height
+        return None
+
+
+def declared_pixels(value) -> int:
+    """The pixel count an encoded image's header declares, or 0 when it cannot tell."""
+    size = declared_size(value)
+    return size[0] * size[1] if size else 0
 
 
 def decode(value, limits: DecodeLimits = DecodeLimits(), base_dir: str | None = None) -> Decoded:

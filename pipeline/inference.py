@@ -141,10 +141,10 @@ class ModelRunner:
             for y in rows:
                 for x in columns:
                     jobs[(min(tile, height), min(tile, width))].append((index, y, x))
-        rows_per_call = self.settings.rows_per_call
-        for (ph, pw), placements in jobs.items():
-            for start in range(0, len(placements), rows_per_call):
-                chunk = placements[start : start + rows_per_call]
+        rows_per_forward = self.settings.rows_per_forward
+        for (ph, pw), placements in jobs.items():  # one shape per pass: a batch is never padded
+            for start in range(0, len(placements), rows_per_forward):
+                chunk = placements[start : start + rows_per_forward]
                 pieces = [images[i][:, y : y + ph, x : x + pw] for i, y, x in chunk]
                 for (i, y, x), restored in zip(chunk, self._forward(pieces)):
                     if i not in weights:  # a whole image in one piece: nothing to blend

@@ -43,7 +43,7 @@ from pipeline import raycluster, registry, storage
 from pipeline.config import RestoreSettings
 from pipeline.contract import OUTPUT_COLUMNS, DecodeLimits, ImageColumns
 from pipeline.dataset import PARQUET_COMPRESSION, dataset_files, read_footers
-from pipeline.images import declared_pixels, validate_schema
+from pipeline.images import declared_size, validate_schema
 from pipeline.inference import ImageRestorer
 from pipeline.jobs import Events, RestoreJob
 from pipeline.lease import OutputLease
@@ -366,11 +366,11 @@ class UnitRestorer:
                         out.write_table(self._unreadable_group(parquet, group, error, schema, summary))
                         continue
                     summary["stages"]["read"] += time.perf_counter() - read_started
-                    parts = [self._restore_rows(rows.take(call), schema, summary)
-                             for call in model_calls(rows.column(self.columns.image), self.settings)]
+                    calls = model_calls(rows.column(self.columns.image), self.settings)
+                    parts = [self._restore_rows(rows.take(call), schema, summary) for call in calls]
                     if parts:
                         write_started = time.perf_counter()
-                        out.write_table(pa.concat_tables(parts))
+                        out.write_table(in_row_order(parts, calls))
                         summary["stages"]["write"] += time.perf_counter() - write_started
         summary["stages"]["write"] += max(0.0, time.perf_counter() - started - sum(summary["stages"].values()))
         return {**asdict(unit), "output_etag": writer.stored.etag, "output_size": writer.stored.size,
@@ -431,19 +431,38 @@ class UnitRestorer:
 
 
 def model_calls(images: pa.ChunkedArray, settings: RestoreSettings) -> list[list[int]]:
-    """Row indices per model call: at most `rows_per_call` rows and about
-    `max_call_megapixels` of decoded pixels (read from the image headers), so sixteen
-    64-MP images are sixteen calls, not one; a larger image is a call of its own."""
+    """Row indices per model call, rows of one declared shape together (read from the image
+    headers; rows keep their order within a shape), so that a forward pass of several rows
+    is full and never mixes shapes. A call holds at most `rows_per_call` rows and about
+    `max_call_megapixels` of decoded pixels, so sixteen 64-MP images are sixteen calls,
+    not one; a larger image is a call of its own. The caller puts the rows back in order."""
     limit = settings.max_call_megapixels * 1e6
-    calls, current, pixels = [], [], 0
+    buckets: dict = {}  # declared (width, height), None when unknown -> rows
     for row, value in enumerate(images.to_pylist()):
-        size = declared_pixels(value)
-        if current and (len(current) >= settings.rows_per_call or pixels + size > limit):
-            calls.append(current)
-            current, pixels = [], 0
-        current.append(row)
-        pixels += size
-    return calls + ([current] if current else [])
+        buckets.setdefault(declared_size(value), []).append(row)
+    calls = []
+    for size, rows in buckets.items():
+        pixels_each = size[0] * size[1] if size else 0
+        current: list[int] = []
+        for row in rows:
+            if current and (len(current) >= settings.rows_per_call or (len(current) + 1) * pixels_each > limit):
+                calls.append(current)
+                current = []
+            current.append(row)
+        calls.append(current)
+    return calls
+
+
+def in_row_order(parts: list[pa.Table], calls: list[list[int]]) -> pa.Table:
+    """The restored calls' rows, back in the order of the input rows."""
+    table = pa.concat_tables(parts)
+    order = [row for call in calls for row in call]
+    if order == sorted(order):
+        return table
+    position = [0] * len(order)
+    for place, row in enumerate(order):
+        position[row] = place
+    return table.take(pa.array(position))
 
 
 def image_ids(column: pa.ChunkedArray) -> tuple[list[str], list[str | None]]:
@@ -540,9 +559,10 @@ def replica_settings(job: RestoreJob, resources: dict) -> tuple[int, RestoreSett
         io_threads = job.settings.io_threads or max(1, (raycluster.cpus_per_gpu() or GPU_NODE_CPUS_WHEN_NONE_IS_UP) - 1)
         settings = replace(job.settings, device="cuda", io_threads=io_threads)
         return workers, settings, {"num_gpus": 1, "num_cpus": io_threads}, GPU_UNITS_AT_ONCE
-    # one torch thread per core, so a second unit at once would only contend for it
-    settings = replace(job.settings, device="cpu", threads=job.settings.threads or
-                       max(1, raycluster.physical_cores() // workers))
+    # one torch thread per core, so a second unit at once would only contend for it; as many
+    # PNG threads, which work while the forward pass does not
+    threads = job.settings.threads or max(1, raycluster.physical_cores() // workers)
+    settings = replace(job.settings, device="cpu", threads=threads, io_threads=job.settings.io_threads or threads)
     return workers, settings, {"num_cpus": job.cpus_per_worker}, 1
 
 
@@ -581,6 +601,7 @@ class Run:
         events.log(f"restoring {len(planned.files)} file(s) in {len(pending)} unit(s) ({report.units_skipped} "
                    f"already done), {report.images_total} images, with model {planned.model_version} on {workers} "
                    f"{'GPU' if job.use_gpu else 'CPU'} replica(s) ({settings.rows_per_call} rows per call, "
+                   f"{settings.rows_per_forward} per forward pass, "
                    f"{settings.io_threads or 1} PNG thread(s), {units_at_once} unit(s) at once each); "
                    f"{len(planned.skipped)} file(s) already done")
         if len(pending) < workers:

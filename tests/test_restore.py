@@ -407,9 +407,11 @@ def test_rows_per_model_call_default_to_the_device_and_the_user_wins():
         return replica_settings(RestoreJob("a", "b", "m", **job_fields), {"CPU": 8, "GPU": 1})[1]
 
     cpu, gpu = replicas(), replicas(use_gpu=True, settings=RestoreSettings(io_threads=2))
-    assert (cpu.rows_per_call, gpu.rows_per_call) == (CPU_BATCH_SIZE, GPU_BATCH_SIZE)
+    assert (cpu.rows_per_forward, gpu.rows_per_forward) == (CPU_BATCH_SIZE, GPU_BATCH_SIZE)
     assert CPU_BATCH_SIZE < GPU_BATCH_SIZE
-    assert replicas(use_gpu=True, settings=RestoreSettings(batch_size=2, io_threads=2)).rows_per_call == 2
+    assert cpu.rows_per_call >= cpu.rows_per_forward and gpu.rows_per_call >= gpu.rows_per_forward
+    assert replicas(use_gpu=True, settings=RestoreSettings(batch_size=2, io_threads=2)).rows_per_forward == 2
+    assert replicas(settings=RestoreSettings(batch_size=32)).rows_per_call == 32  # a call holds a whole pass
     args = build_parser().parse_args(["restore", "--input", "a", "--output", "b", "--model", "m"])
     assert args.batch_size is None  # the CLI leaves the choice to the settings, which know the device
     with pytest.raises(ValueError, match="batch_size"):
@@ -685,12 +687,19 @@ def test_a_crashed_run_is_finished_by_redoing_only_its_unfinished_units(s3_serve
     assert_every_row_exactly_once(source, output)
 
 
-def test_a_model_call_is_bounded_by_rows_and_by_pixels():
-    from pipeline.restore import model_calls
+def test_a_model_call_holds_one_shape_bounded_by_rows_and_by_pixels():
+    from pipeline.config import ROWS_PER_CALL
+    from pipeline.restore import in_row_order, model_calls
     from tests.test_images import png_header_only
 
-    small, huge = encode_png(np.zeros((40, 50), np.uint8), "L"), png_header_only(8000, 8000)  # 0.002 and 64 MP
-    images = pa.chunked_array([pa.array([small, small, huge, huge, small, small, small], pa.binary())])
+    wide, tall = encode_png(np.zeros((40, 50), np.uint8), "L"), encode_png(np.zeros((50, 40), np.uint8), "L")
+    huge = png_header_only(8000, 8000)  # 64 MP
+    images = pa.chunked_array([pa.array([wide, tall, huge, huge, wide, tall, wide], pa.binary())])
     calls = model_calls(images, RestoreSettings(batch_size=16, max_call_megapixels=32))
-    assert calls == [[0, 1], [2], [3], [4, 5, 6]]  # each 64 MP image a call of its own
-    assert model_calls(images, RestoreSettings(batch_size=2, max_call_megapixels=1000)) == [[0, 1], [2, 3], [4, 5], [6]]
+    assert calls == [[0, 4, 6], [1, 5], [2], [3]]  # one shape per call; each 64 MP image a call of its own
+    many = pa.chunked_array([pa.array([wide] * (ROWS_PER_CALL + 2), pa.binary())])
+    assert model_calls(many, RestoreSettings(max_call_megapixels=1000)) == [list(range(ROWS_PER_CALL)),
+                                                                            [ROWS_PER_CALL, ROWS_PER_CALL + 1]]
+    rows = pa.table({"image_id": [str(row) for row in range(7)]})
+    parts = [rows.take(call) for call in calls]
+    assert in_row_order(parts, calls)["image_id"].to_pylist() == [str(row) for row in range(7)]
