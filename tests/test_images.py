@@ -227,3 +227,30 @@ def test_validate_schema_names_the_problem():
         images.validate_schema(pa.schema([("image_id", pa.string()), ("image", pa.int64())]))
     with pytest.raises(images.SchemaError, match="no image column 'target'"):
         images.validate_schema(good, need_target=True)
+
+
+@pytest.mark.parametrize("folder, suffix", [("BSD68", ".png"), ("CBSD68", ".png"), ("CBSD432", ".jpg")])
+def test_decode_gives_pillows_pixels_and_every_level_encodes_them_exactly(folder, suffix):
+    """The codecs chosen for speed (pipeline/images.py) against Pillow on the data users
+    have: the same pixels in, and the exact pixels back out of every output PNG."""
+    paths = sorted(p for p in shared_data(folder).iterdir() if p.suffix == suffix)[:3]
+    for path in paths:
+        data = path.read_bytes()
+        decoded = images.decode(data)
+        assert decoded.ok, decoded.error
+        reference = Image.open(io.BytesIO(data))
+        np.testing.assert_array_equal(decoded.pixels, np.asarray(reference))
+        assert decoded.mode == reference.mode
+        for level in (0, 1, 3, 9):
+            png = images.encode_png(decoded.pixels, decoded.mode, compress_level=level)
+            np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png))), decoded.pixels)
+
+
+def test_a_truncated_or_corrupt_png_fails_with_pillows_reason():
+    png = images.encode_png(RGB, "RGB")
+    truncated = images.decode(png[: len(png) // 2])
+    assert not truncated.ok and "truncated" in truncated.error
+    corrupt = bytearray(png)
+    corrupt[len(png) // 2] ^= 0xFF
+    broken = images.decode(bytes(corrupt))
+    assert not broken.ok and broken.error.startswith("cannot decode image")
