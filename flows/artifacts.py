@@ -58,7 +58,8 @@ def sample_restored(output: str, count: int, only: set[str] | None = None,
         if len(rows) >= count:
             break
         restored = read_table(entry["output"])
-        wanted = [name for name in (columns.id, columns.image, columns.target) if name in restored.schema.names]
+        wanted = [name for name in (columns.id, columns.image, columns.target, "noise_sigma")
+                  if name in restored.schema.names]
         restored = restored.select(wanted + ["status"]).append_column("_row", pa.array(range(restored.num_rows)))
         restored = restored.filter(pc.equal(restored.column("status"), "ok")).slice(0, count - len(rows))
         if restored.num_rows == 0:
@@ -71,6 +72,7 @@ def sample_restored(output: str, count: int, only: set[str] | None = None,
                 "before": decode(before[record["_row"]].as_py(), base_dir=input_root).pixels,
                 "after": decode(record[columns.image]).pixels,
                 "target": decode(record[columns.target]).pixels if has_target and record[columns.target] else None,
+                "noise_sigma": record.get("noise_sigma"),  # the input's estimate (pipeline/noise.py)
             })
     return rows
 
@@ -95,11 +97,24 @@ def quality(rows: list[dict]) -> dict:
 def previews_markdown(rows: list[dict]) -> str:
     if not rows:
         return "_no restored images to preview_"
-    lines = ["| image | before | after |", "| --- | --- | --- |"]
+    lines = ["| image | estimated noise sigma | before | after |", "| --- | --- | --- | --- |"]
     for row in rows:
-        lines.append(f"| `{row['image_id']}` | ![before {row['image_id']}]({jpeg_data_uri(row['before'])}) "
+        lines.append(f"| `{row['image_id']}` | {_sigma_text(row.get('noise_sigma'))} "
+                     f"| ![before {row['image_id']}]({jpeg_data_uri(row['before'])}) "
                      f"| ![after {row['image_id']}]({jpeg_data_uri(row['after'])}) |")
     return "\n".join(lines)
+
+
+def per_image_noise_markdown(rows: list[dict]) -> str:
+    """Each sampled image's estimated noise: what a real noisy photograph (no clean
+    reference, e.g. RNI15) says about itself."""
+    lines = ["| image | estimated noise sigma (0-255) |", "| --- | --- |"]
+    lines += [f"| `{row['image_id']}` | {_sigma_text(row.get('noise_sigma'))} |" for row in rows]
+    return "\n".join(lines)
+
+
+def _sigma_text(sigma: float | None) -> str:
+    return "n/a" if sigma is None else f"{sigma:.1f}"
 
 
 def restore_artifacts(report: dict, input_uri: str, model: str, previews: int, sample: int) -> dict:
@@ -127,6 +142,11 @@ def restore_artifacts(report: dict, input_uri: str, model: str, previews: int, s
         f"\n- {report['megapixels']:.1f} MP in {report['seconds']:.1f} s = {report['megapixels_per_s']:.3f} MP/s"
         f"\n- quality: {quality_line}",
         f"## Estimated noise\n{noise_markdown(noise)}",
+        (f"## Estimated noise per image (the first {len(rows)} restored)\n{per_image_noise_markdown(rows)}"
+         if rows else ""),
+        (f"> note: the model is gray: {report['images_per_channel']} colour image(s) were restored one channel at "
+         f"a time, which ignores the correlation between channels; a colour model restores them jointly"
+         if report.get("images_per_channel") else ""),
         f"## Failed rows\n{failures}" if failures else "",
         f"## Before / after\n{previews_markdown(rows[:previews])}",
     ]))

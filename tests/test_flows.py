@@ -250,3 +250,33 @@ def test_the_training_chart_draws_loss_and_validation_per_epoch():
     nothing_yet = training_chart([{"epoch": 1, "loss": None, "val_score": None}])
     empty = np.asarray(Image.open(io.BytesIO(base64.b64decode(nothing_yet.split(",", 1)[1]))).convert("RGB")).astype(int)
     assert (abs(empty - (40, 90, 200)).sum(axis=2) < 30).sum() == 0
+
+
+def test_restoring_real_noisy_colour_photos_shows_previews_and_each_images_noise(prefect_api, ray_local, s3_prefix,
+                                                                                  tmp_path):
+    """RNI15 (real noisy photographs, no clean reference) through a colour model: the
+    summary artifact shows before/after previews and every image's noise estimate."""
+    import re
+
+    import torch
+
+    from flows.flows import restore_flow
+
+    ingest(str(shared_data("RNI15")), s3_prefix + "/rni15", rows_per_file=8, progress=False)
+    torch.manual_seed(0)
+    save_model(str(tmp_path / "colour"), build_model("resnet", channels=3, blocks=1, width=8, unshuffle=2))
+    state = restore_flow(input=s3_prefix + "/rni15", output=s3_prefix + "/restored", model=str(tmp_path / "colour"),
+                         workers=2, batch_size=2, previews=3, return_state=True)
+    report = state.result()
+    assert (report["images_ok"], report["images_failed"], report["images_per_channel"]) == (15, 0, 0)
+    found = {artifact.key: artifact for artifact in artifacts_of(flow_run_tree(state.state_details.flow_run_id))}
+    summary = found["restore-summary"].data
+    assert summary.count("data:image/jpeg;base64,") == 6  # 3 previews, before and after
+    assert "no clean reference in this dataset" in summary and "channel at a time" not in summary
+    section = summary.split("## Estimated noise per image (the first 15 restored)")[1].split("##")[0]
+    estimates = dict(re.findall(r"\| `([^`]+)` \| ([0-9.]+) \|", section))
+    assert len(estimates) == 15 and "Bears.png" in estimates
+    # Each photograph's own reading (Pattern2 ~35, Dog ~17, Audrey_Hepburn ~0: grain that is not white noise)
+    assert float(estimates["Pattern2.png"]) > 25 and float(estimates["Dog.png"]) > 10
+    previews = summary.split("## Before / after")[1]
+    assert re.search(r"\| `[^`]+` \| [0-9.]+ \| !\[before", previews)  # each preview row carries its estimate
