@@ -102,7 +102,7 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
                        help="images larger than this are restored tile by tile (memory is bounded by the tile)")
     group.add_argument("--tile-overlap", type=int, default=RestoreSettings.tile_overlap,
                        help="pixels tiles overlap by; >= 4x the network's receptive radius keeps tiles seamless")
-    group.add_argument("--batch-size", type=int, help="rows (or tiles) per model call; default: 4 on CPU, 16 on GPU")
+    group.add_argument("--batch-size", type=int, help="same-shaped images (or tiles) per forward pass; default: 1 on CPU, 16 on GPU")
 
 
 def settings_from(args) -> RestoreSettings:

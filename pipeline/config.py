@@ -40,9 +40,9 @@ class RestoreSettings:
     device: str = "cpu"  # "cuda" on GPU replicas
     bf16: bool = True  # autocast to bfloat16 where the hardware computes it natively (CUDA; AVX512-BF16/AMX CPUs)
     threads: int | None = None  # torch intra-op threads; None leaves torch's default
-    # zlib level of the output PNGs: lossless at every level; the default is measured
-    # (bench/README.md, "PNG codecs"): the sizes differ by a few percent, the time by 2-3x.
-    png_compress_level: int = 3
+    # zlib level of the output PNGs, lossless at every level: 1 encodes restored images in
+    # 0.6-0.8x of level 3's time for 1-2% more bytes (bench/README.md, "PNG codecs")
+    png_compress_level: int = 1
     # Threads that decode and encode the rows of a call (the codecs release the GIL): a GPU
     # replica spreads its PNG work over its node's CPUs, a CPU replica over its own cores;
     # None: one (a restore's replicas get theirs from pipeline/restore.py).
