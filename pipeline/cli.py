@@ -323,7 +323,7 @@ def add_commands(commands) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the id hash")
     add_common_flags(p)
 
-    presets = "\n".join(f"  {name:<12} {preset_summary(name)}" for name in TRAIN_PRESETS)
+    presets = "\n".join(f"  {name:<16} {preset_summary(name)}" for name in TRAIN_PRESETS)
     p = command(commands, "train", "train a residual model with Ray Train and publish it to a model registry",
                 "  resflow train --data s3://resflow/train --val-data s3://resflow/val --registry s3://resflow/models\n"
                 "  RAY_ADDRESS=http://head:8265 resflow train ... --preset dncnn-paper --workers 8 --gpu\n"
