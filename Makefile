@@ -27,6 +27,8 @@ e2e: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.cli_help
+	$(BIN)/python -m bench.loop_bench
+	OMP_NUM_THREADS=1 $(BIN)/python -m bench.png_codecs
 	$(BIN)/python -m bench.restore_bench
 	OMP_NUM_THREADS=1 $(BIN)/python -m bench.noise_estimate
 
