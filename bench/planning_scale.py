@@ -29,7 +29,8 @@ from pipeline.jobs import RestoreJob
 from pipeline.manifest import SNAPSHOT, Manifest
 from pipeline.modelio import load_model, save_model
 from pipeline.models import build_model
-from pipeline.restore import output_recipe, plan
+from pipeline.restore import plan
+from pipeline.restore.records import FileEntry, output_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,11 +76,10 @@ def run(root: str, files: int, threads: int) -> dict:
     entries = {}
     for info in inputs:
         key = storage.relative_path(root + "/in", info.uri)
-        entries[key] = {"input": info.uri, "input_etag": info.etag, "input_size": info.size,
-                        "output": outputs[key].uri, "output_etag": outputs[key].etag,
-                        "output_size": outputs[key].size, "model_version": version, "recipe": output_recipe(job),
-                        "rows": 1, "ok": 1,
-                        "failed": 0, "finished": "2026-12-01T02:00:00+00:00"}
+        entries[key] = FileEntry(input=info.uri, input_etag=info.etag, input_size=info.size,
+                                 output=outputs[key].uri, output_etag=outputs[key].etag,
+                                 output_size=outputs[key].size, model_version=version, recipe=output_recipe(job),
+                                 rows=1, ok=1, failed=0, skipped=0, finished="2026-12-01T02:00:00+00:00").to_json()
     snapshot = json.dumps(entries, sort_keys=True).encode()
     manifest = Manifest(root + "/out")
     write_s, _ = timed(lambda: storage.write_bytes(storage.join(manifest.folder, SNAPSHOT), snapshot))

@@ -13,11 +13,11 @@ from __future__ import annotations
 import json
 import sys
 
+from flows import FLOW_NAMES
 from local import cli as local_cli
 from pipeline import cli as pipeline_cli
 from pipeline.cli import add_json_flag, command
 
-FLOW_NAMES = ("nightly", "restore", "train", "evaluate", "challenge")  # flows.flows.FLOWS, without importing Prefect
 
 
 def run_deploy(args) -> int:

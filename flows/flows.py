@@ -22,7 +22,7 @@ import sys
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from flows import artifacts, raybridge, tasks
+from flows import FLOW_NAMES, artifacts, raybridge, tasks
 from pipeline.config import RestoreSettings, train_preset
 from pipeline.jobs import EvaluateJob, RestoreJob, TrainJob
 
@@ -180,5 +180,4 @@ def _summary_markdown(record: dict) -> str:
     return "\n".join(lines)
 
 
-FLOWS = {"nightly": nightly_flow, "restore": restore_flow, "train": train_flow, "evaluate": evaluate_flow,
-         "challenge": challenge_flow}
+FLOWS = {name: globals()[f"{name}_flow"] for name in FLOW_NAMES}

@@ -130,3 +130,8 @@ def format_sigma_table(results: list[dict]) -> str:
 def _dataset_name(uri: str) -> str:
     """The last part of a dataset's URI: what a table row calls it."""
     return uri.rstrip("/").rsplit("/", 1)[-1] or uri
+
+
+def run(job: EvaluateJob, events: Events) -> dict:
+    """The step contract (pipeline/steps.py): the evaluation as JSON-ready data."""
+    return evaluate(job, events).to_dict(per_image=job.per_image)

@@ -9,7 +9,7 @@ channel by channel, which ignores the correlation between channels (the run says
 restore -> encode), a bad row becoming `failed` with its reason and a row that needs
 nothing (too small, or less noisy than `skip_below`) `skipped` with its input bytes.
 Neither knows about Ray or storage:
-`restore.UnitRestorer`, the callable class that Ray Data runs in an actor pool, calls `ImageRestorer` on the rows of each file; a plain loop can too.
+`restore.replica.UnitRestorer`, the callable class that Ray Data runs in an actor pool, calls `ImageRestorer` on the rows of each file; a plain loop can too.
 
 Tiling: an image larger than `tile` is cut into tiles that overlap by `tile_overlap`
 pixels. Each tile's output is weighted by a ramp that is zero within overlap/4 of an

@@ -75,7 +75,10 @@ STEPS = {"train": TrainJob, "evaluate": EvaluateJob, "restore": RestoreJob}
 
 
 def step_of(job) -> str:
-    return next(name for name, kind in STEPS.items() if isinstance(job, kind))
+    for name, kind in STEPS.items():
+        if isinstance(job, kind):
+            return name
+    raise TypeError(f"not a resflow job: {type(job).__name__}; expected one of {sorted(STEPS)}")
 
 
 def job_to_json(job) -> str:

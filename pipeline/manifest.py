@@ -13,7 +13,7 @@ folds entries and batches into the snapshot and deletes them, so planning the ne
 reads one object plus the few written since, not one object per file.
 
 An entry is evidence, not truth: the restore trusts it only while the output it names
-still exists with the recorded ETag and size (pipeline/restore.py, `plan`).
+still exists with the recorded ETag and size (pipeline/restore/records.py, `FileEntry.vouches_for`).
 """
 
 from __future__ import annotations

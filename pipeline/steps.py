@@ -10,16 +10,14 @@ and an exit status that says what kind of failure it was.
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 from pipeline.jobs import (
     EXIT_REJECTED,
     EXIT_STATUS,
-    EvaluateJob,
     Events,
     JsonLinesEvents,
-    RestoreJob,
-    TrainJob,
     emit,
     failure_kind,
     job_from_json,
@@ -30,24 +28,14 @@ USAGE = ("usage: python -m pipeline.steps JOB_JSON\n"
          "  runs one train, evaluate or restore job (pipeline/jobs.py) given as JSON: JSON-line events\n"
          "  on stdout, the result last; exit status 0 done, 2 rejected as given, 75 busy (another run\n"
          "  holds the output), 1 failed")
+# Where each step of jobs.STEPS lives: every one exports `run(job, events) -> dict`, its
+# result as JSON-ready data. Imported when the step runs, so the CLI starts without torch or Ray.
+STEP_MODULES = {"train": "pipeline.train", "evaluate": "pipeline.evaluate", "restore": "pipeline.restore"}
 
 
 def run_step(job, events: Events | None = None) -> dict:
     """Run a train, evaluate or restore job in this process; returns its result."""
-    events = events or Events()
-    if isinstance(job, RestoreJob):
-        from pipeline.restore import restore_dataset
-
-        return restore_dataset(job, events).to_dict()
-    if isinstance(job, EvaluateJob):
-        from pipeline.evaluate import evaluate
-
-        return evaluate(job, events).to_dict(per_image=job.per_image)
-    if isinstance(job, TrainJob):
-        from pipeline.train import train
-
-        return train(job, events).summary()
-    raise TypeError(f"not a resflow job: {type(job).__name__}")
+    return importlib.import_module(STEP_MODULES[step_of(job)]).run(job, events or Events())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -680,3 +680,7 @@ def train(job: TrainJob, events: Events | None = None, hooks: TrainHooks | None 
                        storage.join(storage_path, run_name), history, int(final.get("restarts", 0)),
                        int(final.get("resumed_from", 0)))
 
+
+def run(job: TrainJob, events: Events) -> dict:
+    """The step contract (pipeline/steps.py): the training summary as JSON-ready data."""
+    return train(job, events).summary()

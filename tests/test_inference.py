@@ -116,7 +116,7 @@ def test_cpu_forward_passes_reuse_freed_activation_memory(model_dir):
 
 
 def test_io_threads_and_concurrent_calls_return_each_call_whole(model_dir):
-    """How a GPU replica runs (restore.py): PNG work on several threads, two calls at once.
+    """How a GPU replica runs (pipeline/restore/replica.py): PNG work on several threads, two calls at once.
     Each call still returns its own rows, in order, equal to one thread's, and bad rows
     still fail alone."""
     from concurrent.futures import ThreadPoolExecutor

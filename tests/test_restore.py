@@ -401,7 +401,7 @@ def test_ray_workers_allocate_arrow_memory_with_the_system_allocator(ray_local):
 def test_rows_per_model_call_default_to_the_device_and_the_user_wins():
     from pipeline.cli import build_parser
     from pipeline.config import CPU_BATCH_SIZE, GPU_BATCH_SIZE
-    from pipeline.restore import replica_settings
+    from pipeline.restore.driver import replica_settings
 
     def replicas(**job_fields) -> RestoreSettings:
         return replica_settings(RestoreJob("a", "b", "m", **job_fields), {"CPU": 8, "GPU": 1})[1]
@@ -439,14 +439,14 @@ class _SlowResults:
 
 def test_watchdog_waits_while_rows_are_restored_and_stops_when_they_are_not(monkeypatch):
     """A file can take minutes; the watchdog counts the replicas' restored rows, not files."""
-    from pipeline import restore
+    from pipeline.restore import driver
 
-    monkeypatch.setattr(restore, "PROGRESS_POLL_S", 0.05)
+    monkeypatch.setattr(driver, "PROGRESS_POLL_S", 0.05)
     clock = time.monotonic()
     rising = lambda: int((time.monotonic() - clock) * 100)  # noqa: E731  rows keep coming
-    results = restore._batches_with_watchdog(_SlowResults(1.5), 0.5, lambda: "somewhere", rising)
+    results = driver.batches_with_watchdog(_SlowResults(1.5), 0.5, lambda: "somewhere", rising)
     assert list(results) == ["file done"]  # 3x the stall timeout before the file finished: no stall
-    stuck = restore._batches_with_watchdog(_SlowResults(30), 0.5, lambda: "at row 7", lambda: 7)
+    stuck = driver.batches_with_watchdog(_SlowResults(30), 0.5, lambda: "at row 7", lambda: 7)
     started = time.monotonic()
     with pytest.raises(StallError, match="no restored rows for 0 s: at row 7"):
         list(stuck)
@@ -568,10 +568,11 @@ def test_resflow_restore_runs_local_ray_without_its_dashboard(monkeypatch):
     import sys
 
     from pipeline import cli, raycluster, restore
+    from pipeline.restore import driver
 
     asked = {}
     monkeypatch.setattr(raycluster, "connect", lambda dashboard=True, **_: asked.update(ray_dashboard=dashboard))
-    monkeypatch.setattr(restore, "restore_dataset", lambda job, events=None: restore.RestoreReport(job.output, "v1"))
+    monkeypatch.setattr(driver, "restore_dataset", lambda job, events=None: restore.RestoreReport(job.output, "v1"))
     assert cli.main(["restore", "--input", "a", "--output", "b", "--model", "m"]) == 0
     assert asked == {"ray_dashboard": False}
     monkeypatch.undo()
@@ -689,7 +690,7 @@ def test_a_crashed_run_is_finished_by_redoing_only_its_unfinished_units(s3_serve
 
 def test_a_model_call_holds_one_shape_bounded_by_rows_and_by_pixels():
     from pipeline.config import ROWS_PER_CALL
-    from pipeline.restore import in_row_order, model_calls
+    from pipeline.restore.replica import in_row_order, model_calls
     from tests.test_images import png_header_only
 
     wide, tall = encode_png(np.zeros((40, 50), np.uint8), "L"), encode_png(np.zeros((50, 40), np.uint8), "L")

@@ -1,0 +1,317 @@
+"""The driver: one restore run holding the output's lease.
+
+It plans (planning.py), hands the units to an actor pool of replicas (replica.py),
+records each finished unit of a multi-unit file (`_resflow/units/`) and each finished
+file in the manifest (`_resflow/manifest/`), starts the assembly of a multi-unit file
+once its last part is done (assembly.py), and watches for a pipeline that stopped moving.
+It only plans, records and watches: image bytes never pass through it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import queue
+import threading
+import time
+from dataclasses import asdict, replace
+
+from pipeline import raycluster, storage
+from pipeline.config import RestoreSettings
+from pipeline.jobs import Events, RestoreJob
+from pipeline.lease import OutputLease
+from pipeline.manifest import Manifest
+from pipeline.restore.assembly import ASSEMBLY_CPUS, assemble
+from pipeline.restore.planning import FilePlan, plan
+from pipeline.restore.records import FileEntry, PartRecord, UnitResult, output_recipe
+from pipeline.restore.replica import Progress, UnitRestorer
+from pipeline.restore.report import RestoreReport
+
+# A GPU replica's forward pass outruns one core's PNG work many times over: it decodes and
+# encodes on its node's CPUs per GPU but one and restores several units at once, so that
+# their reads, writes and PNG work overlap one another's forward passes (bench/README.md).
+GPU_UNITS_AT_ONCE = 4
+GPU_NODE_CPUS_WHEN_NONE_IS_UP = 8  # infra/k8s's GPU workers: the autoscaler starts them on demand
+MAX_BLOCKS = 10_000  # Ray Data blocks (a unit each, up to this many; then several units a block)
+PROGRESS_POLL_S = 5.0  # how often the driver asks whether rows are still being restored
+# The driver records what finished in batches, one PUT every few seconds whatever the files
+# per second; a crash loses at most these seconds of records (their files are redone).
+RECORD_EVERY_S = 3.0
+
+
+class StallError(RuntimeError):
+    """The pipeline delivered no rows for longer than the stall timeout."""
+
+
+def replica_settings(job: RestoreJob, resources: dict) -> tuple[int, RestoreSettings, dict, int]:
+    """How many replicas, the settings each runs with, its Ray resources, and how many
+    units it restores at once: derived from the job and what the cluster offers."""
+    workers = job.workers or (max(1, int(resources.get("GPU", 1))) if job.use_gpu
+                              else max(1, int(resources.get("CPU", 2) // 2)))
+    if job.use_gpu:
+        io_threads = job.settings.io_threads or max(1, (raycluster.cpus_per_gpu() or GPU_NODE_CPUS_WHEN_NONE_IS_UP) - 1)
+        settings = replace(job.settings, device="cuda", io_threads=io_threads)
+        return workers, settings, {"num_gpus": 1, "num_cpus": io_threads}, GPU_UNITS_AT_ONCE
+    # one torch thread per core, so a second unit at once would only contend for it; as many
+    # PNG threads, which work while the forward pass does not
+    threads = job.settings.threads or max(1, raycluster.physical_cores() // workers)
+    settings = replace(job.settings, device="cpu", threads=threads, io_threads=job.settings.io_threads or threads)
+    return workers, settings, {"num_cpus": job.cpus_per_worker}, 1
+
+
+def batches_with_watchdog(dataset, stall_timeout_s: float, where, rows_restored=lambda: -1):
+    """Iterate the dataset in a thread; raise StallError when for `stall_timeout_s` neither a
+    result arrives nor `rows_restored()` (polled every PROGRESS_POLL_S while waiting) grows.
+    Leaving early (a stall, an error) tells the thread to close the iterator, which shuts
+    Ray Data's execution down once the thread wakes."""
+    channel: queue.Queue = queue.Queue(maxsize=2)
+    finished = object()
+    stop = threading.Event()
+
+    def pump():
+        try:
+            for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+                if stop.is_set():
+                    return
+                channel.put(batch)
+            channel.put(finished)
+        except BaseException as error:  # surfaces in the caller
+            channel.put(error)
+
+    thread = threading.Thread(target=pump, name="resflow-restore-results", daemon=True)
+    thread.start()
+    last_progress, last_rows = time.monotonic(), rows_restored()
+    try:
+        while True:
+            try:
+                item = channel.get(timeout=min(stall_timeout_s, PROGRESS_POLL_S))
+            except queue.Empty:
+                rows = rows_restored()
+                if rows > last_rows:
+                    last_progress, last_rows = time.monotonic(), rows
+                elif time.monotonic() - last_progress >= stall_timeout_s:
+                    raise StallError(f"no restored rows for {stall_timeout_s:.0f} s: {where()}. The pipeline is "
+                                     f"stuck (a lost node, a hung storage call?); this run is abandoned, finished "
+                                     f"files and units are kept, and a rerun restores the rest") from None
+                continue
+            if item is finished:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            last_progress = time.monotonic()
+            yield item
+    finally:
+        stop.set()
+        while not channel.empty():  # unblock a pump waiting on a full queue
+            channel.get_nowait()
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class Run:
+    """One restore run holding the output's lease: plan, dispatch units, record what
+    finishes, assemble multi-unit files, watch for stalls."""
+
+    def __init__(self, job: RestoreJob, lease: OutputLease, events: Events):
+        self.job, self.lease, self.events = job, lease, events
+        self.recipe = output_recipe(job)
+        self.manifest = Manifest(job.output, "manifest")
+        self.units_manifest = Manifest(job.output, "units")
+        self.unrecorded: dict[str, dict] = {"manifest": {}, "units": {}}  # records not yet stored
+        self.recorded_at = time.monotonic()
+        self.started = time.time()
+
+    def execute(self) -> RestoreReport:
+        import ray
+        import ray.data
+
+        job, events = self.job, self.events
+        planned = plan(job)
+        self.files = {file.key: file for file in planned.files}
+        report = self.report = RestoreReport(job.output, planned.model_version,
+                                             files_total=len(planned.files) + len(planned.skipped),
+                                             files_skipped=len(planned.skipped))
+        if not planned.files:
+            events.log(f"nothing to restore: all {len(planned.skipped)} input file(s) are done for model "
+                       f"{planned.model_version}")
+            report.seconds = time.time() - self.started
+            return report
+        pending = [unit for file in planned.files for unit in file.units if unit.index not in file.done]
+        report.units_skipped = sum(len(file.done) for file in planned.files)
+        report.images_total = sum(unit.rows for unit in pending)
+        workers, settings, actor_options, units_at_once = replica_settings(job, raycluster.connect())
+        events.progress(0, report.images_total)
+        events.log(f"restoring {len(planned.files)} file(s) in {len(pending)} unit(s) ({report.units_skipped} "
+                   f"already done), {report.images_total} images, with model {planned.model_version} on {workers} "
+                   f"{'GPU' if job.use_gpu else 'CPU'} replica(s) ({settings.rows_per_call} rows per call, "
+                   f"{settings.rows_per_forward} per forward pass, "
+                   f"{settings.io_threads or 1} PNG thread(s), {units_at_once} unit(s) at once each); "
+                   f"{len(planned.skipped)} file(s) already done")
+        if len(pending) < workers:
+            events.log(f"note: {len(pending)} unit(s) for {workers} replicas: {workers - len(pending)} will idle; "
+                       f"smaller units (unit_rows) spread a few files over more replicas")
+        ray.data.DataContext.get_current().enable_progress_bars = events.interactive
+        self.progress = ray.remote(num_cpus=0)(Progress).remote()
+        self.assembling: dict = {}  # Ray object ref -> file key
+        self.assemble_task = ray.remote(num_cpus=ASSEMBLY_CPUS)(assemble)
+        for file in planned.files:  # every unit done by an earlier run: only the assembly is left
+            if file.units and len(file.done) == len(file.units):
+                self._assemble(file)
+        try:
+            if pending:
+                restored = ray.data.from_items([asdict(unit) for unit in pending],
+                                               override_num_blocks=min(len(pending), MAX_BLOCKS)).map_batches(
+                    UnitRestorer,
+                    fn_constructor_kwargs={"model_uri": planned.model_folder, "settings": settings,
+                                           "columns": job.columns, "limits": job.limits, "base_dir": job.input,
+                                           "progress": self.progress},
+                    batch_size=1, batch_format="pyarrow",
+                    # every replica starts at once (model loads overlap one another); the pool may
+                    # shrink to one when a node is lost, and Ray Data gives its units to another
+                    compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers, initial_size=workers,
+                                                       max_concurrent_calls_per_actor=units_at_once,
+                                                       enable_true_multi_threading=units_at_once > 1),
+                    **actor_options,
+                )
+                for batch in batches_with_watchdog(restored, job.stall_timeout_s, self._where, self._rows_restored):
+                    report.first_rows_seconds = report.first_rows_seconds or time.time() - self.started
+                    for row in batch.to_pylist():
+                        self._record(UnitResult.from_row(row))
+                    self._collect_assemblies(timeout=0)
+                    self._store_records()
+            self._collect_assemblies(timeout=job.stall_timeout_s, all_of_them=True)
+        finally:
+            self._close()
+        if report.files_restored != len(planned.files):
+            raise RuntimeError(f"restore ended early: {report.files_restored} of {len(planned.files)} file(s) "
+                               f"complete; rerun to finish (done files and units are skipped)")
+        report.seconds = time.time() - self.started
+        return report
+
+    def _close(self) -> None:
+        """Whatever ended the run: store what finished, note the units retried, fold the manifests."""
+        import ray
+
+        try:
+            self._store_records(now=True)
+        except Exception as error:
+            self.events.log(f"could not record the last finished work ({error}); a rerun redoes it")
+        try:
+            attempts = ray.get(self.progress.attempts_of.remote(), timeout=PROGRESS_POLL_S)
+            self.report.units_retried = sorted(unit for unit, count in attempts.items() if count > 1)
+        except Exception:  # statistics only
+            pass
+        ray.kill(self.progress)
+        for manifest in (self.manifest, self.units_manifest):
+            try:
+                self.lease.check()
+                manifest.compact()
+            except Exception as error:  # entries stay valid one by one; never mask the run's own error
+                self.events.log(f"{manifest.kind} not compacted ({error}); the next run reads its entries one by one")
+
+    def _rows_restored(self) -> int:
+        import ray
+
+        try:
+            return ray.get(self.progress.total.remote(), timeout=PROGRESS_POLL_S)
+        except Exception:  # an unreachable counter proves nothing either way
+            return -1
+
+    def _where(self) -> str:
+        report = self.report
+        return (f"{report.files_restored}/{len(self.files)} file(s) and {report.units_restored} unit(s) written, "
+                f"{report.images_done} rows in them; the replicas last reported "
+                f"{max(self._rows_restored(), 0)} rows restored")
+
+    def _record(self, result: UnitResult) -> None:
+        """A unit finished: count it, record it, and finish its file when it was the last."""
+        file = self.files[result.key]
+        unit = file.units[result.index]
+        if result.rows != unit.rows:
+            raise RuntimeError(f"{file.info.uri} row groups {unit.first}-{unit.last} had {unit.rows} rows when "
+                               f"planned and {result.rows} when restored: it changed during the run; rerun")
+        self.report.add(result)
+        if unit.count == 1:
+            self._finish(file, result.output_etag, result.output_size, [result])
+        else:
+            file.done[unit.index] = PartRecord(
+                part=unit.target, part_etag=result.output_etag, input_etag=file.info.etag,
+                model_version=self.report.model_version, recipe=self.recipe,
+                rows=result.rows, ok=result.ok, failed=result.failed, skipped=result.skipped)
+            self.unrecorded["units"][unit.name] = file.done[unit.index].to_json()
+            if len(file.done) == len(file.units):
+                self._assemble(file)
+        self.events.progress(self.report.images_done, self.report.images_total)
+
+    def _assemble(self, file: FilePlan) -> None:
+        parts = [unit.target for unit in file.units]
+        self.assembling[self.assemble_task.remote(parts, file.output)] = file.key
+
+    def _collect_assemblies(self, timeout: float, all_of_them: bool = False) -> None:
+        import ray
+
+        deadline = time.monotonic() + timeout
+        while self.assembling:
+            left = max(0.0, deadline - time.monotonic())
+            ready, _ = ray.wait(list(self.assembling), num_returns=1, timeout=left if all_of_them else 0)
+            if not ready:
+                if all_of_them:
+                    raise StallError(f"assembling {len(self.assembling)} file(s) took longer than {timeout:.0f} s: "
+                                     f"{self._where()}; finished units are kept, and a rerun assembles them")
+                return
+            file = self.files[self.assembling.pop(ready[0])]
+            stored = ray.get(ready[0])
+            self._finish(file, stored.etag, stored.size, list(file.done.values()))
+            for unit in file.units:  # the parts are in the output now; their records and bytes can go
+                self.unrecorded["units"][unit.name] = None
+                try:
+                    storage.delete(unit.target)
+                except Exception as error:  # leftovers are skipped by readers and overwritten by reruns
+                    self.events.log(f"could not clean up {unit.target}: {error}")
+
+    def _finish(self, file: FilePlan, output_etag: str, output_size: int, units: list) -> None:
+        """A file's output is whole: record it in the manifest (`units`: its units' counts)."""
+        rows = sum(unit.rows for unit in units)
+        if rows != file.rows:
+            raise RuntimeError(f"{file.info.uri} had {file.rows} rows when planned and {rows} in its "
+                               f"output: it changed during the run; rerun to restore it again")
+        entry = FileEntry(
+            input=file.info.uri, input_etag=file.info.etag, input_size=file.info.size,
+            output=file.output, output_etag=output_etag, output_size=output_size,
+            model_version=self.report.model_version, recipe=self.recipe, rows=rows,
+            ok=sum(unit.ok for unit in units), failed=sum(unit.failed for unit in units),
+            skipped=sum(unit.skipped for unit in units), finished=_now(), parts=len(file.units))
+        self.unrecorded["manifest"][file.key] = entry.to_json()
+        self.report.files_restored += 1
+        self.report.outputs.append(file.output)
+
+    def _store_records(self, now: bool = False) -> None:
+        """Store what finished since the last time, one batch per manifest, every
+        RECORD_EVERY_S seconds (or `now`); never once another run may own the output."""
+        if not now and time.monotonic() - self.recorded_at < RECORD_EVERY_S:
+            return
+        if any(self.unrecorded.values()):
+            self.lease.check()
+            self.manifest.put_many(self.unrecorded["manifest"])  # files first: a crash in between redoes less
+            self.units_manifest.put_many(self.unrecorded["units"])
+            self.unrecorded = {"manifest": {}, "units": {}}
+        self.recorded_at = time.monotonic()
+
+
+def restore_dataset(job: RestoreJob, events: Events | None = None) -> RestoreReport:
+    """Restore every new or changed input file; `events` hears log lines and progress
+    (images done of images to restore). Starts local Ray when none is connected
+    (raycluster.connect).
+
+    The run holds the output's lease (pipeline/lease.py) from before planning to the end,
+    so a second run on the same output waits or stops instead of writing beside it."""
+    events = events or Events()
+    storage.check_disjoint(job.input, job.output)  # before the lease, which writes under the output
+    with OutputLease(job.output, ttl_s=job.lease_ttl_s, wait_s=job.lease_wait_s, log=events.log) as lease:
+        return Run(job, lease, events).execute()
+
+
+def run(job: RestoreJob, events: Events) -> dict:
+    """The step contract (pipeline/steps.py): the report as JSON-ready data."""
+    return restore_dataset(job, events).to_dict()

@@ -1,0 +1,81 @@
+"""What a restore run reports: counts of files, units and images, speed, and the first failures."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from pipeline.noise import NOISE_BINS, noise_summary
+from pipeline.restore.records import MAX_FAILURES_KEPT, UnitResult
+
+
+@dataclass
+class RestoreReport:
+    output: str
+    model_version: str
+    files_total: int = 0
+    files_restored: int = 0
+    files_skipped: int = 0
+    units_restored: int = 0  # units of work restored by this run
+    units_skipped: int = 0  # units of unfinished files that an earlier run had finished
+    images_total: int = 0  # rows in the units to restore this run
+    images_ok: int = 0
+    images_failed: int = 0
+    images_skipped: int = 0  # left untouched: too small, or less noisy than skip_below
+    images_per_channel: int = 0  # colour images a gray model restored one channel at a time (a colour model would not)
+    # estimated noise sigma of the rows this run read: count per whole sigma, 0-1, 1-2, ...,
+    # the last bin holding everything above (pipeline/noise.py, `noise_summary`)
+    noise_sigma_counts: list = field(default_factory=lambda: [0] * NOISE_BINS)
+    megapixels: float = 0.0
+    seconds: float = 0.0
+    first_rows_seconds: float = 0.0  # start-up: planning, Ray Data and model replicas until the first restored rows
+    rows_by_replica: dict = field(default_factory=dict)  # replica (host:pid) -> rows it restored
+    units_retried: list = field(default_factory=list)  # units restored again after their replica was lost
+    stage_seconds: dict = field(default_factory=dict)  # busy seconds of all replicas per stage: read, decode, ...
+    failures: list = field(default_factory=list)  # first few (image_id, reason)
+    outputs: list = field(default_factory=list)
+
+    @property
+    def megapixels_per_s(self) -> float:
+        return self.megapixels / self.seconds if self.seconds else 0.0
+
+    @property
+    def images_done(self) -> int:
+        return self.images_ok + self.images_failed + self.images_skipped
+
+    def add(self, result: UnitResult) -> None:
+        """Count a unit a replica finished."""
+        self.units_restored += 1
+        self.images_ok += result.ok
+        self.images_failed += result.failed
+        self.images_skipped += result.skipped
+        self.images_per_channel += result.per_channel
+        self.noise_sigma_counts = [a + b for a, b in zip(self.noise_sigma_counts, result.noise_counts)]
+        self.megapixels += result.megapixels
+        self.rows_by_replica[result.replica] = self.rows_by_replica.get(result.replica, 0) + result.rows
+        for stage, seconds in result.stages.items():
+            self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
+        self.failures += [tuple(failure) for failure in result.failures[: MAX_FAILURES_KEPT - len(self.failures)]]
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "megapixels_per_s": self.megapixels_per_s}
+
+
+def format_report(report: dict) -> str:
+    """What `resflow restore` prints without --json (`report`: RestoreReport.to_dict())."""
+    lines = [f"restored {report['files_restored']} file(s) ({report['files_skipped']} already done) in "
+             f"{report['units_restored']} unit(s): {report['images_ok']} ok, {report['images_skipped']} skipped, "
+             f"{report['images_failed']} failed; "
+             f"{report['megapixels']:.1f} MP in {report['seconds']:.1f} s = {report['megapixels_per_s']:.3f} MP/s "
+             f"(first rows after {report['first_rows_seconds']:.1f} s); model {report['model_version']}",
+             f"output: {report['output']}"]
+    noise = noise_summary(report["noise_sigma_counts"])
+    if noise["images"]:
+        lines.append(f"estimated noise sigma: median {noise['median']:.1f} over {noise['images']} images; "
+                     + ", ".join(f"{label}: {count}" for label, count in noise["bins"]))
+    if report.get("images_per_channel"):
+        lines.append(f"note: model {report['model_version']} is gray: {report['images_per_channel']} colour image(s) "
+                     f"were restored one channel at a time, which ignores the correlation between channels; a colour "
+                     f"model (train --preset cpu-color) restores them jointly")
+    for image_id, reason in report["failures"][:10]:
+        lines.append(f"  failed: {image_id}: {reason}")
+    return "\n".join(lines)
