@@ -14,6 +14,8 @@ reads one object plus the few written since, not one object per file.
 
 An entry is evidence, not truth: the restore trusts it only while the output it names
 still exists with the recorded ETag and size (pipeline/restore/records.py, `FileEntry.vouches_for`).
+An object that is not the JSON it should be (truncated, overwritten by hand) vouches for
+nothing: `all` leaves it out, names it in `damaged`, and the next `compact` replaces it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import json
 import posixpath
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pipeline import storage
 
@@ -35,6 +37,7 @@ SNAPSHOT = "snapshot.json"
 class Manifest:
     root: str
     kind: str = "manifest"
+    damaged: list[str] = field(default_factory=list)  # objects the last `all` could not read, with why
 
     @property
     def folder(self) -> str:
@@ -43,11 +46,22 @@ class Manifest:
     def _entry_uri(self, key: str) -> str:
         return storage.join(self.folder, ENTRIES, key + ".json")
 
-    def _read_entry(self, key: str) -> dict | None:
+    def _read_object(self, uri: str) -> dict | None:
+        """A JSON object of this manifest; None when it is gone or damaged (then noted in `damaged`)."""
         try:
-            return json.loads(storage.read_bytes(self._entry_uri(key)))
+            data = json.loads(storage.read_bytes(uri))
         except FileNotFoundError:
             return None
+        except ValueError as error:  # truncated or not JSON (UnicodeDecodeError is one too)
+            self.damaged.append(f"{uri}: not JSON ({error})")
+            return None
+        if not isinstance(data, dict):
+            self.damaged.append(f"{uri}: a JSON {type(data).__name__}, not an object")
+            return None
+        return data
+
+    def _read_entry(self, key: str) -> dict | None:
+        return self._read_object(self._entry_uri(key))
 
     def get(self, key: str) -> dict | None:
         return self.all().get(key)
@@ -56,10 +70,7 @@ class Manifest:
         storage.write_bytes(self._entry_uri(key), json.dumps(record, sort_keys=True).encode())
 
     def _snapshot(self) -> dict[str, dict]:
-        try:
-            return json.loads(storage.read_bytes(storage.join(self.folder, SNAPSHOT)))
-        except FileNotFoundError:
-            return {}
+        return self._read_object(storage.join(self.folder, SNAPSHOT)) or {}
 
     def put_many(self, records: dict[str, dict | None]) -> None:
         """Record many keys with one PUT; a None record removes its key."""
@@ -79,13 +90,15 @@ class Manifest:
     def all(self) -> dict[str, dict]:
         """Every entry: the snapshot, overridden by the entries and then the batches written
         since (in the order they were written)."""
+        self.damaged = []
         entries = self._snapshot()
         for name in self._listed(ENTRIES):
             record = self._read_entry(name[: -len(".json")])
             if record is not None:
                 entries[name[: -len(".json")]] = record
         for name in self._listed(BATCHES):
-            for key, record in json.loads(storage.read_bytes(storage.join(self.folder, BATCHES, name))).items():
+            batch = self._read_object(storage.join(self.folder, BATCHES, name)) or {}
+            for key, record in batch.items():
                 if record is None:
                     entries.pop(key, None)
                 else:
@@ -98,12 +111,13 @@ class Manifest:
 
     def compact(self) -> int:
         """Fold the entries and batches into the snapshot and delete them (one writer at a
-        time: the caller holds the output's lease). Returns how many objects were folded."""
+        time: the caller holds the output's lease), replacing a damaged snapshot. Returns how
+        many objects were folded."""
         folded = [storage.parse(storage.join(self.folder, folder, name)).path
                   for folder in (ENTRIES, BATCHES) for name in self._listed(folder)]
-        if not folded:
-            return 0
         merged = self.all()
+        if not folded and not self.damaged:
+            return 0
         storage.write_bytes(storage.join(self.folder, SNAPSHOT), json.dumps(merged, sort_keys=True).encode())
         fs, _ = storage.fsspec_filesystem(self.folder)
         for chunk in storage.iter_chunks(folded, 1000):  # one DeleteObjects request per 1,000 on S3

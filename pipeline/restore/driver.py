@@ -128,6 +128,8 @@ class Run:
 
         job, events = self.job, self.events
         planned = plan(job)
+        for damaged in planned.damaged:
+            events.log(f"unreadable record {damaged}: the work it recorded is done again, and the record replaced")
         self.files = {file.key: file for file in planned.files}
         report = self.report = RestoreReport(job.output, planned.model_version,
                                              files_total=len(planned.files) + len(planned.skipped),

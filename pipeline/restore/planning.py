@@ -62,6 +62,7 @@ class RestorePlan:
     skipped: list[storage.FileInfo]  # done for this model version, outputs unchanged
     model_folder: str
     model_version: str
+    damaged: list[str] = field(default_factory=list)  # records that could not be read: their work is redone
 
     @property
     def todo(self) -> list[storage.FileInfo]:
@@ -137,7 +138,8 @@ def plan(job: RestoreJob) -> RestorePlan:
     model_folder = registry.resolve(job.model)
     _, card = load_model(model_folder)
     recipe = output_recipe(job)
-    entries = Manifest(job.output, "manifest").all()
+    manifest, units_manifest = Manifest(job.output, "manifest"), Manifest(job.output, "units")
+    entries = manifest.all()
     outputs = {storage.relative_path(job.output, info.uri): info for info in existing_files(job.output)}
     todo, skipped = [], []
     for info in dataset_files(job.input):
@@ -148,7 +150,7 @@ def plan(job: RestoreJob) -> RestorePlan:
     footers = read_footers([info for _, info in todo])
     for (_, info), footer in zip(todo, footers):
         validate_schema(footer.schema.to_arrow_schema(), job.columns, where=info.uri)
-    records = Manifest(job.output, "units").all() if not job.force else {}
+    records = units_manifest.all() if not job.force else {}
     parts = {info.uri: info for info in existing_files(storage.join(job.output, storage.RESFLOW_DIR, "parts"))}
     files = [plan_units(job, key, info, footer, card.version) for (key, info), footer in zip(todo, footers)]
     for file in files:
@@ -157,4 +159,5 @@ def plan(job: RestoreJob) -> RestorePlan:
             if record is not None and record.vouches_for(unit.target, file.info, card.version, recipe,
                                                          parts.get(unit.target)):
                 file.done[unit.index] = record
-    return RestorePlan(files, [info for _, info in skipped], model_folder, card.version)
+    return RestorePlan(files, [info for _, info in skipped], model_folder, card.version,
+                       manifest.damaged + units_manifest.damaged)

@@ -28,10 +28,13 @@ MAX_FAILURES_KEPT = 20  # per unit and per report: the first few reasons, not ev
 
 
 def output_recipe(job: RestoreJob) -> dict:
-    """What decides an output's rows besides the input and the model: the columns restore
-    adds and which rows it leaves untouched. An output or part made under another recipe
-    is redone (a rerun with another --skip-below, or after the output contract grew)."""
-    return {"columns": list(OUTPUT_COLUMNS), "skip_below": job.settings.skip_below}
+    """Everything besides the input and the model that decides an output's rows: which
+    columns hold the id and the image, the decode limits (what fails or is skipped), the
+    columns restore adds and which rows it leaves untouched. An output or part made under
+    another recipe is redone (a rerun with another --image-column or --skip-below, or
+    after the output contract grew)."""
+    return {"columns": list(OUTPUT_COLUMNS), "skip_below": job.settings.skip_below,
+            "id_column": job.columns.id, "image_column": job.columns.image, "limits": asdict(job.limits)}
 
 
 def _from_json(cls, record):

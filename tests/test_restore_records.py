@@ -1,0 +1,84 @@
+"""The restore's ledgers (pipeline/restore/records.py) and what planning makes of them: fast,
+local storage, no Ray."""
+
+from dataclasses import replace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import storage
+from pipeline.contract import DecodeLimits, ImageColumns
+from pipeline.images import encode_png
+from pipeline.jobs import RestoreJob
+from pipeline.manifest import SNAPSHOT, Manifest
+from pipeline.modelio import save_model
+from pipeline.models import build_model
+from pipeline.restore import plan
+from pipeline.restore.records import FileEntry, PartRecord, UnitResult, arrow_schema, output_recipe
+
+
+@pytest.fixture
+def restored_once(tmp_path) -> RestoreJob:
+    """An input file, its output, and a manifest entry that vouches for it (as a finished run leaves them)."""
+    png = encode_png(np.full((16, 16), 128, np.uint8), "L")
+    table = pa.table({"image_id": ["a"], "name": ["first"], "image": pa.array([png], pa.binary()), "other": pa.array([png], pa.binary())})
+    pq.write_table(table, tmp_path / "in.parquet")
+    (tmp_path / "input").mkdir()
+    pq.write_table(table, tmp_path / "input" / "a.parquet")
+    model = str(tmp_path / "model")
+    card = save_model(model, build_model("dncnn", depth=3, width=4), version="v1")
+    job = RestoreJob(input=str(tmp_path / "input"), output=str(tmp_path / "output"), model=model)
+    pq.write_table(table, tmp_path / "output.parquet")
+    storage.write_bytes(storage.join(job.output, "a.parquet"), (tmp_path / "output.parquet").read_bytes())
+    source, output = storage.list_files(job.input)[0], storage.list_files(job.output)[0]
+    entry = FileEntry(input=source.uri, input_etag=source.etag, input_size=source.size, output=output.uri,
+                      output_etag=output.etag, output_size=output.size, model_version=card.version,
+                      recipe=output_recipe(job), rows=1, ok=1, failed=0, skipped=0, finished="2026-12-06T00:00:00")
+    Manifest(job.output).put_many({"a.parquet": entry.to_json()})
+    return job
+
+
+def test_an_entry_vouches_for_its_file_until_the_recipe_changes(restored_once):
+    """What changes the output's rows is in the recipe: the image and id columns and the
+    decode limits as well as skip_below, so a rerun that changes one restores again."""
+    assert [len(plan(restored_once).files), len(plan(restored_once).skipped)] == [0, 1]
+    for changed in (replace(restored_once, columns=ImageColumns(image="other")),
+                    replace(restored_once, columns=ImageColumns(id="name")),
+                    replace(restored_once, limits=DecodeLimits(max_pixels=1000)),
+                    replace(restored_once, settings=replace(restored_once.settings, skip_below=5.0))):
+        assert len(plan(changed).files) == 1, changed
+
+
+@pytest.mark.parametrize("damage", ["truncated batch", "snapshot not JSON", "entry a list"])
+def test_a_damaged_record_never_blocks_a_rerun_and_is_named(restored_once, damage):
+    manifest = Manifest(restored_once.output)
+    if damage == "truncated batch":
+        name = storage.join(manifest.folder, "batches", "00000000000000000001-damaged.json")
+        storage.write_bytes(name, b'{"a.parquet": {"input": "trunc')
+    elif damage == "snapshot not JSON":
+        manifest.compact()  # the entry now lives in the snapshot
+        name = storage.join(manifest.folder, SNAPSHOT)
+        storage.write_bytes(name, b"\x00\xff garbage")
+    else:
+        name = storage.join(manifest.folder, "entries", "b.parquet.json")
+        storage.write_bytes(name, b"[1, 2]")
+    planned = plan(restored_once)  # no exception: the damage is noted, not fatal
+    assert len(planned.files) + len(planned.skipped) == 1
+    assert any(note.startswith(name) for note in planned.damaged), planned.damaged
+    if damage == "snapshot not JSON":
+        assert len(planned.files) == 1  # what it vouched for is done again
+        manifest.compact()  # the next run's compaction replaces it
+        assert manifest.all() == {} and manifest.damaged == []
+
+
+def test_records_travel_as_json_and_arrow_and_a_foreign_record_vouches_for_nothing():
+    record = PartRecord(part="p", part_etag="e", input_etag="i", model_version="v", recipe={}, rows=1, ok=1,
+                        failed=0, skipped=0)
+    assert PartRecord.from_json(record.to_json()) == record
+    assert PartRecord.from_json({**record.to_json(), "unknown": 1}) is None
+    assert FileEntry.from_json({"input": "x"}) is None and FileEntry.from_json(None) is None
+    result = UnitResult("k", 0, replica="h:1", rows=2, failures=[["a", "why"]], stages={"read": 1.5})
+    table = pa.Table.from_pylist([result.__dict__], schema=arrow_schema(UnitResult))
+    assert UnitResult.from_row(table.to_pylist()[0]) == result
