@@ -18,6 +18,7 @@ Pixel arrays keep the input's mode and depth:
     LA       uint8  (H, W, 2)     gray + alpha
     RGB;16   uint16 (H, W, 3)     16-bit colour (PNG, TIFF), which Pillow would cut to 8 bits
     RGBA;16  uint16 (H, W, 4)
+    LA;16    uint16 (H, W, 2)   16-bit gray + alpha
 Palette and 1-bit images are expanded to RGB(A) / L, since a restored image is no longer
 limited to a palette. The EXIF orientation is kept beside the pixels (which stay as
 stored), so the output PNG carries the same tag and a viewer shows it the same way (8-bit
@@ -46,7 +47,7 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a g
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp")
 ACCEPTED_FORMATS = ("PNG", "JPEG", "TIFF", "WEBP", "BMP")  # Pillow's names for the data contract's formats
-SIXTEEN_BIT_MODES = ("I;16", "RGB;16", "RGBA;16")
+SIXTEEN_BIT_MODES = ("I;16", "LA;16", "RGB;16", "RGBA;16")
 EXIF_ORIENTATION = 0x0112
 
 
@@ -72,10 +73,16 @@ class Decoded:
 def is_image_type(data_type: pa.DataType) -> bool:
     if pa.types.is_binary(data_type) or pa.types.is_large_binary(data_type):
         return True
-    if pa.types.is_struct(data_type):
-        names = {data_type.field(i).name for i in range(data_type.num_fields)}
-        return "bytes" in names
+    if pa.types.is_struct(data_type):  # the Hugging Face Image layout: bytes (binary; text fails its rows), path
+        fields = {data_type.field(i).name: data_type.field(i).type for i in range(data_type.num_fields)}
+        return ("bytes" in fields and _is_bytes_or_text(fields["bytes"])
+                and ("path" not in fields or pa.types.is_string(fields["path"]) or pa.types.is_large_string(fields["path"])))
     return False
+
+
+def _is_bytes_or_text(data_type: pa.DataType) -> bool:
+    return any(check(data_type) for check in (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_string,
+                                              pa.types.is_large_string))
 
 
 def validate_schema(schema: pa.Schema, columns: ImageColumns = ImageColumns(), *, need_target: bool = False,
@@ -132,13 +139,17 @@ def image_bytes(value, base_dir: str | None = None, max_bytes: int | None = None
         data = value.get("bytes")
         if isinstance(data, str):
             return None, "the image struct's bytes field holds text, not binary image data"
-        if data is not None:
+        if isinstance(data, (bytes, bytearray, memoryview)):
             return bytes(data), None
+        if data is not None:  # bytes(n) of an integer would allocate n bytes before any limit
+            return None, f"the image struct's bytes field is a {type(data).__name__}, not binary image data"
         path = value.get("path")
         if not path:
             return None, "the image struct has neither bytes nor a path"
         if not isinstance(path, str):
             return None, f"the image struct's path is a {type(path).__name__}, not a string"
+        if "\x00" in path:  # no file system takes one; resolving it would raise for the whole batch
+            return None, f"the image struct's path {path!r} holds a NUL byte"
         if base_dir is None:
             return None, f"the image struct has no bytes and its path {path!r} cannot be resolved here"
         uri = dataset_path(path, base_dir)
@@ -175,6 +186,25 @@ def declared_pixels(value) -> int:
     return size[0] * size[1] if size else 0
 
 
+MAX_FRAMES_COUNTED = 16  # a multi-frame image is refused anyway: its message needs no exact count
+
+
+def frame_count(image: Image.Image) -> int:
+    """How many frames the image holds, counted up to MAX_FRAMES_COUNTED (one more means
+    more). Pillow's `n_frames` walks every page of a TIFF, superlinearly: a TIFF of 64k
+    pages cost 18 s a row (bench/README.md); `is_animated` reads no further than page 2."""
+    if not getattr(image, "is_animated", False):
+        return 1
+    if image.format != "TIFF":
+        return image.n_frames  # PNG, WebP: read from a header chunk
+    for frame in range(1, MAX_FRAMES_COUNTED + 1):
+        try:
+            image.seek(frame)
+        except EOFError:
+            return frame
+    return MAX_FRAMES_COUNTED + 1
+
+
 def decode(value, limits: DecodeLimits = DecodeLimits(), base_dir: str | None = None) -> Decoded:
     data, reason = image_bytes(value, base_dir, limits.max_bytes)
     if data is None:
@@ -191,9 +221,10 @@ def decode(value, limits: DecodeLimits = DecodeLimits(), base_dir: str | None = 
             if width * height > limits.max_pixels:
                 return Decoded(None, error=f"image declares {width}x{height} = {width * height} pixels, over the "
                                            f"limit of {limits.max_pixels} (decompression bomb guard; raise max_pixels to allow it)")
-            frames = getattr(image, "n_frames", 1)
+            frames = frame_count(image)
             if frames > 1:
-                return Decoded(None, error=f"{image.format} image with {frames} frames: resflow restores single "
+                counted = f"more than {MAX_FRAMES_COUNTED}" if frames > MAX_FRAMES_COUNTED else str(frames)
+                return Decoded(None, error=f"{image.format} image with {counted} frames: resflow restores single "
                                            f"images; store each frame as a row of its own")
             fmt = image.format or ""
             orientation = image.getexif().get(EXIF_ORIENTATION)
@@ -219,9 +250,9 @@ def decode(value, limits: DecodeLimits = DecodeLimits(), base_dir: str | None = 
 
 
 def _is_sixteen_bit_colour(image: Image.Image, data: bytes) -> bool:
-    """Pillow opens 16-bit colour PNG and TIFF as 8-bit RGB(A); tell them apart by header."""
+    """Pillow opens 16-bit colour (and gray + alpha) PNG and TIFF as 8-bit RGB(A); tell them apart by header."""
     if image.format == "PNG" and data[12:16] == b"IHDR":
-        return data[24] == 16 and data[25] in (2, 6)  # bit depth, colour type RGB / RGBA
+        return data[24] == 16 and data[25] in (2, 4, 6)  # bit depth, colour type RGB / gray + alpha / RGBA
     if image.format == "TIFF":
         bits = image.tag_v2.get(258) or (8,)
         samples = image.tag_v2.get(277) or 1
@@ -255,6 +286,8 @@ def _decode_sixteen_bit_colour(data: bytes) -> tuple[np.ndarray, str]:
     pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if pixels is None or pixels.dtype != np.uint16 or pixels.ndim != 3 or pixels.shape[2] not in (3, 4):
         raise ValueError("a 16-bit colour image that could not be decoded as 3 or 4 channels")
+    if data[12:16] == b"IHDR" and data[25] == 4:  # gray + alpha, which OpenCV spreads over B, G and R
+        return np.ascontiguousarray(pixels[:, :, [0, 3]]), "LA;16"
     order = [2, 1, 0] if pixels.shape[2] == 3 else [2, 1, 0, 3]  # BGR(A) -> RGB(A)
     return np.ascontiguousarray(pixels[:, :, order]), "RGB;16" if pixels.shape[2] == 3 else "RGBA;16"
 
@@ -283,7 +316,8 @@ def _to_array(image: Image.Image) -> tuple[np.ndarray, str]:
 
 
 # Modes OpenCV writes (as BGR(A) in its channel order): 1.2-1.5x Pillow's speed at the
-# same level, lossless either way (bench/README.md, "PNG codecs"); Pillow writes the rest (LA).
+# same level, lossless either way (bench/README.md, "PNG codecs"); Pillow writes LA, and
+# `_encode_gray_alpha_16` LA;16, which neither writes.
 CV2_PNG_ORDER = {"L": None, "I;16": None, "RGB": [2, 1, 0], "RGBA": [2, 1, 0, 3], "RGB;16": [2, 1, 0],
                  "RGBA;16": [2, 1, 0, 3]}
 
@@ -291,7 +325,9 @@ CV2_PNG_ORDER = {"L": None, "I;16": None, "RGB": [2, 1, 0], "RGBA": [2, 1, 0, 3]
 def encode_png(pixels: np.ndarray, mode: str, compress_level: int = 3, orientation: int | None = None) -> bytes:
     """Lossless PNG in the given mode, carrying an EXIF orientation when given; `compress_level`
     is zlib's (RestoreSettings.png_compress_level says which pays)."""
-    if mode in CV2_PNG_ORDER:
+    if mode == "LA;16":
+        png = _encode_gray_alpha_16(pixels, compress_level)
+    elif mode in CV2_PNG_ORDER:
         import cv2
 
         dtype = np.uint16 if mode in SIXTEEN_BIT_MODES else np.uint8
@@ -309,13 +345,28 @@ def encode_png(pixels: np.ndarray, mode: str, compress_level: int = 3, orientati
     return _with_orientation(png, orientation) if orientation else png
 
 
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def _encode_gray_alpha_16(pixels: np.ndarray, compress_level: int) -> bytes:
+    """16-bit gray + alpha PNG (colour type 4), which neither Pillow nor OpenCV writes:
+    big-endian samples, each scanline unfiltered."""
+    height, width = pixels.shape[:2]
+    samples = np.ascontiguousarray(pixels, dtype=">u2").view(np.uint8).reshape(height, width * 4)  # 2 samples x 2 bytes
+    scanlines = np.concatenate([np.zeros((height, 1), np.uint8), samples], axis=1)  # filter type 0 first
+    header = struct.pack(">IIBBBBB", width, height, 16, 4, 0, 0, 0)  # depth, colour type, compression, filter, interlace
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
+            + _png_chunk(b"IDAT", zlib.compress(scanlines.tobytes(), compress_level)) + _png_chunk(b"IEND", b""))
+
+
 def _with_orientation(png: bytes, orientation: int) -> bytes:
     """Insert an eXIf chunk holding only the orientation tag right after IHDR."""
     exif = Image.Exif()
     exif[EXIF_ORIENTATION] = orientation
     payload = exif.tobytes()
     payload = payload[6:] if payload.startswith(b"Exif\x00\x00") else payload  # PNG stores the bare TIFF header
-    chunk = struct.pack(">I", len(payload)) + b"eXIf" + payload + struct.pack(">I", zlib.crc32(b"eXIf" + payload))
+    chunk = _png_chunk(b"eXIf", payload)
     end_of_header = 8 + 8 + 13 + 4  # signature, IHDR length + type, its 13 bytes, CRC
     return png[:end_of_header] + chunk + png[end_of_header:]
 

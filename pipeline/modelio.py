@@ -23,6 +23,10 @@ from pipeline.models import build_model, model_config
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "model.json"
 FORMAT = "resflow-model/1"
+# A card is data from storage: a network it describes beyond this is refused before any
+# layer is allocated (DnCNN-S has 0.56 M parameters; the largest preset a few million).
+MAX_PARAMETERS = 100_000_000
+SAFETENSORS_HEADER_BYTES = 1 << 20  # room for the weights file's JSON header beside the tensors
 
 
 class ModelLoadError(RuntimeError):
@@ -111,20 +115,46 @@ def read_card(uri: str) -> ModelCard:
     return ModelCard(**card)
 
 
+def weights_bytes(card: ModelCard, card_uri: str) -> int:
+    """How large the card's network's weights are, measured on a network built without
+    memory (torch's meta device); a card asking for more than MAX_PARAMETERS is refused."""
+    try:
+        with torch.device("meta"):
+            network = build_model(card.architecture, **card.config)
+    except (ValueError, TypeError) as error:
+        raise ModelLoadError(f"{card_uri} describes no network resflow can build: {error}") from error
+    tensors = list(network.state_dict().values())
+    parameters = sum(tensor.numel() for tensor in tensors)
+    if parameters > MAX_PARAMETERS:
+        raise ModelLoadError(f"{card_uri} describes a {card.architecture} of {parameters:,} parameters, over the "
+                             f"limit of {MAX_PARAMETERS:,}: refused before allocating it")
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+
+
 def load_model(uri: str, map_location: str | torch.device = "cpu") -> tuple[nn.Module, ModelCard]:
-    """Rebuild the network from model.json and load weights from model.safetensors."""
+    """Rebuild the network from model.json and load weights from model.safetensors: the
+    card must carry the weights' checksum and describe a network of a sane size, and the
+    weights are read no further than that size."""
     card = read_card(uri)
+    card_uri = storage.join(uri, CARD_FILE)
+    if not card.weights_sha256:
+        raise ModelLoadError(f"{card_uri} has no weights_sha256: without it a truncated or swapped weights file "
+                             f"cannot be told apart; save the model again with `resflow train` or save_model")
+    expected = weights_bytes(card, card_uri)
     weights_uri = storage.join(uri, WEIGHTS_FILE)
     try:
-        data = storage.read_bytes(weights_uri)
+        data = storage.read_bytes(weights_uri, max_bytes=expected + SAFETENSORS_HEADER_BYTES)
     except FileNotFoundError as error:
         raise ModelLoadError(f"no {WEIGHTS_FILE} in {uri}") from error
+    except ValueError as error:
+        raise ModelLoadError(f"{weights_uri} is larger than the {expected:,} bytes of weights {CARD_FILE} "
+                             f"describes: refused") from error
     pickled = _looks_pickled(data)
     if pickled:
         raise ModelLoadError(f"{weights_uri} is {pickled}, not safetensors; refusing to load it, since unpickling "
                              f"runs arbitrary code. Convert it where you trust it: "
                              f"safetensors.torch.save_file(torch.load(path, weights_only=True), 'model.safetensors')")
-    if card.weights_sha256 and hashlib.sha256(data).hexdigest() != card.weights_sha256:
+    if hashlib.sha256(data).hexdigest() != card.weights_sha256:
         raise ModelLoadError(f"{weights_uri} does not match the sha256 recorded in {CARD_FILE}: the folder is "
                              f"incomplete or was modified")
     try:

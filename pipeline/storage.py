@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import fcntl
 import functools
 import os
@@ -215,6 +216,14 @@ class FileInfo:
 # Errors that say the request itself is wrong: raised at once, never retried.
 DETERMINISTIC_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError,
                         ValueError, TypeError, KeyError, StorageError)
+# A path no retry can open: too long for the OS, a symbolic link loop, a bad argument.
+DETERMINISTIC_ERRNOS = {errno.ENAMETOOLONG, errno.ELOOP, errno.EINVAL}
+
+
+def _is_transient(error: BaseException) -> bool:
+    if isinstance(error, DETERMINISTIC_ERRORS):
+        return False
+    return not (isinstance(error, OSError) and error.errno in DETERMINISTIC_ERRNOS)
 # One storage operation: jittered exponential backoff from 0.5 s, capped at 16 s per wait,
 # for at most 90 s in all: long enough to ride out a storage server restart.
 OPERATION_BUDGET_S = 90.0
@@ -224,7 +233,7 @@ def retry(operation: Callable, *, what: str = "storage call", budget_s: float | 
     """Run `operation`, retrying transient errors (connection refused, timeouts, 5xx) within
     the operation budget; then raise StorageError naming `what`, with the last error as cause."""
     retrying = tenacity.Retrying(
-        retry=tenacity.retry_if_not_exception_type(DETERMINISTIC_ERRORS),
+        retry=tenacity.retry_if_exception(_is_transient),
         wait=tenacity.wait_exponential_jitter(multiplier=0.5, max=16.0),
         stop=tenacity.stop_after_delay(OPERATION_BUDGET_S if budget_s is None else budget_s),
         reraise=False,

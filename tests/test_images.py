@@ -254,3 +254,78 @@ def test_a_truncated_or_corrupt_png_fails_with_pillows_reason():
     corrupt[len(png) // 2] ^= 0xFF
     broken = images.decode(bytes(corrupt))
     assert not broken.ok and broken.error.startswith("cannot decode image")
+
+
+# --- inputs built to exhaust: each a failed row with its reason, never a stuck or failed job ------
+
+
+def many_page_tiff(pages: int) -> bytes:
+    """A little-endian TIFF of `pages` 1x1 gray pages chained IFD to IFD, all sharing one pixel."""
+    entries = [(256, 3, 1), (257, 3, 1), (258, 3, 8), (259, 3, 1), (262, 3, 1), (273, 4, 8), (278, 3, 1), (279, 4, 1)]
+    ifd_size = 2 + 12 * len(entries) + 4
+    data = bytearray(b"II*\x00" + struct.pack("<I", 9) + b"\x80")  # header, first IFD at 9, the one pixel at 8
+    for page in range(pages):
+        following = 0 if page == pages - 1 else 9 + (page + 1) * ifd_size
+        data += struct.pack("<H", len(entries))
+        for tag, kind, value in entries:
+            data += struct.pack("<HHI", tag, kind, 1) + (struct.pack("<HH", value, 0) if kind == 3 else struct.pack("<I", value))
+        data += struct.pack("<I", following)
+    return bytes(data)
+
+
+def test_a_tiff_of_sixty_thousand_pages_is_refused_after_reading_a_few(monkeypatch):
+    """Pillow's n_frames walks every page (superlinearly: bench/README.md); the decoder looks
+    at no more pages than it needs to say the image has several."""
+    from PIL import TiffImagePlugin
+
+    pages_read = []
+    real_seek = TiffImagePlugin.TiffImageFile._seek
+    monkeypatch.setattr(TiffImagePlugin.TiffImageFile, "_seek",
+                        lambda self, frame: pages_read.append(frame) or real_seek(self, frame))
+    decoded = images.decode(many_page_tiff(60_000), images.DecodeLimits(min_side=1))
+    assert not decoded.ok and "more than 16 frames" in decoded.error
+    assert len(pages_read) <= 2 * images.MAX_FRAMES_COUNTED
+    assert "3 frames" in images.decode(many_page_tiff(3), images.DecodeLimits(min_side=1)).error
+
+
+@pytest.mark.parametrize("value", [10**13, 2.5, True])
+def test_an_image_struct_whose_bytes_are_a_number_fails_its_row_without_allocating(value):
+    data, reason = images.image_bytes({"bytes": value, "path": None})
+    assert data is None and f"bytes field is a {type(value).__name__}" in reason
+    assert not images.is_image_type(pa.struct([("bytes", pa.int64()), ("path", pa.string())]))  # and stops the job
+    assert not images.is_image_type(pa.struct([("bytes", pa.float64())]))
+    assert images.is_image_type(pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+
+
+def test_image_paths_that_no_retry_can_open_fail_their_row_at_once(tmp_path):
+    """A NUL byte, a name longer than the OS allows, a symbolic link loop: the row fails with
+    its reason on the first try (the storage retry budget is for outages, not for bad names)."""
+    (tmp_path / "loop-a").symlink_to(tmp_path / "loop-b")
+    (tmp_path / "loop-b").symlink_to(tmp_path / "loop-a")
+    for path, said in (("a\x00b.png", "NUL byte"), ("x" * 5000 + ".png", "too long"),
+                       ("loop-a", "symbolic links")):
+        decoded = images.decode({"bytes": None, "path": path}, base_dir=str(tmp_path))
+        assert not decoded.ok and said in decoded.error, decoded.error
+        assert "attempts" not in decoded.error  # refused on the first try, not after the retry budget
+
+
+def png_gray_alpha_16(pixels: np.ndarray) -> bytes:
+    """A 16-bit gray + alpha PNG (colour type 4), written by hand as a camera or a scanner would."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    height, width = pixels.shape[:2]
+    raw = b"".join(b"\0" + pixels[row].astype(">u2").tobytes() for row in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 16, 4, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+def test_sixteen_bit_gray_with_alpha_stays_sixteen_bit_gray_with_alpha():
+    pixels = rng.integers(0, 65536, (21, 34, 2), dtype=np.uint16)
+    decoded = images.decode(png_gray_alpha_16(pixels))
+    assert decoded.ok and decoded.mode == "LA;16" and decoded.pixels.dtype == np.uint16
+    np.testing.assert_array_equal(decoded.pixels, pixels)
+    color, alpha = images.to_float(decoded.pixels, decoded.mode)
+    assert color.shape == (21, 34, 1)
+    written = images.encode_png(images.from_float(color, decoded.mode, alpha), decoded.mode)
+    assert (written[24], written[25]) == (16, 4)  # bit depth 16, colour type gray + alpha
+    np.testing.assert_array_equal(images.decode(written).pixels, pixels)

@@ -121,3 +121,25 @@ def test_colour_presets_are_rgb_and_the_card_and_models_show_say_so(tmp_path, ca
                                                                 f"{channels} channel(s)")
         assert main(["models", "show", folder, "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["channels"] == channels
+
+
+def test_a_card_with_absurd_sizes_or_no_checksum_is_refused_before_any_layer_is_built(tmp_path, monkeypatch):
+    import json
+
+    modelio.save_model(str(tmp_path), build_model("resnet", **TINY["resnet"]))
+    card_file = tmp_path / "model.json"
+    card = json.loads(card_file.read_text())
+    built = []
+    monkeypatch.setattr(torch.nn.Conv2d, "reset_parameters", lambda self: built.append(self.weight.device.type))
+    card_file.write_text(json.dumps({**card, "config": {**card["config"], "blocks": 4000, "width": 2048}}))
+    with pytest.raises(modelio.ModelLoadError, match="parameters, over the limit"):
+        modelio.load_model(str(tmp_path))
+    assert set(built) <= {"meta"}  # measured without memory: no real layer was allocated
+    card_file.write_text(json.dumps({**card, "weights_sha256": ""}))
+    with pytest.raises(modelio.ModelLoadError, match="no weights_sha256"):
+        modelio.load_model(str(tmp_path))
+    card_file.write_text(json.dumps(card))
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes() + b"\0" * (2 << 20))  # far more bytes than the card's network holds
+    with pytest.raises(modelio.ModelLoadError, match="larger than the"):
+        modelio.load_model(str(tmp_path))
