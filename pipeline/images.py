@@ -192,7 +192,8 @@ MAX_FRAMES_COUNTED = 16  # a multi-frame image is refused anyway: its message ne
 def frame_count(image: Image.Image) -> int:
     """How many frames the image holds, counted up to MAX_FRAMES_COUNTED (one more means
     more). Pillow's `n_frames` walks every page of a TIFF, superlinearly: a TIFF of 64k
-    pages cost 18 s a row (bench/README.md); `is_animated` reads no further than page 2."""
+    pages cost over a minute a row (bench/README.md, "Inputs built to exhaust"); `is_animated`
+    reads no further than page 2."""
     if not getattr(image, "is_animated", False):
         return 1
     if image.format != "TIFF":
