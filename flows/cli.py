@@ -28,8 +28,9 @@ def run_deploy(args) -> int:
         deploy.serve(args.cron, args.timezone, params, gpu=args.gpu)
         return 0
     ids = deploy.deploy(args.work_pool, args.cron, args.timezone, params, source=args.source or deploy.REPO,
-                        paused=args.paused, gpu=args.gpu)
-    alerts = deploy.ensure_alerts(args.notify_url, args.overdue_minutes) if args.notify_url else []
+                        paused=args.paused, gpu=args.gpu, name_suffix=args.name_suffix)
+    alerts = (deploy.ensure_alerts(args.notify_url, args.overdue_minutes, name_suffix=args.name_suffix)
+              if args.notify_url else [])
     summary = {"deployments": ids, "cron": args.cron, "timezone": args.timezone, "paused": args.paused,
                "work_pool": args.work_pool, "alerts": alerts}
     text = [f"deployment {name}: {deployment_id}" for name, deployment_id in ids.items()]
@@ -69,6 +70,9 @@ def add_commands(commands) -> None:
             p.add_argument("--work-pool", default="resflow", help="created as a process pool when missing")
             p.add_argument("--source", help="folder holding flows/ where the worker runs (default: this checkout)")
             p.add_argument("--paused", action="store_true", help="register the schedule paused")
+            p.add_argument("--name-suffix", default="", metavar="S",
+                           help="deployments resflow-<flow>-S and alerts of their own: another installation "
+                                "on the same Prefect server (infra/k8s dev: --name-suffix dev)")
             p.add_argument("--notify-url", metavar="URL",
                            help="a webhook that hears when a nightly run fails, crashes or runs too long")
             p.add_argument("--overdue-minutes", type=float, default=360,

@@ -37,8 +37,10 @@ DEFAULT_CRON = "0 2 * * *"  # 02:00 every night
 SCHEDULED = "nightly"  # the other flows are deployed without a schedule, to run from the UI
 
 
-def deployment_name(flow_key: str) -> str:
-    return f"resflow-{flow_key}"
+def deployment_name(flow_key: str, suffix: str = "") -> str:
+    """`resflow-<flow>`, and `-<suffix>` when one Prefect server holds several installations
+    (infra/k8s: dev deploys with `--name-suffix dev`, so it never replaces prod's deployments)."""
+    return f"resflow-{flow_key}" + (f"-{suffix}" if suffix else "")
 
 
 # The GPU cluster's defaults (`--gpu`); a --param given by hand wins over them.
@@ -68,12 +70,12 @@ def parse_params(pairs: list[str], flows: dict = FLOWS) -> dict:
     return params
 
 
-def _deployments(cron: str, timezone: str, parameters: dict | None, paused: bool, gpu: bool):
+def _deployments(cron: str, timezone: str, parameters: dict | None, paused: bool, gpu: bool, suffix: str = ""):
     """(flow, deployment name, schedules, default parameters) for every flow."""
     for key, flow in FLOWS.items():
         defaults = {**(GPU_PARAMETERS.get(key, {}) if gpu else {}), **(parameters or {})}
         accepted = {name: value for name, value in defaults.items() if name in flow.parameters.properties}
-        yield flow, deployment_name(key), _schedules(key, cron, timezone, paused), accepted
+        yield flow, deployment_name(key, suffix), _schedules(key, cron, timezone, paused), accepted
 
 
 ALERT_BLOCK = "resflow-nightly-alerts"  # the notification block's name
@@ -82,9 +84,18 @@ TERMINAL_EVENTS = {"prefect.flow-run.Completed", "prefect.flow-run.Failed", "pre
                    "prefect.flow-run.Cancelled"}
 
 
-def ensure_alerts(notify_url: str, overdue_minutes: float = 360.0, flow_name: str = "resflow-nightly") -> list[str]:
+def alert_names(suffix: str = "") -> tuple[str, tuple[str, str]]:
+    """The notification block's name and the automations' names of one installation."""
+    tail = f"-{suffix}" if suffix else ""
+    return ALERT_BLOCK + tail, (ALERTS[0] + tail, ALERTS[1] + tail)
+
+
+def ensure_alerts(notify_url: str, overdue_minutes: float = 360.0, flow_name: str = "resflow-nightly",
+                  name_suffix: str = "") -> list[str]:
     """(Re)create the automations that say when a nightly run goes wrong; returns their ids.
-    They match every run of the nightly flow, from any deployment or by hand."""
+    They match every run of the nightly flow, from any deployment or by hand; with a
+    `name_suffix` (one installation among several on one server) they have names of their own
+    and match only runs of that installation's nightly deployment."""
     from datetime import timedelta
 
     from prefect.blocks.notifications import CustomWebhookNotificationBlock
@@ -94,18 +105,20 @@ def ensure_alerts(notify_url: str, overdue_minutes: float = 360.0, flow_name: st
 
     block = CustomWebhookNotificationBlock(name="resflow nightly", url=notify_url,
                                            json_data={"text": "{{subject}}", "body": "{{body}}"})
-    block_id = block.save(ALERT_BLOCK, overwrite=True)
-    of_the_flow = {"prefect.resource.role": "flow", "prefect.resource.name": flow_name}
+    block_name, names = alert_names(name_suffix)
+    block_id = block.save(block_name, overwrite=True)
+    of_the_flow = ({"prefect.resource.role": "deployment", "prefect.resource.name": deployment_name(SCHEDULED, name_suffix)}
+                   if name_suffix else {"prefect.resource.role": "flow", "prefect.resource.name": flow_name})
     notify = SendNotification(
         block_document_id=block_id,
         subject="resflow: nightly run {{ flow_run.name }} is {{ flow_run.state.name }}",
         body="Flow run {{ flow_run.name }} ({{ flow_run.id }}) of {{ flow.name }}: state {{ flow_run.state.name }}, "
              "{{ flow_run.state.message }}")
     automations = [
-        AutomationCore(name=ALERTS[0], description="a nightly run failed or crashed", actions=[notify],
+        AutomationCore(name=names[0], description="a nightly run failed or crashed", actions=[notify],
                        trigger=EventTrigger(expect={"prefect.flow-run.Failed", "prefect.flow-run.Crashed"},
                                             match_related=of_the_flow, posture=Posture.Reactive, threshold=1)),
-        AutomationCore(name=ALERTS[1], description=f"a nightly run still running after {overdue_minutes:g} min",
+        AutomationCore(name=names[1], description=f"a nightly run still running after {overdue_minutes:g} min",
                        actions=[notify],
                        trigger=EventTrigger(after={"prefect.flow-run.Running"}, expect=TERMINAL_EVENTS,
                                             for_each={"prefect.resource.id"}, match_related=of_the_flow,
@@ -142,11 +155,11 @@ def ensure_work_pool(name: str, pool_type: str = "process") -> None:
 
 def deploy(work_pool: str = DEFAULT_POOL, cron: str = DEFAULT_CRON, timezone: str = "UTC",
            parameters: dict | None = None, source: str | Path = REPO, paused: bool = False,
-           gpu: bool = False) -> dict[str, str]:
+           gpu: bool = False, name_suffix: str = "") -> dict[str, str]:
     """Register every flow as a deployment on `work_pool`; returns {name: deployment id}."""
     ensure_work_pool(work_pool)
     ids = {}
-    for flow, name, schedules, defaults in _deployments(cron, timezone, parameters, paused, gpu):
+    for flow, name, schedules, defaults in _deployments(cron, timezone, parameters, paused, gpu, name_suffix):
         loaded = flow.from_source(source=str(source), entrypoint=f"flows/flows.py:{flow.fn.__name__}")
         ids[name] = str(loaded.deploy(
             name=name, work_pool_name=work_pool, schedules=schedules, parameters=defaults, tags=["resflow"],

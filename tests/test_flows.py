@@ -187,6 +187,31 @@ def test_deploy_registers_a_nightly_cron_schedule_with_editable_parameters(prefe
     assert restore.schedules == [] and restore.parameters == {"input": "s3://night/incoming"}
 
 
+def test_a_second_installation_deploys_beside_the_first(prefect_api):
+    """infra/k8s dev and prod share one Prefect server: dev's `--name-suffix dev` registers
+    deployments and alerts of its own, on its own pool, and leaves prod's as they were."""
+    from prefect.client.orchestration import get_client
+
+    from flows import deploy
+
+    prod = deploy.deploy(work_pool="resflow-prod-test", parameters={"input": "s3://prod/in"})
+    dev = deploy.deploy(work_pool="resflow-dev-test", parameters={"input": "s3://dev/in"}, name_suffix="dev")
+    assert set(dev) == {name + "-dev" for name in prod} and set(dev).isdisjoint(prod)
+    deploy.ensure_alerts("http://127.0.0.1:9/prod")
+    deploy.ensure_alerts("http://127.0.0.1:9/dev", name_suffix="dev")
+    with get_client(sync_client=True) as client:
+        nightly = client.read_deployment_by_name("resflow-nightly/resflow-nightly")
+        nightly_dev = client.read_deployment_by_name("resflow-nightly/resflow-nightly-dev")
+        automations = {a.name: a for a in client.read_automations()}
+    assert (nightly.work_pool_name, nightly.parameters["input"]) == ("resflow-prod-test", "s3://prod/in")
+    assert (nightly_dev.work_pool_name, nightly_dev.parameters["input"]) == ("resflow-dev-test", "s3://dev/in")
+    for name in deploy.alert_names()[1] + deploy.alert_names("dev")[1]:
+        assert name in automations, f"{name}: one installation's alerts replaced the other's"
+    failed_dev = automations[deploy.alert_names("dev")[1][0]].trigger.match_related
+    failed_dev = failed_dev[0] if isinstance(failed_dev, list) else failed_dev
+    assert failed_dev.model_dump() == {"prefect.resource.role": "deployment", "prefect.resource.name": "resflow-nightly-dev"}
+
+
 def test_a_failed_nightly_run_reaches_the_webhook_with_its_name_and_state(prefect_api, s3_prefix):
     """`resflow deploy --notify-url` sets up automations; a nightly run made to fail (no
     champion, and no training data to make one) notifies a local HTTP receiver."""
