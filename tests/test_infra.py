@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import ipaddress
 import json
 import os
 import re
@@ -44,6 +45,7 @@ RENDERS = {"prod.yaml": "overlays/prod", "prod-jobs.yaml": "overlays/prod/jobs",
            "dev.yaml": "overlays/dev", "dev-jobs.yaml": "overlays/dev/jobs"}
 KUBERAY_VERSION = "1.7.0"  # the operator whose CRDs and validation.go are in ../shared/schemas/kuberay
 WORK_POOL = "resflow-k8s"
+WORK_POOLS = {"prod": WORK_POOL, "dev": "resflow-dev-k8s"}  # one work pool per installation
 RAY_TOKEN = {"secretKeyRef": {"name": "resflow-ray-token", "key": "auth_token"}}
 S3_SECRET = {"secretRef": {"name": "resflow-s3"}}
 FLOW_LABEL = ("app.kubernetes.io/component", "resflow-flow")
@@ -55,11 +57,18 @@ RAY_UID = 1000  # the rayproject image's `ray` user; Dockerfile.worker creates t
 
 
 def documents(path: Path) -> list[dict]:
-    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return [doc for doc in yaml.load_all(path.read_text(), Loader=loader) if doc]
+
+
+@functools.cache
+def parsed_render(name: str) -> tuple[dict, ...]:
+    return tuple(documents(RENDERED / name))
 
 
 def rendered(name: str) -> list[dict]:
-    return documents(RENDERED / name)
+    """The committed render's documents (a fresh copy each call: tests may change them)."""
+    return copy.deepcopy(list(parsed_render(name)))
 
 
 def all_rendered() -> list[tuple[str, dict]]:
@@ -137,12 +146,20 @@ def configmap_file(docs, prefix: str, key: str) -> str:
     return config["data"][key]
 
 
-def flow_run_job(overlay: str, tmp_path: Path) -> dict:
-    """The Kubernetes Job the Prefect worker starts for a flow run: the pool's base job template as
-    the worker pod stores it (start_worker.py, with the overlay's namespace and flow image), filled
-    with the template's defaults by Prefect's own templating, as for a deployment that sets none."""
+def flow_run_configuration(overlay: str, tmp_path: Path, job_variables: dict | None = None):
+    """The job configuration the Prefect worker builds for a flow run: the pool's base job
+    template as the worker pod stores it (start_worker.py, with the overlay's namespace and flow
+    image), filled by Prefect's own code (`from_template_and_values`: the variables' defaults,
+    then a deployment's `job_variables`, `env` merged as Prefect merges it)."""
+    import asyncio
+
     from prefect.server.schemas.actions import WorkPoolCreate
-    from prefect.utilities.templating import apply_values
+    from prefect.workers.base import BaseJobConfiguration
+    from pydantic import ConfigDict
+
+    class KubernetesJobConfiguration(BaseJobConfiguration):
+        """prefect-kubernetes' fields (job_manifest, namespace, ...) kept as they come."""
+        model_config = ConfigDict(extra="allow")
 
     docs = rendered(f"{overlay}.yaml")
     worker = one(docs, "Deployment", "resflow-prefect-worker")
@@ -153,10 +170,15 @@ def flow_run_job(overlay: str, tmp_path: Path) -> dict:
     template = start_worker.job_template(release(overlay)["namespace"], env_of(container)["RESFLOW_FLOW_IMAGE"],
                                          template_path)
     WorkPoolCreate(name=WORK_POOL, type="kubernetes", base_job_template=template)  # what the Prefect API checks
-    variables = template["variables"]["properties"]
-    assert {"image", "namespace"} <= {k for k, v in variables.items() if "default" in v}, "start_worker.py fills both"
-    defaults = {key: value["default"] for key, value in variables.items() if "default" in value}
-    return apply_values(template["job_configuration"], defaults)["job_manifest"]
+    # the template has no block or variable references, so the client is never called
+    return asyncio.run(KubernetesJobConfiguration.from_template_and_values(template, job_variables or {},
+                                                                           client=object()))
+
+
+def flow_run_job(overlay: str, tmp_path: Path, job_variables: dict | None = None) -> dict:
+    """The Kubernetes Job the Prefect worker starts for a flow run of a deployment with these
+    job variables (none: the template's defaults)."""
+    return flow_run_configuration(overlay, tmp_path, job_variables).job_manifest
 
 
 def load_start_worker(source: str, tmp_path: Path):
@@ -772,17 +794,17 @@ MUTATIONS = [
     ("k8s-token-auth-in-rayjob", TRAIN, {f"{TRAIN_CLUSTER}.authOptions": {"mode": "token", "enableK8sTokenAuth": True}},
      "K8s token auth mode is currently not supported for RayJob"),
     # TTL, shutdown, suspend: the two manifests before infra-17 broke the first of these rules
-    ("old-rayjob-restore-ttl-without-shutdown", RESTORE, {"spec.deletionStrategy": DELETE, "spec.ttlSecondsAfterFinished": 3600},
+    ("old-rayjob-restore-ttl-without-shutdown", RESTORE, {"spec.ttlSecondsAfterFinished": 3600},
      "shutdownAfterJobFinishes set to false cannot have TTLSecondsAfterFinished"),
     ("old-raycronjob-ttl-without-shutdown", CRON,
      {f"{TEMPLATE}.deletionStrategy": DELETE, f"{TEMPLATE}.ttlSecondsAfterFinished": 3600},
      "invalid RayJob template: a RayJob with shutdownAfterJobFinishes set to false cannot have TTLSecondsAfterFinished"),
-    ("train-ttl-with-shutdown-false", TRAIN, {"spec.shutdownAfterJobFinishes": False}, "cannot have TTLSecondsAfterFinished"),
+    ("old-train-ttl-without-shutdown", TRAIN, {"spec.ttlSecondsAfterFinished": 3600}, "cannot have TTLSecondsAfterFinished"),
     ("negative-ttl", TRAIN, {"spec.ttlSecondsAfterFinished": -1}, "TTLSecondsAfterFinished must be a non-negative"),
     ("suspend-without-shutdown", RESTORE, {"spec.suspend": True},
      "shutdownAfterJobFinishes set to false is not allowed to be suspended"),
     ("suspend-with-cluster-selector", RESTORE,
-     {"spec.deletionStrategy": DELETE, "spec.shutdownAfterJobFinishes": True, "spec.suspend": True},
+     {"spec.shutdownAfterJobFinishes": True, "spec.suspend": True},
      "the ClusterSelector mode doesn't support the suspend operation"),
     # clusterSelector vs rayClusterSpec, submission modes
     ("neither-cluster-spec-nor-selector", RESTORE, {"spec.clusterSelector": DELETE},
@@ -808,24 +830,24 @@ MUTATIONS = [
     ("pre-running-deadline-zero", RESTORE, {"spec.preRunningDeadlineSeconds": 0}, "preRunningDeadlineSeconds must be a positive"),
     ("negative-backoff", TRAIN, {"spec.backoffLimit": -1}, "backoffLimit must be a positive integer"),
     # deletion strategy
-    ("deletion-rules-with-shutdown", RESTORE, {"spec.shutdownAfterJobFinishes": True},
+    ("deletion-rules-with-shutdown", TRAIN, {"spec.shutdownAfterJobFinishes": True},
      "shutdownAfterJobFinishes and spec.deletionStrategy.deletionRules are mutually exclusive"),
-    ("deletion-rules-and-legacy", RESTORE, {"spec.deletionStrategy.onSuccess": {"policy": "DeleteSelf"}},
+    ("deletion-rules-and-legacy", TRAIN, {"spec.deletionStrategy.onSuccess": {"policy": "DeleteSelf"}},
      "Cannot use both legacy onSuccess/onFailure fields and deletionRules"),
     ("empty-deletion-strategy", RESTORE, {"spec.deletionStrategy": {}},
      "DeletionStrategy requires either BOTH onSuccess and onFailure, OR the deletionRules field"),
-    ("rule-with-both-statuses", RESTORE, {f"{RULES}.0.condition.jobDeploymentStatus": "Failed"},
+    ("rule-with-both-statuses", TRAIN, {f"{RULES}.0.condition.jobDeploymentStatus": "Failed"},
      "cannot set both JobStatus and JobDeploymentStatus"),
     ("rule-without-status", CRON, {f"{TEMPLATE}.deletionStrategy.deletionRules.0.condition": {"ttlSeconds": 5}},
      "exactly one of JobStatus and JobDeploymentStatus must be set"),
-    ("rule-negative-ttl", RESTORE, {f"{RULES}.1.condition.ttlSeconds": -1}, "TTLSeconds must be non-negative"),
-    ("delete-cluster-with-selector", RESTORE, {f"{RULES}.0.policy": "DeleteCluster"},
+    ("rule-negative-ttl", TRAIN, {f"{RULES}.1.condition.ttlSeconds": -1}, "TTLSeconds must be non-negative"),
+    ("delete-cluster-with-selector", RESTORE, {"spec.deletionStrategy": rules(("DeleteCluster", {"jobStatus": "FAILED"}))},
      "DeletionPolicyType 'DeleteCluster' not supported when ClusterSelector is set"),
     ("delete-workers-with-autoscaling", TRAIN,
      {**NO_TTL, f"{TRAIN_CLUSTER}.enableInTreeAutoscaling": True,
       "spec.deletionStrategy": rules(("DeleteWorkers", {"jobStatus": "FAILED"}))},
      "DeletionPolicyType 'DeleteWorkers' not supported with autoscaling enabled"),
-    ("duplicate-rule", RESTORE, {f"{RULES}.1.condition.jobStatus": "SUCCEEDED"}, "duplicate rule"),
+    ("duplicate-rule", TRAIN, {f"{RULES}.3.condition.jobStatus": "SUCCEEDED"}, "duplicate rule"),
     ("rule-ttls-out-of-order", TRAIN,
      {**NO_TTL, "spec.deletionStrategy": rules(("DeleteCluster", {"jobStatus": "FAILED", "ttlSeconds": 600}),
                                                ("DeleteSelf", {"jobStatus": "FAILED", "ttlSeconds": 60}))},
@@ -842,7 +864,8 @@ MUTATIONS = [
       "spec.deletionStrategy": {"onSuccess": {"policy": "DeleteWorkers"}, "onFailure": {"policy": "DeleteCluster"}}},
      "DeletionStrategy=DeleteWorkers currently does not support RayCluster with autoscaling enabled"),
     ("legacy-delete-none-with-shutdown", TRAIN,
-     {"spec.deletionStrategy": {"onSuccess": {"policy": "DeleteNone"}, "onFailure": {"policy": "DeleteCluster"}}},
+     {"spec.shutdownAfterJobFinishes": True,
+      "spec.deletionStrategy": {"onSuccess": {"policy": "DeleteNone"}, "onFailure": {"policy": "DeleteCluster"}}},
      "while deletion policy is 'DeleteNone'"),
     # the RayCronJob's own fields
     ("cron-schedule-with-tz", CRON, {"spec.schedule": "CRON_TZ=UTC 0 2 * * *"}, "cannot use TZ or CRON_TZ"),
@@ -850,7 +873,7 @@ MUTATIONS = [
     ("cron-schedule-out-of-range", CRON, {"spec.schedule": "0 24 * * *"}, "invalid cron schedule"),
     ("cron-empty-time-zone", CRON, {"spec.timeZone": ""}, "timeZone must not be empty string"),
     ("cron-unknown-time-zone", CRON, {"spec.timeZone": "Mars/Olympus_Mons"}, "invalid time zone"),
-    ("cron-template-without-cluster", CRON, {f"{TEMPLATE}.clusterSelector": DELETE},
+    ("cron-template-without-cluster", CRON, {f"{TEMPLATE}.rayClusterSpec": DELETE},
      "invalid RayJob template: one of RayClusterSpec or ClusterSelector must be set"),
 ]
 
@@ -906,14 +929,16 @@ def security_problems(where: str, template: dict) -> list[str]:
 
 def container_security_problems(where: str, container: dict) -> list[str]:
     context = container.get("securityContext") or {}
+    # a read-only root: what a process writes goes to an emptyDir with a size limit
     expected = {"runAsNonRoot": True, "runAsUser": RAY_UID, "allowPrivilegeEscalation": False,
+                "readOnlyRootFilesystem": True,
                 "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
     problems = [f"{where}: securityContext.{k} is {context.get(k)!r}" for k, v in expected.items() if context.get(k) != v]
     if context.get("privileged"):
         problems.append(f"{where}: privileged")
     resources = container.get("resources") or {}
     for kind in ("requests", "limits"):
-        missing = {"cpu", "memory"} - set(resources.get(kind) or {})
+        missing = {"cpu", "memory", "ephemeral-storage"} - set(resources.get(kind) or {})
         if missing:
             problems.append(f"{where}: no {kind} for {sorted(missing)}")
     gpu = [resources.get(kind, {}).get("nvidia.com/gpu") for kind in ("requests", "limits")]
@@ -958,22 +983,41 @@ def test_the_namespace_enforces_the_restricted_pod_security_standard():
         assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
 
 
+def submitted_cluster(render: str, job: dict) -> dict:
+    """The RayClusterSpec a RayJob (or a RayCronJob's template) runs on: its own, or the one
+    its clusterSelector names in the same overlay."""
+    if job.get("rayClusterSpec"):
+        return job["rayClusterSpec"]
+    platform = render.replace("-jobs", "")
+    return one(rendered(platform), "RayCluster", job["clusterSelector"]["ray.io/cluster"])["spec"]
+
+
 def test_ray_clusters_use_token_auth_and_every_client_gets_the_token(tmp_path):
     ray_pin = ray_version()
     specs = [(render, doc, spec) for render, doc in kuberay_objects() for _, spec in cluster_specs(doc)]
-    assert len(specs) == 4  # the long-running cluster and the training job's, in prod and dev
+    assert len(specs) == 6  # the long-running cluster, the training job's and the nightly one's, in prod and dev
     for render, doc, spec in specs:
         assert spec["authOptions"] == {"mode": "token", "secretName": "resflow-ray-token"}, render
         assert spec["rayVersion"] == ray_pin, f"{render}: rayVersion must be the image's Ray"
-    clients = [(f"{render} {doc['metadata']['name']}", container) for render, doc in kuberay_objects()
-               for where, template in pod_templates(doc) if where.endswith("submitter")
-               for container in template["spec"]["containers"]]
-    clients += [(f"{overlay} flow run", flow_run_job(overlay, tmp_path)["spec"]["template"]["spec"]["containers"][0])
-                for overlay in ("prod", "dev")]
-    assert len(clients) == 8
-    for where, container in clients:
-        env = env_of(container)
-        assert env.get("RAY_AUTH_MODE") == "token" and env.get("RAY_AUTH_TOKEN") == RAY_TOKEN, where
+    for overlay in ("prod", "dev"):
+        [flow] = flow_run_job(overlay, tmp_path)["spec"]["template"]["spec"]["containers"]
+        env = env_of(flow)
+        assert env.get("RAY_AUTH_MODE") == "token" and env.get("RAY_AUTH_TOKEN") == RAY_TOKEN, overlay
+
+
+def test_submitters_get_the_token_from_kuberay_and_a_small_image():
+    """KubeRay (>= 1.6) gives the submitter RAY_AUTH_MODE and RAY_AUTH_TOKEN from the cluster's
+    authOptions (rayjob_controller.go, configureSubmitterContainer); a copy in the template repeats
+    it and goes stale when the Secret is renamed. The submitter only runs `ray job submit`: the
+    CPU image, not the multi-GB CUDA one."""
+    submitters = [(render, doc, job) for render, doc in kuberay_objects() for job in job_specs(doc)]
+    assert len(submitters) == 6
+    for render, doc, job in submitters:
+        where = f"{render} {object_id(doc)}"
+        assert submitted_cluster(render, job)["authOptions"]["mode"] == "token", where
+        [container] = job["submitterPodTemplate"]["spec"]["containers"]
+        assert not [name for name in env_of(container) if name.startswith("RAY_AUTH")], f"{where}: KubeRay sets these"
+        assert container["image"] == release(render.split("-")[0].split(".")[0])["images"]["resflow-cpu"], where
 
 
 def test_s3_credentials_come_only_from_the_secret(tmp_path):
@@ -1143,14 +1187,20 @@ def test_namespace_and_images_are_written_once_per_overlay():
             for doc in rendered(name):
                 if doc["kind"] not in ("Namespace",):
                     assert doc["metadata"].get("namespace") == wanted["namespace"], f"{name} {object_id(doc)}"
-                for _, template in pod_templates(doc):
+                for where, template in pod_templates(doc):
                     for container in containers_of(template):
-                        image = wanted["images"]["resflow-worker" if doc["kind"] == "Deployment" else "resflow"]
-                        assert container["image"] == image, f"{name} {object_id(doc)}"
+                        if doc["kind"] == "Deployment":
+                            role = "resflow-worker"  # the Prefect image
+                        elif where.endswith("submitter") or where.endswith("group cpu"):
+                            role = "resflow-cpu"  # the Ray image's CPU build
+                        else:
+                            role = "resflow"  # Ray heads and GPU workers
+                        assert container["image"] == wanted["images"][role], f"{name} {where}"
         worker = one(rendered(f"{overlay}.yaml"), "Deployment")
         assert env_of(worker["spec"]["template"]["spec"]["containers"][0])["RESFLOW_FLOW_IMAGE"] == wanted["images"]["resflow-worker"]
         for image in wanted["images"].values():
-            assert image.endswith(":" + PROJECT["version"]), "images are tagged with the project version"
+            tag = image.rpartition(":")[2]
+            assert tag in (PROJECT["version"], PROJECT["version"] + "-cpu"), "images are tagged with the project version"
 
 
 def test_every_entrypoint_is_a_valid_resflow_command():
@@ -1269,11 +1319,11 @@ def test_the_work_pool_worker_and_its_flow_run_jobs_fit_the_cluster(overlay, tmp
     docs = rendered(f"{overlay}.yaml")
     worker = one(docs, "Deployment", "resflow-prefect-worker")
     [container] = worker["spec"]["template"]["spec"]["containers"]
-    command = container["command"]
-    assert command[command.index("--pool") + 1] == WORK_POOL
+    assert "--pool" not in container["command"], "the pool is the overlay's RESFLOW_WORK_POOL"
     assert (K8S / "base/start_worker.py").read_text() == configmap_file(docs, "resflow-prefect-worker", "start_worker.py")
     [settings] = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("resflow-settings-")]
     assert settings["data"]["PREFECT_API_URL"].endswith("/api")
+    assert settings["data"]["RESFLOW_WORK_POOL"] == WORK_POOLS[overlay]
     assert {"configMapRef": {"name": settings["metadata"]["name"]}} in container["envFrom"]
     assert "resflow-s3" not in json.dumps(worker) and "RAY_AUTH_TOKEN" not in json.dumps(worker), \
         "the worker starts Jobs; it needs neither S3 nor the Ray token"
@@ -1303,3 +1353,374 @@ def test_the_readme_uses_the_current_layout_and_commands():
     assert "infra/kuberay" not in readme and "infra/prefect" not in readme and "prefect.yaml" not in readme
     assert "resflow-ray-token" in readme and "resflow-s3" in readme
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory and disk of the Ray pods
+
+QUANTITY_UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+                  "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def quantity(value) -> int:
+    """A Kubernetes resource quantity in bytes (or units): 16Gi, 512Mi, 2147483648."""
+    number, unit = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(value)).groups()
+    return int(float(number) * QUANTITY_UNITS[unit])
+
+
+def ray_nodes(render: str, doc: dict) -> list[tuple[str, dict, dict]]:
+    """(where, rayStartParams, pod template) of every Ray node group in a KubeRay object."""
+    nodes = []
+    for where, spec in cluster_specs(doc):
+        name = f"{render} {object_id(doc)} {where}"
+        nodes.append((f"{name} head", spec["headGroupSpec"].get("rayStartParams") or {},
+                      spec["headGroupSpec"]["template"]))
+        nodes += [(f"{name} group {group['groupName']}", group.get("rayStartParams") or {}, group["template"])
+                  for group in spec.get("workerGroupSpecs", [])]
+    return nodes
+
+
+def volume_at(template: dict, container: dict, path: str) -> dict | None:
+    mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+    volumes = {v["name"]: v for v in template["spec"].get("volumes", [])}
+    return volumes.get(mounts.get(path))
+
+
+def test_every_ray_node_sizes_its_object_store_and_dev_shm_together():
+    """Without object-store-memory Ray takes 30% of the memory limit for the object store, and
+    when /dev/shm is smaller it falls back to disk (CPU workers had a 4Gi /dev/shm under a 16Gi
+    limit; the heads had none). /dev/shm (a memory emptyDir) counts against the memory limit."""
+    nodes = [node for render, doc in kuberay_objects() for node in ray_nodes(render, doc)]
+    for where, params, template in nodes:
+        [container] = template["spec"]["containers"]
+        assert "object-store-memory" in params, f"{where}: Ray would take 30% of the memory limit"
+        store = int(params["object-store-memory"])
+        memory = quantity(container["resources"]["limits"]["memory"])
+        shm = volume_at(template, container, "/dev/shm")
+        assert shm and shm["emptyDir"].get("medium") == "Memory", f"{where}: no memory-backed /dev/shm"
+        shm_size = quantity(shm["emptyDir"]["sizeLimit"])
+        assert store < shm_size, f"{where}: the object store ({store}) does not fit in /dev/shm ({shm_size})"
+        assert store <= 0.3 * memory and shm_size <= memory / 2, f"{where}: leave memory for the processes"
+    assert len(nodes) == 2 * (3 + 2 + 2)  # cluster (head, gpu, cpu), train and nightly (head, gpu), prod and dev
+
+
+def test_the_launcher_sizes_the_object_store_inside_its_shm():
+    config = yaml.safe_load((INFRA / "aws/cluster.yaml").read_text())
+    [shm] = [quantity(o.split("=")[1].replace("g", "Gi")) for o in config["docker"]["run_options"] if "--shm-size" in o]
+    for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+        [start] = [c for c in commands if c.startswith("ray start")]
+        found = re.search(r"--object-store-memory=(\d+)", start)
+        assert found and int(found[1]) < shm, f"`{start}` must set an object store smaller than --shm-size"
+
+
+def test_every_pod_writes_only_to_emptydirs_within_its_ephemeral_storage_limit(tmp_path):
+    """Root filesystems are read-only (the restricted test checks every container); what is
+    written goes to emptyDirs with size limits, whose sum the pod's ephemeral-storage limit
+    covers. Ray gets /tmp/ray (sessions, logs, spilled objects) and /tmp (Python's temp files,
+    the training checkpoints) of its own; on the autoscaling head the /tmp/ray volume is
+    `ray-logs`, the one KubeRay's autoscaler sidecar shares (pod.go, addEmptyDir)."""
+    pods = every_pod(tmp_path)
+    for where, template in pods:
+        volumes = {v["name"]: v for v in template["spec"].get("volumes", [])}
+        disk = 0
+        for name, volume in volumes.items():
+            if "emptyDir" in volume:
+                assert "sizeLimit" in volume["emptyDir"], f"{where}: emptyDir {name} without a sizeLimit"
+                if volume["emptyDir"].get("medium") != "Memory":
+                    disk += quantity(volume["emptyDir"]["sizeLimit"])
+        limits = [c["resources"]["limits"].get("ephemeral-storage") for c in containers_of(template)]
+        assert all(limits), f"{where}: a container without an ephemeral-storage limit"
+        limit = sum(quantity(value) for value in limits)
+        assert disk <= limit, f"{where}: emptyDirs may hold {disk} bytes, the containers' limit is {limit}"
+        for container in containers_of(template):
+            assert volume_at(template, container, "/tmp"), f"{where} {container['name']}: no writable /tmp"
+            if container["name"] in ("ray-head", "ray-worker"):
+                assert volume_at(template, container, "/tmp/ray"), f"{where}: /tmp/ray is not an emptyDir"
+    for render, doc in all_rendered():
+        for where, spec in cluster_specs(doc):
+            if spec.get("enableInTreeAutoscaling"):
+                head = spec["headGroupSpec"]["template"]
+                assert volume_at(head, head_container(spec), "/tmp/ray")["name"] == "ray-logs", render
+                names = {v["name"] for v in head["spec"]["volumes"]}
+                mounts = spec["autoscalerOptions"].get("volumeMounts", [])
+                assert {"/tmp"} == {m["mountPath"] for m in mounts} and {m["name"] for m in mounts} <= names, render
+
+
+# ---------------------------------------------------------------------------------------------
+# Egress
+
+INSTANCE_METADATA = ("169.254.169.254", "fd00:ec2::254")  # AWS/GCP/Azure IMDS; EC2's IPv6 IMDS
+
+
+def egress_allowed(policies: list[dict], source: dict, address: str) -> bool:
+    """Does Kubernetes let a pod with `source` labels open a connection to `address` (outside
+    the cluster's pods)? No egress policy selecting the pod: everything is allowed."""
+    def selects(selector: dict, labels: dict) -> bool:
+        return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+    def in_block(block: dict) -> bool:
+        ip = ipaddress.ip_address(address)
+        network = ipaddress.ip_network(block["cidr"])
+        return (ip.version == network.version and ip in network
+                and not any(ip in ipaddress.ip_network(e) for e in block.get("except", [])))
+
+    applying = [p for p in policies if selects(p["spec"]["podSelector"], source) and "Egress" in p["spec"]["policyTypes"]]
+    if not applying:
+        return True
+    for policy in applying:
+        for rule in policy["spec"].get("egress", []):
+            if "to" not in rule or any("ipBlock" in peer and in_block(peer["ipBlock"]) for peer in rule["to"]):
+                return True
+    return False
+
+
+@pytest.mark.parametrize("overlay", ["prod", "dev"])
+def test_no_pod_reaches_the_instance_metadata_address(overlay, tmp_path):
+    """The metadata address hands out the node's cloud credentials; S3 and everything else on
+    the internet stay reachable, and so do pods in every namespace (DNS, the Prefect server)."""
+    docs = rendered(f"{overlay}.yaml") + rendered(f"{overlay}-jobs.yaml")
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    pods = [pod_labels(template) for _, template in every_pod(tmp_path)] + [{}]
+    for labels in pods:
+        for address in INSTANCE_METADATA:
+            assert not egress_allowed(policies, labels, address), f"a pod {labels} reaches {address}"
+        for address in ("52.216.0.1", "8.8.8.8", "169.254.170.23", "2600:1f18::1"):  # S3, DNS, EKS Pod Identity
+            assert egress_allowed(policies, labels, address), f"a pod {labels} cannot reach {address}"
+        egress = [p for p in policies if "Egress" in p["spec"]["policyTypes"]]
+        assert any({"namespaceSelector": {}} in rule.get("to", []) for p in egress for rule in p["spec"]["egress"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray jobs: GPUs given back, deadlines that stop a job, replicas that match the GPUs
+
+
+TERMINAL = [("jobStatus", "SUCCEEDED"), ("jobStatus", "FAILED"), ("jobDeploymentStatus", "Failed")]
+
+
+def deletion_ttls(job: dict) -> dict[tuple[str, str], dict[str, int]]:
+    """{(condition, status): {policy: ttlSeconds}} of a RayJob's deletionRules."""
+    ttls: dict = {}
+    for rule in (job.get("deletionStrategy") or {}).get("deletionRules", []):
+        [(key, status)] = [(k, v) for k, v in rule["condition"].items() if k != "ttlSeconds"]
+        ttls.setdefault((key, status), {})[rule["policy"]] = rule["condition"].get("ttlSeconds", 0)
+    return ttls
+
+
+def test_a_job_with_its_own_cluster_gives_its_gpus_back_when_it_ends():
+    """The training job kept its 4 GPU workers an hour after it ended (ttlSecondsAfterFinished:
+    3600 deletes the whole cluster at once, workers included): each job with a cluster of its
+    own deletes the workers when it ends, then the cluster, then itself."""
+    jobs = [(f"{render} {object_id(doc)}", job) for render, doc in kuberay_objects() for job in job_specs(doc)
+            if job.get("rayClusterSpec")]
+    for where, job in jobs:
+        assert not job.get("shutdownAfterJobFinishes") and not job.get("ttlSecondsAfterFinished"), \
+            f"{where}: the whole cluster, GPU workers included, stays until the TTL"
+        ttls = deletion_ttls(job)
+        for status in TERMINAL:
+            assert ttls.get(status, {}).get("DeleteWorkers") == 0, f"{where}: GPU workers stay after {status}"
+            assert "DeleteCluster" in ttls[status] and "DeleteSelf" in ttls[status], f"{where}: {status}"
+    assert len(jobs) == 4  # train and the nightly restore, prod and dev
+
+
+def cron_minutes(schedule: str, days: int = 8) -> list[int]:
+    """The minutes (from a Monday 00:00) at which a five-field cron schedule fires, for `days`."""
+    def values(field: str, low: int, high: int, names: dict) -> set[int]:
+        found = set()
+        for item in field.split(","):
+            span, _, step = item.partition("/")
+            if span in ("*", "?"):
+                start, end = low, high
+            else:
+                first, _, last = span.partition("-")
+                start = int(names.get(first.lower(), first))
+                end = int(names.get(last.lower(), last)) if last else (high if step else start)
+            found |= set(range(start, end + 1, int(step or 1)))
+        return found
+
+    fields = schedule.split()
+    minute, hour, dom, month, dow = (values(f, *spec) for f, spec in zip(fields, CRON_FIELDS))
+    fired = []
+    for day in range(days):
+        weekday = (day + 1) % 7  # cron: 0 is Sunday; day 0 is a Monday
+        date = 5 + day  # 2026-01-05 is a Monday
+        day_matches = ((date in dom or weekday in dow) if fields[2] != "*" and fields[4] != "*"
+                       else (date in dom and weekday in dow))
+        if day_matches and 1 in month:
+            fired += [day * 1440 + h * 60 + m for h in sorted(hour) for m in sorted(minute)]
+    return fired
+
+
+def test_the_nightly_restore_uses_every_gpu_and_ends_before_the_next_night():
+    """Without --workers restore plans one replica per GPU it sees, and the GPU group sits at
+    zero between nights; without a deadline a slow night runs into the next. KubeRay 1.7 acts on
+    a clusterSelector RayJob's deadline by marking it Failed only (the Ray job runs on), so the
+    nightly job brings its own cluster and deletes it at the deadline."""
+    for render, doc in kuberay_objects():
+        if doc["kind"] != "RayCronJob":
+            continue
+        job = doc["spec"]["jobTemplate"]
+        fired = cron_minutes(doc["spec"]["schedule"])
+        interval = 60 * min(b - a for a, b in zip(fired, fired[1:]))
+        assert 0 < job.get("activeDeadlineSeconds", 0) < interval, f"{render}: a night must end before the next ({interval} s)"
+        assert not job.get("clusterSelector") and job.get("rayClusterSpec"), f"{render}: a deadline KubeRay enforces"
+        assert deletion_ttls(job)[("jobDeploymentStatus", "Failed")]["DeleteCluster"] == 0, \
+            f"{render}: at the deadline the cluster, and the job with it, must go at once"
+    assert cron_minutes("0 2 * * *")[:2] == [120, 1560] and cron_minutes("*/30 * * * 1-5")[:2] == [0, 30]
+
+
+def test_restore_jobs_ask_for_the_replicas_their_cluster_can_hold():
+    for render, doc in kuberay_objects():
+        for job in job_specs(doc):
+            argv = shlex.split(job["entrypoint"])
+            if argv[3] != "restore":
+                continue
+            where = f"{render} {object_id(doc)}"
+            assert "--workers" in argv, f"{where}: restore would plan for the GPUs it sees at start (none)"
+            workers = int(argv[argv.index("--workers") + 1])
+            [gpu] = [g for g in submitted_cluster(render, job)["workerGroupSpecs"] if g["groupName"] == "gpu"]
+            assert 1 <= workers <= gpu["maxReplicas"], f"{where}: {workers} replicas, at most {gpu['maxReplicas']} GPUs"
+            if job.get("rayClusterSpec"):
+                assert workers == gpu["replicas"] == gpu["minReplicas"], f"{where}: one replica per GPU worker"
+
+
+def test_cluster_selector_jobs_carry_no_rules_the_operator_ignores():
+    """KubeRay 1.7 returns before any deletion for a RayJob that uses an existing cluster
+    (rayjob_controller.go: "skipping resource deletion"), and its deadline only marks it Failed:
+    deletionRules or a deadline there would promise what never happens."""
+    for render, doc in kuberay_objects():
+        for job in job_specs(doc):
+            if job.get("clusterSelector"):
+                assert "deletionStrategy" not in job and "activeDeadlineSeconds" not in job, f"{render} {object_id(doc)}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The Prefect side: who may change a flow-run pod, the crash observer, API auth, installations
+
+HOSTILE_JOB_VARIABLES = {
+    "image": "attacker/image:latest", "namespace": "kube-system", "service_account_name": "default",
+    "labels": {"resflow.io/ray-cluster": "resflow", "app.kubernetes.io/component": "ray"},
+    "annotations": {"sidecar.istio.io/inject": "false"},
+    "env": {"RAY_ADDRESS": "http://attacker:8265", "AWS_ENDPOINT_URL": "http://attacker"},
+    "env.PREFECT_API_URL": "http://attacker/api",
+}
+
+
+@pytest.mark.parametrize("overlay", ["prod", "dev"])
+def test_a_deployment_cannot_change_what_a_flow_run_pod_is(overlay, tmp_path):
+    """Whoever may write to the Prefect API sets a deployment's job variables. The flow-run pod
+    always holds the Ray token and the S3 keys, and its label lifts the NetworkPolicy, so its
+    image, namespace, service account, labels, annotations and environment are written into the
+    Job, not offered as variables: the same job variables leave the Job as it is."""
+    plain = flow_run_configuration(overlay, tmp_path)
+    hostile = flow_run_configuration(overlay, tmp_path, HOSTILE_JOB_VARIABLES)
+    assert hostile.job_manifest == plain.job_manifest
+    # what prefect-kubernetes would merge into the Job's and the pod's labels and env
+    assert hostile.labels == plain.labels == {} and hostile.env == plain.env == {}
+    assert hostile.namespace == plain.namespace == release(overlay)["namespace"]
+    pod = plain.job_manifest["spec"]["template"]
+    assert pod["spec"]["containers"][0]["image"] == release(overlay)["images"]["resflow-worker"]
+    assert pod["spec"]["serviceAccountName"] == "resflow-flow"
+    assert plain.job_manifest["metadata"]["namespace"] == release(overlay)["namespace"]
+    changed = flow_run_job(overlay, tmp_path, {"cpu_limit": "3", "memory_limit": "12Gi"})
+    assert changed["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"] == "12Gi", \
+        "a deployment still sizes its pod"
+
+
+def worker_container(overlay: str) -> dict:
+    [container] = one(rendered(f"{overlay}.yaml"), "Deployment", "resflow-prefect-worker")["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+@pytest.mark.parametrize("overlay", ["prod", "dev"])
+def test_the_crash_observer_watches_the_workers_own_namespace(overlay):
+    """prefect-kubernetes 0.8's observer (it marks a run Crashed when its pod dies before Prefect
+    starts, and so fires the failure alert) watches the whole cluster unless
+    PREFECT_INTEGRATIONS_KUBERNETES_OBSERVER_NAMESPACES is set; the worker's Role is namespaced."""
+    env = env_of(worker_container(overlay))
+    assert env.get("PREFECT_INTEGRATIONS_KUBERNETES_OBSERVER_NAMESPACES") == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    docs = rendered(f"{overlay}.yaml")
+    role = one(docs, "Role", "resflow-prefect-worker")
+    granted = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+    assert {("", "pods", v) for v in ("list", "watch")} | {("batch", "jobs", v) for v in ("list", "watch")} <= granted
+
+
+PREFECT_AUTH = {"secretKeyRef": {"name": "resflow-prefect-auth", "key": "auth-string"}}
+
+
+@pytest.mark.parametrize("overlay", ["prod", "dev"])
+def test_the_prefect_api_auth_string_comes_only_from_its_secret(overlay, tmp_path):
+    """The Prefect server asks for PREFECT_SERVER_API_AUTH_STRING; its clients send
+    PREFECT_API_AUTH_STRING. The worker reads it from the Secret and hands it to flow-run Jobs
+    as a reference to that Secret (prefect-kubernetes' API_AUTH_STRING_SECRET_NAME/KEY),
+    never as a value written into the Job."""
+    env = env_of(worker_container(overlay))
+    assert env.get("PREFECT_API_AUTH_STRING") == PREFECT_AUTH
+    assert env.get("PREFECT_INTEGRATIONS_KUBERNETES_WORKER_API_AUTH_STRING_SECRET_NAME") == PREFECT_AUTH["secretKeyRef"]["name"]
+    assert env.get("PREFECT_INTEGRATIONS_KUBERNETES_WORKER_API_AUTH_STRING_SECRET_KEY") == PREFECT_AUTH["secretKeyRef"]["key"]
+    [flow] = flow_run_job(overlay, tmp_path)["spec"]["template"]["spec"]["containers"]
+    assert "PREFECT_API_AUTH_STRING" not in env_of(flow), "the worker adds it, as a Secret reference"
+    shapes = {d["metadata"]["name"]: d for d in documents(K8S / "secrets.example.yaml")}
+    assert PREFECT_AUTH["secretKeyRef"]["key"] in shapes[PREFECT_AUTH["secretKeyRef"]["name"]]["stringData"]
+    readme = (INFRA / "README.md").read_text()
+    assert "PREFECT_SERVER_API_AUTH_STRING" in readme and "basicAuth.existingSecret=resflow-prefect-auth" in readme
+
+
+def install_steps() -> dict[int, str]:
+    """The numbered steps of infra/README.md's "From nothing to a nightly run" block."""
+    readme = (INFRA / "README.md").read_text()
+    section = readme.split("## From nothing to a nightly run", 1)[1].split("\n## ", 1)[0]
+    [block] = re.findall(r"```bash\n(.*?)```", section, flags=re.S)[:1]
+    parts = re.split(r"^# (\d+)\. ", block, flags=re.M)
+    return {int(number): text for number, text in zip(parts[1::2], parts[2::2])}
+
+
+def test_the_overlays_have_their_own_work_pool_and_deployments():
+    """dev and prod talk to one Prefect server: with one pool and one set of deployment names,
+    registering dev replaced prod's nightly deployment and its alerts."""
+    from flows import deploy
+
+    pools = {}
+    for overlay in ("prod", "dev"):
+        [settings] = [d for d in rendered(f"{overlay}.yaml") if d["kind"] == "ConfigMap"
+                      and d["metadata"]["name"].startswith("resflow-settings-")]
+        pools[overlay] = settings["data"]["RESFLOW_WORK_POOL"]
+    assert pools == WORK_POOLS
+    steps = "\n".join(install_steps().values())
+    readme = (INFRA / "README.md").read_text()
+    assert f"resflow deploy --work-pool {pools['prod']} --source /app --gpu" in steps
+    assert f"resflow deploy --work-pool {pools['dev']} --name-suffix dev --source /app --gpu" in readme
+    assert deploy.deployment_name("nightly", "dev") != deploy.deployment_name("nightly")
+    assert set(deploy.alert_names("dev")[1]).isdisjoint(deploy.alert_names()[1])
+    assert deploy.alert_names("dev")[0] != deploy.alert_names()[0]
+
+
+def test_the_install_steps_set_up_alerts_and_say_how_to_check_each_step():
+    steps = install_steps()
+    assert sorted(steps) == list(range(1, len(steps) + 1)) and len(steps) >= 6
+    for number, text in steps.items():
+        assert re.search(r"^# check: ", text, flags=re.M), f"step {number} does not say how to check it worked"
+    everything = "\n".join(steps.values())
+    assert "--notify-url" in everything, "the failure alerts are part of the install"
+    assert "resflow-prefect-auth" in everything and "bucket-lifecycle.json" in everything
+
+
+# ---------------------------------------------------------------------------------------------
+# Object storage
+
+
+def test_the_bucket_lifecycle_aborts_incomplete_multipart_uploads():
+    """A writer killed mid-upload leaves its multipart upload open (and billed) forever unless a
+    lifecycle rule aborts it; the rule is checked against S3's own API model (botocore)."""
+    import botocore.session
+    from botocore.validate import ParamValidator
+
+    rules = json.loads((INFRA / "aws/bucket-lifecycle.json").read_text())
+    model = botocore.session.get_session().get_service_model("s3")
+    shape = model.operation_model("PutBucketLifecycleConfiguration").input_shape
+    report = ParamValidator().validate({"Bucket": "resflow", "LifecycleConfiguration": rules}, shape)
+    assert not report.has_errors(), report.generate_report()
+    aborting = [rule for rule in rules["Rules"] if rule["Status"] == "Enabled" and "AbortIncompleteMultipartUpload" in rule]
+    assert aborting and all(rule["Filter"] == {"Prefix": ""} for rule in aborting), "the whole bucket"
+    assert 1 <= aborting[0]["AbortIncompleteMultipartUpload"]["DaysAfterInitiation"] <= 7
+    readme = (INFRA / "README.md").read_text()
+    assert "put-bucket-lifecycle-configuration" in readme and "MinIO" in readme
