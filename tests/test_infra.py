@@ -1490,6 +1490,25 @@ def test_no_pod_reaches_the_instance_metadata_address(overlay, tmp_path):
         assert any({"namespaceSelector": {}} in rule.get("to", []) for p in egress for rule in p["spec"]["egress"])
 
 
+def test_the_cilium_addition_admits_the_api_server_to_the_pods_that_call_it():
+    """On Cilium the egress ipBlocks do not cover an API server on the cluster's nodes: the
+    optional CiliumNetworkPolicy admits it for exactly the Prefect worker and the autoscaling head."""
+    [policy] = documents(K8S / "cilium-kube-apiserver.yaml")
+    docs = rendered("prod.yaml")
+    worker = pod_labels(one(docs, "Deployment", "resflow-prefect-worker")["spec"]["template"])
+    cluster = one(docs, "RayCluster", "resflow")["spec"]
+    head = pod_labels(cluster["headGroupSpec"]["template"], **{"ray.io/node-type": "head"})
+    workers = [pod_labels(g["template"], **{"ray.io/node-type": "worker"}) for g in cluster["workerGroupSpecs"]]
+    flow = {FLOW_LABEL[0]: FLOW_LABEL[1]}
+
+    def admitted_to_api_server(labels: dict) -> bool:
+        return any(all(labels.get(k) == v for k, v in spec["endpointSelector"]["matchLabels"].items())
+                   and {"toEntities": ["kube-apiserver"]} in spec["egress"] for spec in policy["specs"])
+
+    assert admitted_to_api_server(worker) and admitted_to_api_server(head) and cluster["enableInTreeAutoscaling"]
+    assert not any(admitted_to_api_server(labels) for labels in workers + [flow])
+
+
 # ---------------------------------------------------------------------------------------------
 # Ray jobs: GPUs given back, deadlines that stop a job, replicas that match the GPUs
 
