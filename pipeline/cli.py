@@ -249,11 +249,13 @@ def run_restore(args) -> int:
     job = RestoreJob(input=args.input, output=args.output, model=args.model, settings=settings_from(args),
                      columns=columns_from(args), workers=args.workers, use_gpu=args.gpu,
                      cpus_per_worker=args.cpus_per_worker, force=args.force, stall_timeout_s=args.stall_timeout,
-                     lease_wait_s=args.wait_for_lease, lease_ttl_s=args.lease_ttl, unit_rows=args.unit_rows)
+                     lease_wait_s=args.wait_for_lease, lease_ttl_s=args.lease_ttl, unit_rows=args.unit_rows,
+                     executor=args.executor)
     check_storage(job.input, job.output, job.model)
-    # A process of its own: local Ray without its dashboard saves ~210 MB and 10 processes
-    # (bench/README.md, "Ray's dashboard"); a cluster keeps its own.
-    raycluster.connect(dashboard=False)
+    # Ray starts only if the plan needs it (pipeline/restore/executors.py); in a process of
+    # its own, local Ray without its dashboard saves ~210 MB and 10 processes (bench/README.md,
+    # "Ray's dashboard"); a cluster keeps its own.
+    raycluster.LOCAL_DASHBOARD = False
     result = run_step(job, CliEvents(quiet=args.json))
     print_result(result, args, format_report(result))
     return 0
@@ -391,6 +393,9 @@ def add_commands(commands) -> None:
                    help="seconds to wait while another run writes the same output, before giving up")
     p.add_argument("--lease-ttl", type=float, default=RestoreJob.lease_ttl_s,
                    help="a crashed run's hold on the output is taken over this long after it stopped renewing it")
+    p.add_argument("--executor", choices=("auto", "in-process", "ray"), default=RestoreJob.executor,
+                   help="who runs the model: auto runs a small plan in this process and a large one (or one "
+                        "with --gpu, --workers or RAY_ADDRESS) on Ray")
     p.add_argument("--unit-rows", type=int, default=RestoreJob.unit_rows,
                    help="rows per unit of work at most (whole row groups): smaller units spread a file over more replicas")
     add_common_flags(p, inference=True)

@@ -38,6 +38,9 @@ class RestoreJob:
     # compressed input (a larger row group is a unit alone): large files spread over replicas.
     unit_rows: int = 256
     unit_megabytes: float = 64.0
+    # Who runs the replicas: "auto" lets a small plan run in this process and a large one,
+    # or one for a cluster, GPUs or a number of workers, on Ray (pipeline/restore/executors.py).
+    executor: str = "auto"
 
     def __post_init__(self):
         if self.workers is not None and self.workers < 1:
@@ -48,6 +51,10 @@ class RestoreJob:
             raise ValueError("stall_timeout_s must be positive")
         if self.lease_wait_s < 0 or self.lease_ttl_s <= 0:
             raise ValueError("lease_wait_s must be >= 0 and lease_ttl_s positive")
+        if self.executor not in ("auto", "in-process", "ray"):
+            raise ValueError(f"executor must be 'auto', 'in-process' or 'ray', got {self.executor!r}")
+        if self.executor == "in-process" and self.use_gpu:
+            raise ValueError("the in-process executor restores on CPU; --gpu runs replicas on Ray")
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,17 @@ LOCAL_MIN_LOGICAL_CPUS = 4
 WORKER_ENV = {"ARROW_DEFAULT_MEMORY_POOL": "system"}
 
 
-def connect(address: str | None = None, num_cpus: int | None = None, dashboard: bool = True) -> dict:
+# Whether a local Ray started by `connect` runs its dashboard when the caller does not say:
+# training needs it; a `resflow restore` process, which may start Ray only once its plan
+# turns out large, turns it off for itself (pipeline/cli.py).
+LOCAL_DASHBOARD = True
+
+
+def connect(address: str | None = None, num_cpus: int | None = None, dashboard: bool | None = None) -> dict:
     """Attach to RAY_ADDRESS (or `address`), or start local Ray; returns cluster resources.
-    `dashboard=False` starts local Ray without its dashboard (a cluster keeps its own)."""
+    `dashboard=False` starts local Ray without its dashboard (a cluster keeps its own);
+    None: LOCAL_DASHBOARD."""
+    dashboard = LOCAL_DASHBOARD if dashboard is None else dashboard
     import ray  # here, so that the cluster launcher can read WORKER_ENV without importing Ray
 
     if ray.is_initialized():

@@ -571,12 +571,14 @@ def test_resflow_restore_runs_local_ray_without_its_dashboard(monkeypatch):
     from pipeline.restore import driver
 
     asked = {}
-    monkeypatch.setattr(raycluster, "connect", lambda dashboard=True, **_: asked.update(ray_dashboard=dashboard))
-    monkeypatch.setattr(driver, "restore_dataset", lambda job, events=None: restore.RestoreReport(job.output, "v1"))
+    monkeypatch.setattr(raycluster, "LOCAL_DASHBOARD", True)  # undone at the end, for the tests that train
+    monkeypatch.setattr(driver, "restore_dataset", lambda job, events=None: asked.update(
+        ray_dashboard=raycluster.LOCAL_DASHBOARD) or restore.RestoreReport(job.output, "v1"))
     assert cli.main(["restore", "--input", "a", "--output", "b", "--model", "m"]) == 0
     assert asked == {"ray_dashboard": False}
     monkeypatch.undo()
-    assert inspect.signature(raycluster.connect).parameters["dashboard"].default is True
+    assert raycluster.LOCAL_DASHBOARD is True
+    assert inspect.signature(raycluster.connect).parameters["dashboard"].default is None
 
     code = ("import ray; from pipeline import raycluster; raycluster.connect(num_cpus=1, dashboard={}); "
             "print(bool(ray._private.worker.get_dashboard_url())); ray.shutdown()")
@@ -704,3 +706,50 @@ def test_a_model_call_holds_one_shape_bounded_by_rows_and_by_pixels():
     rows = pa.table({"image_id": [str(row) for row in range(7)]})
     parts = [rows.take(call) for call in calls]
     assert in_row_order(parts, calls)["image_id"].to_pylist() == [str(row) for row in range(7)]
+
+
+# --- the executor: a small plan in this process ------------------------------------------------
+
+
+def test_the_executor_is_the_jobs_choice_else_in_process_only_for_a_small_local_cpu_plan(monkeypatch):
+    from pipeline.restore.executors import IN_PROCESS_MAX_ROWS, choose_executor
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    plain = RestoreJob("a", "b", "m")
+    assert choose_executor(plain, IN_PROCESS_MAX_ROWS) == "in-process"
+    assert choose_executor(plain, IN_PROCESS_MAX_ROWS + 1) == "ray"
+    assert choose_executor(replace(plain, workers=2), 4) == "ray"  # replicas asked for: Ray runs them
+    assert choose_executor(replace(plain, use_gpu=True), 4) == "ray"
+    assert choose_executor(replace(plain, executor="in-process"), 10**6) == "in-process"
+    monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")
+    assert choose_executor(plain, 4) == "ray"
+    with pytest.raises(ValueError, match="executor"):
+        RestoreJob("a", "b", "m", executor="threads")
+
+
+def test_a_small_plan_restores_in_this_process_as_ray_would(ray_local, one_large_file, s3_prefix):
+    """No Ray for a small plan: the same units, assembly, manifest and pixels as Ray's
+    replicas write (within one level: bf16 sums over other thread counts), in this process."""
+    import os
+    import socket
+
+    source, model = one_large_file + "/in", s3_prefix + "/tiny"
+    torch.manual_seed(0)
+    save_model(model, build_model("dncnn", depth=3, width=4), version="tiny")
+    here = restore_dataset(RestoreJob(source, s3_prefix + "/here", model, unit_rows=8, stall_timeout_s=300))
+    assert here.executor == "in-process"
+    assert here.rows_by_replica == {f"{socket.gethostname()}:{os.getpid()}": 32}  # this process did it all
+    assert (here.files_restored, here.units_restored, here.images_ok) == (1, 8, 32)  # 8 units, assembled here
+    assert storage.list_files(s3_prefix + "/here/_resflow/parts") == []
+    assert here.first_rows_seconds > 0
+    on_ray = restore_dataset(job(source, s3_prefix + "/ray", model, batch_size=None, unit_rows=8, executor="ray"))
+    assert on_ray.executor == "ray" and os.getpid() not in {int(r.split(":")[1]) for r in on_ray.rows_by_replica}
+    [written_here], [written_ray] = storage.list_files(s3_prefix + "/here"), storage.list_files(s3_prefix + "/ray")
+    ours, theirs = read_table(written_here.uri), read_table(written_ray.uri)
+    assert ours["image_id"].to_pylist() == theirs["image_id"].to_pylist() == [f"bsd-{i:02d}" for i in range(32)]
+    for name in ("label", "tags", "status"):
+        assert ours[name].to_pylist() == theirs[name].to_pylist()
+    for a, b in zip(ours["image"].to_pylist(), theirs["image"].to_pylist()):
+        assert np.abs(decode(a).pixels.astype(int) - decode(b).pixels.astype(int)).max() <= 1
+    again = restore_dataset(RestoreJob(source, s3_prefix + "/here", model, unit_rows=8))
+    assert (again.files_skipped, again.files_restored) == (1, 0)  # recorded in the manifest like Ray's runs

@@ -21,6 +21,7 @@ from pipeline.jobs import Events, RestoreJob
 from pipeline.lease import OutputLease
 from pipeline.manifest import Manifest
 from pipeline.restore.assembly import ASSEMBLY_CPUS, assemble
+from pipeline.restore.executors import InProcess, choose_executor
 from pipeline.restore.planning import FilePlan, plan
 from pipeline.restore.records import FileEntry, PartRecord, UnitResult, output_recipe
 from pipeline.restore.replica import Progress, UnitRestorer
@@ -119,13 +120,13 @@ class Run:
         self.manifest = Manifest(job.output, "manifest")
         self.units_manifest = Manifest(job.output, "units")
         self.unrecorded: dict[str, dict] = {"manifest": {}, "units": {}}  # records not yet stored
+        self.progress = None  # on Ray: the replicas' row counter (replica.Progress)
+        self.assemble_task = None  # on Ray: assembly as a Ray task
+        self.assembling: dict = {}  # on Ray: object ref -> file key
         self.recorded_at = time.monotonic()
         self.started = time.time()
 
     def execute(self) -> RestoreReport:
-        import ray
-        import ray.data
-
         job, events = self.job, self.events
         planned = plan(job)
         for damaged in planned.damaged:
@@ -142,6 +143,45 @@ class Run:
         pending = [unit for file in planned.files for unit in file.units if unit.index not in file.done]
         report.units_skipped = sum(len(file.done) for file in planned.files)
         report.images_total = sum(unit.rows for unit in pending)
+        report.executor = choose_executor(job, report.images_total)
+        try:
+            if report.executor == "in-process":
+                self._restore_here(planned, pending)
+            else:
+                self._restore_on_ray(planned, pending)
+        finally:
+            self._close()
+        if report.files_restored != len(planned.files):
+            raise RuntimeError(f"restore ended early: {report.files_restored} of {len(planned.files)} file(s) "
+                               f"complete; rerun to finish (done files and units are skipped)")
+        report.seconds = time.time() - self.started
+        return report
+
+    def _restore_here(self, planned, pending: list) -> None:
+        """The replica in this process (a small plan): no Ray, no watchdog (nothing runs
+        out of sight), multi-unit files assembled as their last unit finishes."""
+        job, events, report = self.job, self.events, self.report
+        local = InProcess(job, planned.model_folder)
+        events.progress(0, report.images_total)
+        events.log(f"restoring {len(planned.files)} file(s) in {len(pending)} unit(s) ({report.units_skipped} "
+                   f"already done), {report.images_total} images, with model {planned.model_version} in this "
+                   f"process ({local.settings.threads} torch thread(s), {local.settings.io_threads} PNG thread(s), "
+                   f"{local.settings.rows_per_forward} image(s) per forward pass): a plan this small does not "
+                   f"need Ray; {len(planned.skipped)} file(s) already done")
+        for file in planned.files:  # every unit done by an earlier run: only the assembly is left
+            if file.units and len(file.done) == len(file.units):
+                self._assemble(file)
+        for result in local.results(pending):
+            report.first_rows_seconds = report.first_rows_seconds or time.time() - self.started
+            self._record(result)
+            self._store_records()
+
+    def _restore_on_ray(self, planned, pending: list) -> None:
+        """Ray Data's actor pool of replicas, watched for stalls."""
+        import ray
+        import ray.data
+
+        job, events, report = self.job, self.events, self.report
         workers, settings, actor_options, units_at_once = replica_settings(job, raycluster.connect())
         events.progress(0, report.images_total)
         events.log(f"restoring {len(planned.files)} file(s) in {len(pending)} unit(s) ({report.units_skipped} "
@@ -155,56 +195,48 @@ class Run:
                        f"smaller units (unit_rows) spread a few files over more replicas")
         ray.data.DataContext.get_current().enable_progress_bars = events.interactive
         self.progress = ray.remote(num_cpus=0)(Progress).remote()
-        self.assembling: dict = {}  # Ray object ref -> file key
         self.assemble_task = ray.remote(num_cpus=ASSEMBLY_CPUS)(assemble)
         for file in planned.files:  # every unit done by an earlier run: only the assembly is left
             if file.units and len(file.done) == len(file.units):
                 self._assemble(file)
-        try:
-            if pending:
-                restored = ray.data.from_items([asdict(unit) for unit in pending],
-                                               override_num_blocks=min(len(pending), MAX_BLOCKS)).map_batches(
-                    UnitRestorer,
-                    fn_constructor_kwargs={"model_uri": planned.model_folder, "settings": settings,
-                                           "columns": job.columns, "limits": job.limits, "base_dir": job.input,
-                                           "progress": self.progress},
-                    batch_size=1, batch_format="pyarrow",
-                    # every replica starts at once (model loads overlap one another); the pool may
-                    # shrink to one when a node is lost, and Ray Data gives its units to another
-                    compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers, initial_size=workers,
-                                                       max_concurrent_calls_per_actor=units_at_once,
-                                                       enable_true_multi_threading=units_at_once > 1),
-                    **actor_options,
-                )
-                for batch in batches_with_watchdog(restored, job.stall_timeout_s, self._where, self._rows_restored):
-                    report.first_rows_seconds = report.first_rows_seconds or time.time() - self.started
-                    for row in batch.to_pylist():
-                        self._record(UnitResult.from_row(row))
-                    self._collect_assemblies(timeout=0)
-                    self._store_records()
-            self._collect_assemblies(timeout=job.stall_timeout_s, all_of_them=True)
-        finally:
-            self._close()
-        if report.files_restored != len(planned.files):
-            raise RuntimeError(f"restore ended early: {report.files_restored} of {len(planned.files)} file(s) "
-                               f"complete; rerun to finish (done files and units are skipped)")
-        report.seconds = time.time() - self.started
-        return report
+        if pending:
+            restored = ray.data.from_items([asdict(unit) for unit in pending],
+                                           override_num_blocks=min(len(pending), MAX_BLOCKS)).map_batches(
+                UnitRestorer,
+                fn_constructor_kwargs={"model_uri": planned.model_folder, "settings": settings,
+                                       "columns": job.columns, "limits": job.limits, "base_dir": job.input,
+                                       "progress": self.progress},
+                batch_size=1, batch_format="pyarrow",
+                # every replica starts at once (model loads overlap one another); the pool may
+                # shrink to one when a node is lost, and Ray Data gives its units to another
+                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers, initial_size=workers,
+                                                   max_concurrent_calls_per_actor=units_at_once,
+                                                   enable_true_multi_threading=units_at_once > 1),
+                **actor_options,
+            )
+            for batch in batches_with_watchdog(restored, job.stall_timeout_s, self._where, self._rows_restored):
+                report.first_rows_seconds = report.first_rows_seconds or time.time() - self.started
+                for row in batch.to_pylist():
+                    self._record(UnitResult.from_row(row))
+                self._collect_assemblies(timeout=0)
+                self._store_records()
+        self._collect_assemblies(timeout=job.stall_timeout_s, all_of_them=True)
 
     def _close(self) -> None:
         """Whatever ended the run: store what finished, note the units retried, fold the manifests."""
-        import ray
-
         try:
             self._store_records(now=True)
         except Exception as error:
             self.events.log(f"could not record the last finished work ({error}); a rerun redoes it")
-        try:
-            attempts = ray.get(self.progress.attempts_of.remote(), timeout=PROGRESS_POLL_S)
-            self.report.units_retried = sorted(unit for unit, count in attempts.items() if count > 1)
-        except Exception:  # statistics only
-            pass
-        ray.kill(self.progress)
+        if self.progress is not None:  # on Ray
+            import ray
+
+            try:
+                attempts = ray.get(self.progress.attempts_of.remote(), timeout=PROGRESS_POLL_S)
+                self.report.units_retried = sorted(unit for unit, count in attempts.items() if count > 1)
+            except Exception:  # statistics only
+                pass
+            ray.kill(self.progress)
         for manifest in (self.manifest, self.units_manifest):
             try:
                 self.lease.check()
@@ -215,6 +247,8 @@ class Run:
     def _rows_restored(self) -> int:
         import ray
 
+        if self.progress is None:
+            return -1
         try:
             return ray.get(self.progress.total.remote(), timeout=PROGRESS_POLL_S)
         except Exception:  # an unreachable counter proves nothing either way
@@ -248,7 +282,10 @@ class Run:
 
     def _assemble(self, file: FilePlan) -> None:
         parts = [unit.target for unit in file.units]
-        self.assembling[self.assemble_task.remote(parts, file.output)] = file.key
+        if self.assemble_task is None:  # in this process: now
+            self._assembled(file, assemble(parts, file.output))
+        else:
+            self.assembling[self.assemble_task.remote(parts, file.output)] = file.key
 
     def _collect_assemblies(self, timeout: float, all_of_them: bool = False) -> None:
         import ray
@@ -262,15 +299,17 @@ class Run:
                     raise StallError(f"assembling {len(self.assembling)} file(s) took longer than {timeout:.0f} s: "
                                      f"{self._where()}; finished units are kept, and a rerun assembles them")
                 return
-            file = self.files[self.assembling.pop(ready[0])]
-            stored = ray.get(ready[0])
-            self._finish(file, stored.etag, stored.size, list(file.done.values()))
-            for unit in file.units:  # the parts are in the output now; their records and bytes can go
-                self.unrecorded["units"][unit.name] = None
-                try:
-                    storage.delete(unit.target)
-                except Exception as error:  # leftovers are skipped by readers and overwritten by reruns
-                    self.events.log(f"could not clean up {unit.target}: {error}")
+            self._assembled(self.files[self.assembling.pop(ready[0])], ray.get(ready[0]))
+
+    def _assembled(self, file: FilePlan, stored) -> None:
+        """A multi-unit file's output is whole: finish it, forget and delete its parts."""
+        self._finish(file, stored.etag, stored.size, list(file.done.values()))
+        for unit in file.units:  # the parts are in the output now; their records and bytes can go
+            self.unrecorded["units"][unit.name] = None
+            try:
+                storage.delete(unit.target)
+            except Exception as error:  # leftovers are skipped by readers and overwritten by reruns
+                self.events.log(f"could not clean up {unit.target}: {error}")
 
     def _finish(self, file: FilePlan, output_etag: str, output_size: int, units: list) -> None:
         """A file's output is whole: record it in the manifest (`units`: its units' counts)."""
@@ -303,8 +342,8 @@ class Run:
 
 def restore_dataset(job: RestoreJob, events: Events | None = None) -> RestoreReport:
     """Restore every new or changed input file; `events` hears log lines and progress
-    (images done of images to restore). Starts local Ray when none is connected
-    (raycluster.connect).
+    (images done of images to restore). A small plan runs in this process; a large one
+    starts local Ray when none is connected (executors.choose_executor, raycluster.connect).
 
     The run holds the output's lease (pipeline/lease.py) from before planning to the end,
     so a second run on the same output waits or stops instead of writing beside it."""

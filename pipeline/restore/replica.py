@@ -197,9 +197,9 @@ class UnitRestorer:
                                     schema=RESULT_SCHEMA)
 
     def restore_unit(self, unit: Unit) -> UnitResult:
-        import ray
+        if self.progress is not None:  # under Ray (in-process, nothing counts attempts)
+            import ray
 
-        if self.progress is not None:
             attempt = ray.get(self.progress.start.remote(unit.name))
             if attempt > UNIT_ATTEMPTS:
                 raise PoisonedUnitError(f"{unit.input} row groups {unit.first}-{unit.last} took their replica down "

@@ -28,6 +28,7 @@ class RestoreReport:
     megapixels: float = 0.0
     seconds: float = 0.0
     first_rows_seconds: float = 0.0  # start-up: planning, Ray Data and model replicas until the first restored rows
+    executor: str = ""  # who ran the replicas: "in-process" or "ray" (executors.choose_executor)
     rows_by_replica: dict = field(default_factory=dict)  # replica (host:pid) -> rows it restored
     units_retried: list = field(default_factory=list)  # units restored again after their replica was lost
     stage_seconds: dict = field(default_factory=dict)  # busy seconds of all replicas per stage: read, decode, ...
@@ -66,7 +67,8 @@ def format_report(report: dict) -> str:
              f"{report['units_restored']} unit(s): {report['images_ok']} ok, {report['images_skipped']} skipped, "
              f"{report['images_failed']} failed; "
              f"{report['megapixels']:.1f} MP in {report['seconds']:.1f} s = {report['megapixels_per_s']:.3f} MP/s "
-             f"(first rows after {report['first_rows_seconds']:.1f} s); model {report['model_version']}",
+             f"(first rows after {report['first_rows_seconds']:.1f} s"
+             f"{', in this process' if report.get('executor') == 'in-process' else ''}); model {report['model_version']}",
              f"output: {report['output']}"]
     noise = noise_summary(report["noise_sigma_counts"])
     if noise["images"]:
