@@ -27,6 +27,7 @@ from pipeline.dataset import read_table
 from pipeline.images import ImageColumns, decode
 from pipeline.manifest import Manifest
 from pipeline.noise import noise_summary
+from pipeline.restore.records import FileEntry
 
 PREVIEW_SIDE = 256  # px; 10-40 KB per JPEG keeps the artifact page fast
 
@@ -52,19 +53,20 @@ def sample_restored(output: str, count: int, only: set[str] | None = None,
     Input and output rows are paired by position (an output file holds its input's rows in
     order), never by id, which need not be unique."""
     rows: list[dict] = []
-    for entry in sorted(Manifest(output, "manifest").all().values(), key=lambda e: e["output"]):
-        if only is not None and entry["output"] not in only:
+    entries = [FileEntry.from_json(record) for record in Manifest(output, "manifest").all().values()]
+    for entry in sorted((entry for entry in entries if entry is not None), key=lambda entry: entry.output):
+        if only is not None and entry.output not in only:
             continue
         if len(rows) >= count:
             break
-        restored = read_table(entry["output"])
+        restored = read_table(entry.output)
         wanted = [name for name in (columns.id, columns.image, columns.target, "noise_sigma")
                   if name in restored.schema.names]
         restored = restored.select(wanted + ["status"]).append_column("_row", pa.array(range(restored.num_rows)))
         restored = restored.filter(pc.equal(restored.column("status"), "ok")).slice(0, count - len(rows))
         if restored.num_rows == 0:
             continue
-        before = read_table(entry["input"], columns=[columns.image]).column(columns.image)
+        before = read_table(entry.input, columns=[columns.image]).column(columns.image)
         has_target = columns.target in restored.schema.names
         for record in restored.to_pylist():
             rows.append({

@@ -33,6 +33,7 @@ DEFAULTS = {  # the demo's layout in the local S3 server; every one is a flow pa
     "train_data": "s3://resflow/train400/train",
     "val_data": "s3://resflow/train400/val",
 }
+QUALITY_SAMPLE = 16  # restored images scored against their clean target, where the input has one
 
 
 def stop_ray_jobs(flow, flow_run, state) -> None:
@@ -49,20 +50,28 @@ hooks = dict(on_cancellation=[stop_ray_jobs], on_crashed=[stop_ray_jobs])
 def restore_flow(input: str = DEFAULTS["input"], output: str = DEFAULTS["output"], model: str = DEFAULTS["registry"],
                  workers: int | None = None, use_gpu: bool = False, batch_size: int | None = None,
                  tile: int = RestoreSettings.tile, force: bool = False, previews: int = 4,
-                 quality_sample: int = 16, skip_below: float | None = RestoreSettings.skip_below) -> dict:
+                 quality_sample: int = QUALITY_SAMPLE, skip_below: float | None = RestoreSettings.skip_below,
+                 prune: bool = RestoreJob.prune) -> dict:
     """Restore every new or changed Parquet file under `input` into `output`; images whose
-    estimated noise sigma is below `skip_below` are left untouched."""
-    report = tasks.run_step_task(restore_job(input, output, model, workers, use_gpu, batch_size, tile, force,
-                                             skip_below))
-    report["metrics"] = artifacts.restore_artifacts(report, input, model, previews, quality_sample)
-    return report
+    estimated noise sigma is below `skip_below` are left untouched; with `prune`, what is
+    left of input files deleted since an earlier run is removed."""
+    job = restore_job(input, output, model, workers, use_gpu, batch_size, tile, force, skip_below, prune)
+    return restore_and_report(job, previews, quality_sample)
 
 
 def restore_job(input: str, output: str, model: str, workers: int | None = None, use_gpu: bool = False,
                 batch_size: int | None = None, tile: int = RestoreSettings.tile, force: bool = False,
-                skip_below: float | None = RestoreSettings.skip_below) -> RestoreJob:
+                skip_below: float | None = RestoreSettings.skip_below, prune: bool = RestoreJob.prune) -> RestoreJob:
+    """The one place the flows turn their parameters into a restore job."""
     return RestoreJob(input=input, output=output, model=model, workers=workers, use_gpu=use_gpu, force=force,
-                      settings=RestoreSettings(tile=tile, batch_size=batch_size, skip_below=skip_below))
+                      prune=prune, settings=RestoreSettings(tile=tile, batch_size=batch_size, skip_below=skip_below))
+
+
+def restore_and_report(job: RestoreJob, previews: int, quality_sample: int) -> dict:
+    """Run a restore job, then draw its artifacts (previews, quality on a sample, noise)."""
+    report = tasks.run_step_task(job)
+    report["metrics"] = artifacts.restore_artifacts(report, job.input, job.model, previews, quality_sample)
+    return report
 
 
 @flow(name="resflow-train", log_prints=True, **hooks)
@@ -128,8 +137,9 @@ def nightly_flow(input: str = DEFAULTS["input"], output: str = DEFAULTS["output"
                  train_minutes: float = 20.0, min_gain_db: float = 0.05, workers: int | None = None,
                  use_gpu: bool = False, batch_size: int | None = None, tile: int = RestoreSettings.tile,
                  previews: int = 4, lock_timeout_s: float = 900.0,
-                 skip_below: float | None = RestoreSettings.skip_below) -> dict:
-    """Restore what arrived since the last run with the champion; train and challenge on a cadence."""
+                 skip_below: float | None = RestoreSettings.skip_below, prune: bool = RestoreJob.prune) -> dict:
+    """Restore what arrived since the last run with the champion; train and challenge on a cadence.
+    With `prune`, what is left of input files deleted since an earlier night is removed."""
     logger = get_run_logger()
     record: dict = {"input": input, "output": output, "registry": registry}
     if tasks.read_champion(registry) is None:
@@ -140,13 +150,14 @@ def nightly_flow(input: str = DEFAULTS["input"], output: str = DEFAULTS["output"
     champion = tasks.read_champion(registry)
     record["champion"] = champion["version"]
 
+    # One job, built once: what is planned is what runs (a threshold that only the restore
+    # saw made every night plan every file as new, then restore nothing).
+    job = restore_job(input, output, registry, workers, use_gpu, batch_size, tile, skip_below=skip_below, prune=prune)
     with tasks.input_lock(input, lock_timeout_s):
-        plan = tasks.find_new_inputs(restore_job(input, output, registry))
-        record["new_files"] = plan["todo"]
-        if plan["todo"]:
-            record["restore"] = restore_flow(input, output, registry, workers=workers, use_gpu=use_gpu,
-                                             batch_size=batch_size, tile=tile, previews=previews,
-                                             skip_below=skip_below)
+        plan = tasks.find_new_inputs(job)
+        record["new_files"], record["inputs_gone"] = plan["todo"], plan["gone"]
+        if plan["todo"] or (job.prune and plan["gone"]):
+            record["restore"] = restore_and_report(job, previews, QUALITY_SAMPLE)
         else:
             logger.info(f"nothing new under {input}: {plan['skipped']} file(s) already restored with "
                         f"{plan['model_version']}")
@@ -167,6 +178,10 @@ def _summary_markdown(record: dict) -> str:
     lines = [f"# Nightly run: {len(record['new_files'])} new file(s)", "",
              f"- input `{record['input']}` → output `{record['output']}`",
              f"- champion before: `{record['champion']}`, after: `{record['champion_after']}`"]
+    if record.get("inputs_gone"):
+        pruned = restore and restore.get("inputs_pruned")
+        lines.append(f"- {len(record['inputs_gone'])} input file(s) deleted since an earlier run: "
+                     + ("their outputs and records removed" if pruned else "outputs and records kept (`prune` removes them)"))
     if restore:
         lines.append(f"- restored {restore['images_ok']} ok / {restore['images_skipped']} skipped / "
                      f"{restore['images_failed']} failed, "

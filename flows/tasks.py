@@ -83,13 +83,14 @@ def read_champion(registry_uri: str) -> dict | None:
 
 @task(**io_task)
 def find_new_inputs(job: RestoreJob) -> dict:
-    """Which input files this run must restore (new, changed, or done by another model)."""
+    """Which input files this run must restore (new, changed, or done by another model), and
+    which were deleted since an earlier run."""
     from pipeline.restore import plan
 
     planned = plan(job)
     get_run_logger().info(f"{len(planned.todo)} input file(s) to restore with {planned.model_version}, "
-                          f"{len(planned.skipped)} already done")
-    return {"todo": [info.uri for info in planned.todo], "skipped": len(planned.skipped),
+                          f"{len(planned.skipped)} already done, {len(planned.gone)} deleted since an earlier run")
+    return {"todo": [info.uri for info in planned.todo], "skipped": len(planned.skipped), "gone": planned.gone,
             "model_version": planned.model_version}
 
 

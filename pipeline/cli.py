@@ -248,9 +248,9 @@ def run_restore(args) -> int:
 
     job = RestoreJob(input=args.input, output=args.output, model=args.model, settings=settings_from(args),
                      columns=columns_from(args), workers=args.workers, use_gpu=args.gpu,
-                     cpus_per_worker=args.cpus_per_worker, force=args.force, stall_timeout_s=args.stall_timeout,
-                     lease_wait_s=args.wait_for_lease, lease_ttl_s=args.lease_ttl, unit_rows=args.unit_rows,
-                     executor=args.executor)
+                     cpus_per_worker=args.cpus_per_worker, force=args.force, prune=args.prune,
+                     stall_timeout_s=args.stall_timeout, lease_wait_s=args.wait_for_lease, lease_ttl_s=args.lease_ttl,
+                     unit_rows=args.unit_rows, executor=args.executor)
     check_storage(job.input, job.output, job.model)
     # Ray starts only if the plan needs it (pipeline/restore/executors.py); in a process of
     # its own, local Ray without its dashboard saves ~210 MB and 10 processes (bench/README.md,
@@ -387,6 +387,9 @@ def add_commands(commands) -> None:
                         "'skipped', input bytes kept); default: none, every image is restored. The estimate is "
                         "recorded either way (column noise_sigma)")
     p.add_argument("--force", action="store_true", help="restore every file, even those already done")
+    p.add_argument("--prune", action="store_true",
+                   help="remove the outputs, records and staged parts of input files deleted since an earlier run "
+                        "(default: off, they are only reported)")
     p.add_argument("--stall-timeout", type=float, default=RestoreJob.stall_timeout_s,
                    help="fail after this many seconds without progress")
     p.add_argument("--wait-for-lease", type=float, default=RestoreJob.lease_wait_s,

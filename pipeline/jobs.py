@@ -31,6 +31,7 @@ class RestoreJob:
     use_gpu: bool = False  # one GPU per replica, bf16
     cpus_per_worker: float = 0.5  # logical CPUs a CPU replica reserves; fractions leave Ray's own tasks room
     force: bool = False  # restore every file, even those the manifest says are done
+    prune: bool = False  # remove the outputs, records and staged parts of inputs deleted since an earlier run
     stall_timeout_s: float = 600.0  # fail when no row is restored for this long
     lease_wait_s: float = 0.0  # how long to wait for another run's lease on the output before giving up
     lease_ttl_s: float = 120.0  # a crashed run's lease is taken over this long after its last renewal

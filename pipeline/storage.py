@@ -327,12 +327,39 @@ def write_bytes(uri: str, data: bytes) -> FileInfo:
     return file_info(uri)
 
 
+def local_temporary_name(path: str) -> str:
+    """A temporary name beside `path` (same filesystem, so the rename is atomic), hidden:
+    readers that list a folder (pyarrow's datasets, list_files) skip names starting with a
+    dot, so a killed writer's leftover is never taken for data."""
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f".{name}.{uuid.uuid4().hex}{TEMPORARY_SUFFIX}")
+
+
+TEMPORARY_SUFFIX = ".tmp"
+
+
+def clear_temporaries(uri: str, keep: tuple[str, ...] = ()) -> list[str]:
+    """Delete the temporaries killed local writers left under `uri` (none on S3, where an
+    unfinished upload is never visible); names in `keep` stay. The caller is the only
+    writer there (it holds the lease). Returns what it deleted."""
+    location = parse(uri)
+    if location.scheme == "s3" or not os.path.isdir(location.path):
+        return []
+    cleared = []
+    for folder, _, names in os.walk(location.path):
+        for name in names:
+            if name.startswith(".") and name.endswith(TEMPORARY_SUFFIX) and not name.startswith(keep):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(folder, name))
+                    cleared.append(os.path.join(folder, name))
+    return cleared
+
+
 @contextlib.contextmanager
 def _local_temporary(path: str) -> Iterator[str]:
-    """A temporary name beside `path` (same filesystem, so the rename is atomic), removed
-    if the block fails."""
+    """A hidden temporary beside `path` (`local_temporary_name`), removed if the block fails."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    temporary = f"{path}.{uuid.uuid4().hex}.tmp"
+    temporary = local_temporary_name(path)
     try:
         yield temporary
     finally:
@@ -369,7 +396,7 @@ class AtomicWriter:
             self._handle = retry(lambda: fs.open(path, "wb", block_size=PART_BYTES), what=f"opening {self.uri}")
         else:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            self._temporary = f"{path}.{uuid.uuid4().hex}.tmp"
+            self._temporary = local_temporary_name(path)
             self._handle = open(self._temporary, "wb")  # noqa: SIM115 - closed in __exit__
         return self._handle
 

@@ -89,6 +89,22 @@ def test_nightly_restores_new_files_only_and_leaves_artifacts(prefect_api, ray_l
     assert nightly_flow(**params)["new_files"] == []  # nothing new: nothing restored
 
 
+def test_nightly_with_skip_below_plans_what_it_restores(prefect_api, ray_local, set12_paired, trained_model,
+                                                       s3_prefix):
+    """The nightly flow plans and restores one job: with a threshold set, a night after the
+    first finds nothing new (planning without the threshold saw every file as new)."""
+    models = s3_prefix + "/models"
+    registry.set_champion(models, "v1", reason="test") if publish_version(trained_model, models, "v1") else None
+    incoming = s3_prefix + "/incoming"
+    copy_files(storage.list_files(set12_paired)[:1], incoming)
+    params = dict(input=incoming, output=s3_prefix + "/restored", registry=models, train_every_days=0,
+                  workers=1, batch_size=4, previews=0, skip_below=5.0)
+    first = nightly_flow(**params)
+    assert len(first["new_files"]) == 1 and first["restore"]["images_ok"] == 4
+    second = nightly_flow(**params)
+    assert second["new_files"] == [] and "restore" not in second
+
+
 def test_a_worse_challenger_is_not_promoted_a_better_one_is(prefect_api, set12_paired, trained_model, s3_prefix):
     models = s3_prefix + "/models"
     publish_version(trained_model, models, "good")

@@ -82,3 +82,22 @@ def test_records_travel_as_json_and_arrow_and_a_foreign_record_vouches_for_nothi
     result = UnitResult("k", 0, replica="h:1", rows=2, failures=[["a", "why"]], stages={"read": 1.5})
     table = pa.Table.from_pylist([result.__dict__], schema=arrow_schema(UnitResult))
     assert UnitResult.from_row(table.to_pylist()[0]) == result
+
+
+def test_an_input_deleted_since_a_run_is_reported_and_removed_only_with_prune(restored_once):
+    from pipeline.restore.driver import prune_inputs_gone
+
+    job, output = restored_once, storage.join(restored_once.output, "a.parquet")
+    source = storage.join(job.input, "a.parquet")
+    storage.write_bytes(storage.join(job.input, "b.parquet"), storage.read_bytes(source))  # the input stays a dataset
+    part = storage.join(job.output, storage.RESFLOW_DIR, "parts", "a.parquet", "0123", "000000-000000.parquet")
+    storage.write_bytes(part, b"a staged part of a run that never finished")
+    Manifest(job.output, "units").put_many({"a.parquet/000000-000000": {"part": part}})
+    storage.delete(source)
+    planned = plan(job)
+    assert (planned.gone, planned.gone_units) == (["a.parquet"], ["a.parquet/000000-000000"])
+    assert storage.exists(output)  # planning only reports
+    assert prune_inputs_gone(job, planned.gone, planned.gone_units) == 1
+    assert not storage.exists(output) and not storage.exists(part)
+    assert "a.parquet" not in Manifest(job.output).all() and Manifest(job.output, "units").all() == {}
+    assert plan(job).gone == []

@@ -157,3 +157,22 @@ def test_a_streamed_write_appears_whole_or_not_at_all(where, tmp_path, s3_prefix
         sink.write(big)
     assert storage.read_bytes(target) == big and writer.stored.size == len(big)
     assert writer.stored == storage.file_info(target)
+
+
+def test_a_killed_local_writer_leaves_nothing_a_reader_lists_and_the_next_run_clears_it(tmp_path):
+    output = tmp_path / "out"
+    pq.write_table(pa.table({"a": [1, 2]}), tmp_path / "whole.parquet")
+    storage.write_bytes(str(output / "done.parquet"), (tmp_path / "whole.parquet").read_bytes())
+    writer = storage.AtomicWriter(str(output / "half.parquet"))
+    sink = writer.__enter__()  # a writer killed mid-file: its block never ends
+    sink.write((tmp_path / "whole.parquet").read_bytes()[:20])
+    sink.flush()
+    assert len(list(output.iterdir())) == 2  # its temporary is there...
+    assert pq.read_table(output).num_rows == 2  # ...and no reader of the folder takes it for data
+    assert [info.uri.rsplit("/", 1)[1] for info in storage.list_files(str(output))] == ["done.parquet"]
+    lease_renewal = output / "_resflow" / ".lease.json.0123.tmp"
+    lease_renewal.parent.mkdir()
+    lease_renewal.write_bytes(b"{}")
+    cleared = storage.clear_temporaries(str(output), keep=(".lease.json.",))
+    assert [name.rsplit("/", 1)[1].split(".")[1] for name in cleared] == ["half"]
+    assert sorted(path.name for path in output.rglob("*") if path.is_file()) == [".lease.json.0123.tmp", "done.parquet"]

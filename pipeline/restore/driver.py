@@ -18,7 +18,7 @@ from dataclasses import asdict, replace
 from pipeline import raycluster, storage
 from pipeline.config import RestoreSettings
 from pipeline.jobs import Events, RestoreJob
-from pipeline.lease import OutputLease
+from pipeline.lease import LEASE_FILE, OutputLease
 from pipeline.manifest import Manifest
 from pipeline.restore.assembly import ASSEMBLY_CPUS, assemble
 from pipeline.restore.executors import InProcess, choose_executor
@@ -106,6 +106,17 @@ def batches_with_watchdog(dataset, stall_timeout_s: float, where, rows_restored=
             channel.get_nowait()
 
 
+def prune_inputs_gone(job: RestoreJob, gone: list[str], gone_units: list[str]) -> int:
+    """Remove what is left of inputs deleted since an earlier run: the output file, its
+    manifest entry, its unit records and its staged parts (the caller holds the lease)."""
+    for key in gone:
+        storage.delete(storage.join(job.output, key))
+        storage.delete(storage.join(job.output, storage.RESFLOW_DIR, "parts", key))
+    Manifest(job.output, "manifest").put_many(dict.fromkeys(gone))
+    Manifest(job.output, "units").put_many(dict.fromkeys(gone_units))
+    return len(gone)
+
+
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -128,6 +139,9 @@ class Run:
 
     def execute(self) -> RestoreReport:
         job, events = self.job, self.events
+        cleared = storage.clear_temporaries(job.output, keep=(f".{LEASE_FILE}.",))  # the lease's own renewals stay
+        if cleared:
+            events.log(f"removed {len(cleared)} temporary file(s) that killed writers left under {job.output}")
         planned = plan(job)
         for damaged in planned.damaged:
             events.log(f"unreadable record {damaged}: the work it recorded is done again, and the record replaced")
@@ -135,6 +149,14 @@ class Run:
         report = self.report = RestoreReport(job.output, planned.model_version,
                                              files_total=len(planned.files) + len(planned.skipped),
                                              files_skipped=len(planned.skipped))
+        report.inputs_gone = planned.gone
+        if planned.gone and job.prune:
+            self.lease.check()
+            report.inputs_pruned = prune_inputs_gone(job, planned.gone, planned.gone_units)
+            events.log(f"pruned {report.inputs_pruned} deleted input(s): their outputs, records and parts")
+        elif planned.gone:
+            events.log(f"{len(planned.gone)} input file(s) deleted since an earlier run still have outputs or "
+                       f"records (e.g. {planned.gone[0]}); --prune removes them")
         if not planned.files:
             events.log(f"nothing to restore: all {len(planned.skipped)} input file(s) are done for model "
                        f"{planned.model_version}")

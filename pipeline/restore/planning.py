@@ -63,6 +63,10 @@ class RestorePlan:
     model_folder: str
     model_version: str
     damaged: list[str] = field(default_factory=list)  # records that could not be read: their work is redone
+    # Inputs deleted since an earlier run (their keys) whose output or records remain, and
+    # those records' unit names: reported, and removed with RestoreJob.prune.
+    gone: list[str] = field(default_factory=list)
+    gone_units: list[str] = field(default_factory=list)
 
     @property
     def todo(self) -> list[storage.FileInfo]:
@@ -141,16 +145,18 @@ def plan(job: RestoreJob) -> RestorePlan:
     manifest, units_manifest = Manifest(job.output, "manifest"), Manifest(job.output, "units")
     entries = manifest.all()
     outputs = {storage.relative_path(job.output, info.uri): info for info in existing_files(job.output)}
-    todo, skipped = [], []
+    todo, skipped, present = [], [], set()
     for info in dataset_files(job.input):
         key = storage.relative_path(job.input, info.uri)
+        present.add(key)
         entry = FileEntry.from_json(entries.get(key))
         done = entry is not None and entry.vouches_for(info, card.version, recipe, outputs.get(key))
         (skipped if done and not job.force else todo).append((key, info))
     footers = read_footers([info for _, info in todo])
     for (_, info), footer in zip(todo, footers):
         validate_schema(footer.schema.to_arrow_schema(), job.columns, where=info.uri)
-    records = units_manifest.all() if not job.force else {}
+    all_records = units_manifest.all()
+    records = all_records if not job.force else {}
     parts = {info.uri: info for info in existing_files(storage.join(job.output, storage.RESFLOW_DIR, "parts"))}
     files = [plan_units(job, key, info, footer, card.version) for (key, info), footer in zip(todo, footers)]
     for file in files:
@@ -159,5 +165,7 @@ def plan(job: RestoreJob) -> RestorePlan:
             if record is not None and record.vouches_for(unit.target, file.info, card.version, recipe,
                                                          parts.get(unit.target)):
                 file.done[unit.index] = record
+    gone = sorted((set(outputs) | set(entries)) - present)
+    gone_units = sorted(name for name in all_records if name.rsplit("/", 1)[0] not in present)
     return RestorePlan(files, [info for _, info in skipped], model_folder, card.version,
-                       manifest.damaged + units_manifest.damaged)
+                       manifest.damaged + units_manifest.damaged, gone, gone_units)

@@ -15,6 +15,8 @@ class RestoreReport:
     files_total: int = 0
     files_restored: int = 0
     files_skipped: int = 0
+    inputs_gone: list = field(default_factory=list)  # keys of inputs deleted since an earlier run, outputs left
+    inputs_pruned: int = 0  # of those, how many this run removed (with prune): output, records and parts
     units_restored: int = 0  # units of work restored by this run
     units_skipped: int = 0  # units of unfinished files that an earlier run had finished
     images_total: int = 0  # rows in the units to restore this run
@@ -70,6 +72,12 @@ def format_report(report: dict) -> str:
              f"(first rows after {report['first_rows_seconds']:.1f} s"
              f"{', in this process' if report.get('executor') == 'in-process' else ''}); model {report['model_version']}",
              f"output: {report['output']}"]
+    if report["inputs_gone"]:
+        gone = report["inputs_gone"]
+        lines.append(f"{len(gone)} input file(s) deleted since an earlier run: "
+                     + (f"removed their outputs and records ({report['inputs_pruned']})" if report["inputs_pruned"]
+                        else "their outputs and records remain; --prune removes them")
+                     + f": {', '.join(gone[:5])}{' ...' if len(gone) > 5 else ''}")
     noise = noise_summary(report["noise_sigma_counts"])
     if noise["images"]:
         lines.append(f"estimated noise sigma: median {noise['median']:.1f} over {noise['images']} images; "
