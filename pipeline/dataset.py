@@ -9,6 +9,7 @@ is recorded in its manifest (pipeline/manifest.py).
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -54,20 +55,48 @@ def read_footers(files: list[storage.FileInfo]) -> list[pq.FileMetaData]:
         return list(pool.map(lambda info: read_metadata(info.uri, filesystem), files))
 
 
-def inspect_dataset(uri: str, columns: ImageColumns = ImageColumns(),
-                    need_target: bool = False) -> list[tuple[storage.FileInfo, pq.FileMetaData]]:
-    """List the dataset and check every file's schema before any work starts; returns
-    each file with its footer (row counts come with it, no second read)."""
-    files = dataset_files(uri)
-    footers = read_footers(files)
+CLEAN, PAIRED, NOISY = "clean", "paired", "noisy"  # the dataset kinds
+
+
+def dataset_kind(column_names, columns: ImageColumns, kind_without_target: str = CLEAN,
+                 use_target: bool = True) -> str:
+    """What a dataset's rows are, from its own columns: a target column makes it paired
+    (image degraded, target clean) unless the caller ignores the target; without one its
+    images are `kind_without_target`: clean (noise is synthesised) or noisy (noisy-only
+    data, no clean reference, as self-supervised training takes)."""
+    return PAIRED if use_target and columns.target in column_names else kind_without_target
+
+
+@dataclass(frozen=True)
+class InspectedDataset:
+    """A dataset checked before any work: its files with their footers, and its kind."""
+
+    files: list[storage.FileInfo]
+    footers: list[pq.FileMetaData]
+    kind: str  # CLEAN, PAIRED or NOISY
+
+    @property
+    def rows(self) -> int:
+        return sum(footer.num_rows for footer in self.footers)
+
+
+def check_footers(files: list[storage.FileInfo], footers: list[pq.FileMetaData], columns: ImageColumns,
+                  need_target: bool = False) -> None:
+    """Every file follows the data contract (the target too when `need_target`), or SchemaError names the first that does not."""
     for info, footer in zip(files, footers):
         validate_schema(footer.schema.to_arrow_schema(), columns, need_target=need_target, where=info.uri)
-    return list(zip(files, footers))
 
 
-def check_dataset(uri: str, columns: ImageColumns = ImageColumns(), need_target: bool = False) -> list[storage.FileInfo]:
-    """List the dataset and check every file's schema before any work starts."""
-    return [info for info, _ in inspect_dataset(uri, columns, need_target)]
+def inspect(uri: str, columns: ImageColumns = ImageColumns(), kind_without_target: str = CLEAN,
+            use_target: bool = True) -> InspectedDataset:
+    """The one look at a dataset before train, evaluate, ingest or degrade works on it:
+    list it, read every footer once, decide its kind from the first file's columns
+    (`dataset_kind`), and check every file has the columns that kind needs."""
+    files = dataset_files(uri)
+    footers = read_footers(files)
+    kind = dataset_kind(footers[0].schema.to_arrow_schema().names, columns, kind_without_target, use_target)
+    check_footers(files, footers, columns, need_target=kind == PAIRED)
+    return InspectedDataset(files, footers, kind)
 
 
 def read_table(file_uri: str, columns: list[str] | None = None) -> pa.Table:

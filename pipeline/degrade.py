@@ -175,12 +175,12 @@ def degrade_dataset(source: str, destination: str, degradation: Degradation, see
     from tqdm import tqdm
 
     from pipeline import storage
-    from pipeline.dataset import check_dataset, read_table, write_table
+    from pipeline.dataset import inspect, read_table, write_table
     from pipeline.images import decode, encode_png, from_float, image_bytes, to_float
     from pipeline.manifest import Manifest
 
     storage.check_disjoint(source, destination)
-    files = check_dataset(source, columns)
+    files = inspect(source, columns).files
     storage.ensure_bucket(destination)
     manifest = Manifest(destination, "degrade")
     finished = manifest.all()  # one read of the records, not one per file

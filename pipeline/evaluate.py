@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline import metrics, registry
-from pipeline.dataset import inspect_dataset, iter_batches
+from pipeline.dataset import PAIRED, DatasetError, inspect, iter_batches
 from pipeline.degrade import protocol_noisy
 from pipeline.images import decode, from_float, max_value, to_float
 from pipeline.inference import ModelRunner
@@ -64,10 +64,14 @@ def evaluate(job: EvaluateJob, events: Events | None = None) -> Evaluation:
     started = time.time()
     model, card = load_model(registry.resolve(job.model), map_location=job.settings.device)
     runner = ModelRunner(model, job.settings)
-    paired = job.noise_sigma is None
     columns = job.columns
-    inspected = inspect_dataset(job.data, columns, need_target=paired)
-    total = sum(footer.num_rows for _, footer in inspected)
+    # With noise_sigma the protocol synthesises noise on the image column, target or not.
+    inspected = inspect(job.data, columns, use_target=job.noise_sigma is None)
+    paired = inspected.kind == PAIRED
+    if not paired and job.noise_sigma is None:
+        raise DatasetError(f"{job.data} has no target column {columns.target!r}: a paired dataset needs the clean "
+                           f"reference; for clean images give noise_sigma (--noise-sigma) to add the protocol's noise")
+    total = inspected.rows
     protocol = ("paired dataset" if paired else
                 f"synthetic Gaussian noise sigma {job.noise_sigma:g}, seed {job.seed} per image")
     result = Evaluation(card.version, job.data, protocol, job.noise_sigma)
@@ -75,7 +79,7 @@ def evaluate(job: EvaluateJob, events: Events | None = None) -> Evaluation:
     events.progress(0, total)
     wanted = [columns.id, columns.image] + ([columns.target] if paired else [])
     done = 0
-    for info, _ in inspected:
+    for info in inspected.files:
         for batch in iter_batches(info.uri, batch_size=8, columns=wanted):
             rows = batch.to_pydict()
             for index, image_id in enumerate(rows[columns.id]):

@@ -21,7 +21,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from pipeline import storage
-from pipeline.dataset import check_dataset, read_table, write_table
+from pipeline.dataset import inspect, read_table, write_table
 from pipeline.images import (
     IMAGE_SUFFIXES,
     ImageColumns,
@@ -117,7 +117,7 @@ def split_dataset(source: str, train_destination: str, val_destination: str, val
     counts = [0, 0]
     for destination in (train_destination, val_destination):
         storage.check_disjoint(source, destination)
-    for info in check_dataset(source, columns):
+    for info in inspect(source, columns).files:
         table = read_table(info.uri)
         mask = np.array([held_out(image_id, val_fraction, seed) for image_id in table[columns.id].to_pylist()], bool)
         for index, (destination, part) in enumerate([(train_destination, table.filter(pa.array(~mask))),

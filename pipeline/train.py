@@ -7,7 +7,7 @@
     resflow train ... --preset dncnn-paper --workers 8 --gpu
 
 Data: a Parquet image dataset of one of three kinds, decided from its own columns
-(`dataset_kind`): paired (`image` degraded, `target` clean), clean (degradations are
+(`pipeline/dataset.py`, `inspect`): paired (`image` degraded, `target` clean), clean (degradations are
 synthesised on the fly from a seeded stream that differs per worker and epoch), or
 noisy-only (self-supervised training: `image` is taken as already noisy and nothing is
 added). The validation set's kind is decided the same way, from its columns, so a paired
@@ -61,9 +61,9 @@ import torch.nn.functional as F
 from pipeline import storage
 from pipeline.config import TrainConfig, from_data, to_data
 from pipeline.contract import DecodeLimits
-from pipeline.dataset import inspect_dataset
+from pipeline.dataset import CLEAN, NOISY, PAIRED, InspectedDataset, inspect
 from pipeline.degrade import Degradation, degradation_seed
-from pipeline.images import decode, to_float, validate_schema
+from pipeline.images import decode, to_float
 from pipeline.jobs import Events, TrainJob
 from pipeline.models import build_model
 
@@ -92,19 +92,6 @@ def image_float(value, channels: int, limits: DecodeLimits) -> np.ndarray | None
     elif channels != image.shape[2]:
         return None
     return image
-
-
-CLEAN, PAIRED, NOISY = "clean", "paired", "noisy"  # the dataset kinds
-
-
-def dataset_kind(column_names, config: TrainConfig, training: bool) -> str:
-    """What a dataset's rows are, from its own columns. A target column makes it paired,
-    except as self-supervised training data, which learns from the image column alone
-    (the target is ignored). Without a target: noisy-only when training is
-    self-supervised (nothing clean to compare with), else clean (noise synthesised)."""
-    if config.columns.target in column_names and not (training and config.self_supervised):
-        return PAIRED
-    return NOISY if config.self_supervised else CLEAN
 
 
 def sample_patches(batch: dict, config: TrainConfig, channels: int, kind: str, rng: np.random.Generator,
@@ -591,14 +578,12 @@ def read_image_dataset(files: list[storage.FileInfo], columns: list[str]):
     return ray.data.read_parquet(paths, filesystem=filesystem).select_columns(columns)
 
 
-def inspect_with_kind(uri: str, config: TrainConfig, training: bool) -> tuple[list[storage.FileInfo], str, int]:
-    """A dataset's files (each footer read once), its kind from its columns, and its rows;
-    every file must carry the columns its kind needs."""
-    inspected = inspect_dataset(uri, config.columns)
-    kind = dataset_kind(inspected[0][1].schema.to_arrow_schema().names, config, training)
-    for info, footer in inspected:
-        validate_schema(footer.schema.to_arrow_schema(), config.columns, need_target=kind == PAIRED, where=info.uri)
-    return [info for info, _ in inspected], kind, sum(footer.num_rows for _, footer in inspected)
+def inspect_for_training(uri: str, config: TrainConfig, training: bool) -> InspectedDataset:
+    """The dataset's kind as training sees it (dataset.inspect): self-supervised training
+    learns from the image column alone, so its training data ignores a target, and without
+    a target its data is noisy-only (nothing clean to compare with)."""
+    return inspect(uri, config.columns, kind_without_target=NOISY if config.self_supervised else CLEAN,
+                   use_target=not (training and config.self_supervised))
 
 
 def train(job: TrainJob, events: Events | None = None, hooks: TrainHooks | None = None) -> TrainResult:
@@ -613,9 +598,10 @@ def train(job: TrainJob, events: Events | None = None, hooks: TrainHooks | None 
     events = events or Events()
     config, columns = job.config, job.config.columns
     build_model(config.architecture, **config.architecture_config)  # a bad architecture stops the job here
-    kinds: dict[str, str] = {}
-    train_files, kinds["train"], rows = inspect_with_kind(job.data, config, training=True)
-    val_files, kinds["val"], _ = inspect_with_kind(job.val_data, config, training=False)
+    train_data = inspect_for_training(job.data, config, training=True)
+    val_data = inspect_for_training(job.val_data, config, training=False)
+    train_files, val_files, rows = train_data.files, val_data.files, train_data.rows
+    kinds = {"train": train_data.kind, "val": val_data.kind}
     fingerprint = data_fingerprint(train_files, config.degradation)
     run_name = job.run_name or f"train-{time.strftime('%Y%m%d-%H%M%S')}-{fingerprint[:6]}"
     storage_path = storage.join(job.registry, "_runs")

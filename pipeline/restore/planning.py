@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 import pyarrow.parquet as pq
 
 from pipeline import registry, storage
-from pipeline.dataset import dataset_files, read_footers
-from pipeline.images import validate_schema
+from pipeline.dataset import check_footers, dataset_files, read_footers
 from pipeline.jobs import RestoreJob
 from pipeline.manifest import Manifest
 from pipeline.modelio import load_model
@@ -153,8 +152,7 @@ def plan(job: RestoreJob) -> RestorePlan:
         done = entry is not None and entry.vouches_for(info, card.version, recipe, outputs.get(key))
         (skipped if done and not job.force else todo).append((key, info))
     footers = read_footers([info for _, info in todo])
-    for (_, info), footer in zip(todo, footers):
-        validate_schema(footer.schema.to_arrow_schema(), job.columns, where=info.uri)
+    check_footers([info for _, info in todo], footers, job.columns)  # done files' footers are never read
     all_records = units_manifest.all()
     records = all_records if not job.force else {}
     parts = {info.uri: info for info in existing_files(storage.join(job.output, storage.RESFLOW_DIR, "parts"))}
