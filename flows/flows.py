@@ -24,7 +24,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows import FLOW_NAMES, artifacts, raybridge, tasks
 from pipeline.config import RestoreSettings, train_preset
-from pipeline.jobs import EvaluateJob, RestoreJob, TrainJob
+from pipeline.jobs import EvaluateJob, RestoreJob, TrainJob, restore_job
 
 DEFAULTS = {  # the demo's layout in the local S3 server; every one is a flow parameter
     "input": "s3://resflow/incoming",
@@ -55,16 +55,9 @@ def restore_flow(input: str = DEFAULTS["input"], output: str = DEFAULTS["output"
     """Restore every new or changed Parquet file under `input` into `output`; images whose
     estimated noise sigma is below `skip_below` are left untouched; with `prune`, what is
     left of input files deleted since an earlier run is removed."""
-    job = restore_job(input, output, model, workers, use_gpu, batch_size, tile, force, skip_below, prune)
+    job = restore_job(input, output, model, workers=workers, use_gpu=use_gpu, batch_size=batch_size, tile=tile,
+                      force=force, skip_below=skip_below, prune=prune)
     return restore_and_report(job, previews, quality_sample)
-
-
-def restore_job(input: str, output: str, model: str, workers: int | None = None, use_gpu: bool = False,
-                batch_size: int | None = None, tile: int = RestoreSettings.tile, force: bool = False,
-                skip_below: float | None = RestoreSettings.skip_below, prune: bool = RestoreJob.prune) -> RestoreJob:
-    """The one place the flows turn their parameters into a restore job."""
-    return RestoreJob(input=input, output=output, model=model, workers=workers, use_gpu=use_gpu, force=force,
-                      prune=prune, settings=RestoreSettings(tile=tile, batch_size=batch_size, skip_below=skip_below))
 
 
 def restore_and_report(job: RestoreJob, previews: int, quality_sample: int) -> dict:
@@ -152,7 +145,8 @@ def nightly_flow(input: str = DEFAULTS["input"], output: str = DEFAULTS["output"
 
     # One job, built once: what is planned is what runs (a threshold that only the restore
     # saw made every night plan every file as new, then restore nothing).
-    job = restore_job(input, output, registry, workers, use_gpu, batch_size, tile, skip_below=skip_below, prune=prune)
+    job = restore_job(input, output, registry, workers=workers, use_gpu=use_gpu, batch_size=batch_size, tile=tile,
+                      skip_below=skip_below, prune=prune)
     with tasks.input_lock(input, lock_timeout_s):
         plan = tasks.find_new_inputs(job)
         record["new_files"], record["inputs_gone"] = plan["todo"], plan["gone"]

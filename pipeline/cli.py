@@ -26,7 +26,7 @@ import sys
 from pipeline.config import TRAIN_PRESETS, RestoreSettings, preset_summary
 from pipeline.contract import ImageColumns
 from pipeline.degrade import Degradation
-from pipeline.jobs import EXIT_STATUS, Events, RestoreJob
+from pipeline.jobs import EXIT_STATUS, Events, RestoreJob, restore_job, restore_setting_names
 
 
 class Formatter(argparse.RawDescriptionHelpFormatter):
@@ -241,16 +241,20 @@ def run_evaluate(args) -> int:
     return 0
 
 
+def restore_job_from(args) -> RestoreJob:
+    """The flags' names are the job's field names (their `dest`): the CLI and the flows
+    build restore jobs with one builder, `jobs.restore_job`."""
+    named = {name: value for name, value in vars(args).items() if name in restore_setting_names()}
+    return restore_job(args.input, args.output, args.model, **named, id=args.id_column, image=args.image_column,
+                       target=args.target_column)
+
+
 def run_restore(args) -> int:
     from pipeline import raycluster
     from pipeline.steps import run_step
     from pipeline.restore import format_report
 
-    job = RestoreJob(input=args.input, output=args.output, model=args.model, settings=settings_from(args),
-                     columns=columns_from(args), workers=args.workers, use_gpu=args.gpu,
-                     cpus_per_worker=args.cpus_per_worker, force=args.force, prune=args.prune,
-                     stall_timeout_s=args.stall_timeout, lease_wait_s=args.wait_for_lease, lease_ttl_s=args.lease_ttl,
-                     unit_rows=args.unit_rows, executor=args.executor)
+    job = restore_job_from(args)
     check_storage(job.input, job.output, job.model)
     # Ray starts only if the plan needs it (pipeline/restore/executors.py); in a process of
     # its own, local Ray without its dashboard saves ~210 MB and 10 processes (bench/README.md,
@@ -377,7 +381,7 @@ def add_commands(commands) -> None:
     p.add_argument("--output", required=True, help="where restored files go, at the same relative paths")
     add_model_flag(p)
     p.add_argument("--workers", type=int, help="model replicas; default: one per 2 logical CPUs, or one per GPU")
-    p.add_argument("--gpu", action="store_true", help="one GPU per replica, bf16")
+    p.add_argument("--gpu", action="store_true", dest="use_gpu", help="one GPU per replica, bf16")
     p.add_argument("--cpus-per-worker", type=float, default=RestoreJob.cpus_per_worker,
                    help="logical CPUs a CPU replica reserves (fractions leave Ray's own tasks room)")
     p.add_argument("--io-threads", type=int,
@@ -390,11 +394,11 @@ def add_commands(commands) -> None:
     p.add_argument("--prune", action="store_true",
                    help="remove the outputs, records and staged parts of input files deleted since an earlier run "
                         "(default: off, they are only reported)")
-    p.add_argument("--stall-timeout", type=float, default=RestoreJob.stall_timeout_s,
+    p.add_argument("--stall-timeout", type=float, default=RestoreJob.stall_timeout_s, dest="stall_timeout_s",
                    help="fail after this many seconds without progress")
-    p.add_argument("--wait-for-lease", type=float, default=RestoreJob.lease_wait_s,
+    p.add_argument("--wait-for-lease", type=float, default=RestoreJob.lease_wait_s, dest="lease_wait_s",
                    help="seconds to wait while another run writes the same output, before giving up")
-    p.add_argument("--lease-ttl", type=float, default=RestoreJob.lease_ttl_s,
+    p.add_argument("--lease-ttl", type=float, default=RestoreJob.lease_ttl_s, dest="lease_ttl_s",
                    help="a crashed run's hold on the output is taken over this long after it stopped renewing it")
     p.add_argument("--executor", choices=("auto", "in-process", "ray"), default=RestoreJob.executor,
                    help="who runs the model: auto runs a small plan in this process and a large one (or one "

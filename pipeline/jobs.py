@@ -11,6 +11,7 @@ lost node, a stall; a retry may help). The steps import it; it imports none of t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass
@@ -56,6 +57,36 @@ class RestoreJob:
             raise ValueError(f"executor must be 'auto', 'in-process' or 'ray', got {self.executor!r}")
         if self.executor == "in-process" and self.use_gpu:
             raise ValueError("the in-process executor restores on CPU; --gpu runs replicas on Ray")
+
+
+def _restore_setting_names() -> tuple[set[str], dict[str, str]]:
+    """RestoreJob's own settings, and each nested setting's name -> the RestoreJob field holding it."""
+    nested = {"settings": RestoreSettings, "columns": ImageColumns}
+    owners = {item.name: owner for owner, kind in nested.items() for item in dataclasses.fields(kind)}
+    own = {item.name for item in dataclasses.fields(RestoreJob)} - set(nested) - {"input", "output", "model"}
+    return own, owners
+
+
+def restore_setting_names() -> set[str]:
+    """Every name `restore_job` takes besides input, output and model."""
+    own, owners = _restore_setting_names()
+    return own | set(owners)
+
+
+def restore_job(input: str, output: str, model: str, **settings) -> RestoreJob:
+    """A restore job from settings named by their field (the CLI's flags and the flows'
+    parameters are these names): a field of RestoreJob, RestoreSettings or ImageColumns;
+    None leaves the field's own default. An unknown name is an error that lists them all."""
+    own, owners = _restore_setting_names()
+    unknown = sorted(set(settings) - own - set(owners))
+    if unknown:
+        raise ValueError(f"unknown restore setting(s) {unknown}; known: {sorted(restore_setting_names())}")
+    nested = {"settings": RestoreSettings, "columns": ImageColumns}
+    given = {name: value for name, value in settings.items() if value is not None}
+    parts = {owner: kind(**{name: value for name, value in given.items() if owners.get(name) == owner})
+             for owner, kind in nested.items()}
+    return RestoreJob(input=input, output=output, model=model, **parts,
+                      **{name: value for name, value in given.items() if name in own})
 
 
 @dataclass(frozen=True)

@@ -107,3 +107,34 @@ def test_train_then_promote_then_restore_from_the_registry(train400_small, s3_pr
     restored = resflow(*restore)
     assert restored.returncode == 0, restored.stderr[-3000:]
     assert json.loads(restored.stdout)["model_version"] == version
+
+
+def test_the_cli_and_the_flows_build_a_restore_job_from_its_fields():
+    """One builder (jobs.restore_job) by field name: the CLI's restore flags land on the
+    fields they name, and every restore flow parameter is a field with the field's default."""
+    import inspect
+
+    import pytest
+
+    from flows.flows import nightly_flow, restore_flow
+    from pipeline.cli import build_parser, restore_job_from
+    from pipeline.jobs import RestoreJob, restore_job, restore_setting_names
+
+    args = build_parser().parse_args(["restore", "--input", "a", "--output", "b", "--model", "m", "--gpu", "--tile",
+                                      "256", "--skip-below", "3", "--prune", "--stall-timeout", "9", "--lease-ttl",
+                                      "30", "--image-column", "img"])
+    assert restore_job_from(args) == restore_job("a", "b", "m", use_gpu=True, tile=256, skip_below=3.0, prune=True,
+                                                 stall_timeout_s=9.0, lease_ttl_s=30.0, image="img")
+    job = RestoreJob("a", "b", "m")
+    field_defaults = {**vars(job), **vars(job.settings), **vars(job.columns)}
+    for flow, own in ((restore_flow, {"input", "output", "model", "previews", "quality_sample"}),
+                      (nightly_flow, None)):
+        parameters = inspect.signature(flow.fn).parameters
+        settings = [name for name in parameters if name in restore_setting_names()]
+        assert {"tile", "batch_size", "skip_below", "prune", "workers", "use_gpu"} <= set(settings)
+        if own is not None:
+            assert set(parameters) - own == set(settings)  # nothing else, nothing restated by another name
+        for name in settings:
+            assert parameters[name].default == field_defaults[name], name
+    with pytest.raises(ValueError, match="unknown restore setting"):
+        restore_job("a", "b", "m", tiles=3)
