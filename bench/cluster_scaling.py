@@ -23,7 +23,8 @@ from pathlib import Path
 from flows import raybridge
 from local import ray_nodes, s3server
 from pipeline.config import RestoreSettings
-from pipeline.degrade import Degradation, degrade_dataset
+from pipeline.degrade import degrade_dataset
+from pipeline.degradations import Degradation
 from pipeline.ingest import ingest
 from pipeline.jobs import RestoreJob, read_event
 from pipeline.modelio import save_model

@@ -39,7 +39,8 @@ from local import s3server
 from pipeline import storage
 from pipeline.config import RestoreSettings, train_preset
 from pipeline.dataset import read_table, write_table
-from pipeline.degrade import Degradation, degrade_dataset
+from pipeline.degrade import degrade_dataset
+from pipeline.degradations import Degradation
 from pipeline.ingest import ingest
 from pipeline.modelio import save_model
 from pipeline.models import build_model

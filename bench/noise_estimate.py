@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from pipeline.config import RestoreSettings, train_preset
-from pipeline.degrade import protocol_noisy
+from pipeline.degradations import protocol_noisy
 from pipeline.images import decode, from_float, to_float
 from pipeline.inference import ModelRunner
 from pipeline.models import build_model

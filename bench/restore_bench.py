@@ -56,7 +56,8 @@ from pipeline.config import (
     train_preset,
 )
 from pipeline.dataset import read_table, write_table
-from pipeline.degrade import Degradation, degrade_dataset
+from pipeline.degrade import degrade_dataset
+from pipeline.degradations import Degradation
 from pipeline.images import decode, encode_png, from_float, to_float
 from pipeline.inference import ModelRunner
 from pipeline.ingest import ingest

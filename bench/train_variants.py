@@ -32,7 +32,8 @@ from pathlib import Path
 
 from local import s3server
 from pipeline.config import to_data, train_preset
-from pipeline.degrade import Degradation, degrade_dataset
+from pipeline.degrade import degrade_dataset
+from pipeline.degradations import Degradation
 from pipeline.evaluate import evaluate
 from pipeline.ingest import ingest, split_dataset
 from pipeline.jobs import EvaluateJob, TrainJob

@@ -49,7 +49,8 @@ def main() -> int:
 
 def run(minutes: float, started: float, state: dict | None) -> None:
     from flows.flows import nightly_flow
-    from pipeline.degrade import Degradation, degrade_dataset
+    from pipeline.degrade import degrade_dataset
+    from pipeline.degradations import Degradation
     from pipeline.ingest import ingest, split_dataset
 
     root = f"s3://resflow/demo/{time.strftime('%Y%m%d-%H%M%S')}"

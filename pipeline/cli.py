@@ -25,7 +25,7 @@ import sys
 
 from pipeline.config import TRAIN_PRESETS, RestoreSettings, preset_summary
 from pipeline.contract import ImageColumns
-from pipeline.degrade import Degradation
+from pipeline.degradations import Degradation
 from pipeline.jobs import EXIT_STATUS, Events, RestoreJob, restore_job, restore_setting_names
 
 

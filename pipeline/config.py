@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass, field, replace
 
 from pipeline.contract import ImageColumns
-from pipeline.degrade import Degradation
+from pipeline.degradations import Degradation
 
 # Images (or tiles) per forward pass when the settings do not say. On CPU one at a time, as
 # a plain loop runs them: oneDNN already spreads one image over the cores, and a larger batch

@@ -19,7 +19,7 @@ import numpy as np
 
 from pipeline import metrics, registry
 from pipeline.dataset import PAIRED, DatasetError, inspect, iter_batches
-from pipeline.degrade import protocol_noisy
+from pipeline.degradations import protocol_noisy
 from pipeline.images import decode, from_float, max_value, to_float
 from pipeline.inference import ModelRunner
 from pipeline.jobs import EvaluateJob, Events

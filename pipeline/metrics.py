@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.degrade import gaussian_kernel1d
+from pipeline.degradations import gaussian_kernel1d
 
 
 def psnr(reference: np.ndarray, test: np.ndarray, data_range: float = 255.0) -> float:

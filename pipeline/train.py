@@ -62,7 +62,7 @@ from pipeline import storage
 from pipeline.config import TrainConfig, from_data, to_data
 from pipeline.contract import DecodeLimits
 from pipeline.dataset import CLEAN, NOISY, PAIRED, InspectedDataset, inspect
-from pipeline.degrade import Degradation, degradation_seed
+from pipeline.degradations import Degradation, degradation_seed
 from pipeline.images import decode, to_float
 from pipeline.jobs import Events, TrainJob
 from pipeline.models import build_model

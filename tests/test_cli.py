@@ -5,7 +5,8 @@ import os
 import subprocess
 import sys
 
-from pipeline.degrade import Degradation, degrade_dataset
+from pipeline.degrade import degrade_dataset
+from pipeline.degradations import Degradation
 from pipeline.ingest import ingest
 from tests.conftest import REPO, shared_data
 

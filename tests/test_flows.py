@@ -8,7 +8,8 @@ import pytest
 from flows import tasks
 from flows.flows import challenge_flow, nightly_flow
 from pipeline import registry, storage
-from pipeline.degrade import Degradation, degrade_dataset
+from pipeline.degrade import degrade_dataset
+from pipeline.degradations import Degradation
 from pipeline.ingest import ingest
 from pipeline.jobs import RestoreJob
 from pipeline.modelio import save_model

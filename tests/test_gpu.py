@@ -10,7 +10,8 @@ import torch
 from pipeline import metrics, storage
 from pipeline.config import RestoreSettings
 from pipeline.dataset import read_table
-from pipeline.degrade import Degradation, degrade_dataset
+from pipeline.degrade import degrade_dataset
+from pipeline.degradations import Degradation
 from pipeline.images import decode, to_float
 from pipeline.inference import ImageRestorer, ModelRunner
 from pipeline.ingest import ingest

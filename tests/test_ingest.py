@@ -9,7 +9,8 @@ from PIL import Image
 
 from pipeline import metrics, storage
 from pipeline.dataset import DatasetError, read_table
-from pipeline.degrade import Degradation, degrade_dataset
+from pipeline.degrade import degrade_dataset
+from pipeline.degradations import Degradation
 from pipeline.images import SchemaError, decode
 from pipeline.ingest import ingest
 from pipeline.manifest import Manifest
@@ -79,7 +80,7 @@ def test_degrade_follows_the_noise_protocol(s3_prefix):
 def test_composed_degradations_and_blind_sigma(tmp_path):
     """Each stored image is exactly its recipe applied to its target with its own seed; the
     blind recipe draws a different sigma per image, inside its range."""
-    from pipeline.degrade import degradation_seed
+    from pipeline.degradations import degradation_seed
     from pipeline.images import from_float, to_float
 
     ingest(str(shared_data("Set12")), str(tmp_path / "clean"), progress=False)

@@ -51,7 +51,7 @@ def test_colour_protocol_noisy_input_psnr_on_cbsd68_is_the_documented_value(tmp_
     import torch
 
     from pipeline.cli import main
-    from pipeline.degrade import protocol_noisy
+    from pipeline.degradations import protocol_noisy
     from pipeline.evaluate import evaluate
     from pipeline.images import decode, from_float, to_float
     from pipeline.ingest import ingest

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.degrade import protocol_noisy
+from pipeline.degradations import protocol_noisy
 from pipeline.images import decode, from_float, to_float
 from pipeline.noise import NOISE_BINS, estimate_sigma, noise_bin, noise_summary
 from tests.conftest import shared_data

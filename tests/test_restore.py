@@ -16,7 +16,8 @@ from local import s3server
 from pipeline import metrics, storage
 from pipeline.config import RestoreSettings
 from pipeline.dataset import DatasetError, read_table
-from pipeline.degrade import Degradation, degrade_dataset, protocol_noisy
+from pipeline.degrade import degrade_dataset
+from pipeline.degradations import Degradation, protocol_noisy
 from pipeline.images import SchemaError, decode, encode_png, from_float, to_float
 from pipeline.ingest import ingest
 from pipeline.jobs import RestoreJob

@@ -11,7 +11,8 @@ import pytest
 from pipeline import storage
 from pipeline.dataset import read_table
 from pipeline.config import TrainConfig, from_data, to_data, train_preset
-from pipeline.degrade import Degradation, degrade_dataset
+from pipeline.degrade import degrade_dataset
+from pipeline.degradations import Degradation
 from pipeline.jobs import TrainJob
 from pipeline.modelio import load_model
 from tests.conftest import shared_data
