@@ -10,6 +10,7 @@ Read in this order, each file top to bottom:
     records.py    the typed ledgers (manifest entry, part record, a replica's unit result)
     planning.py   which files and units are left to do, and where their outputs go
     replica.py    the model replica Ray Data runs: a unit's row groups in, restored rows out
+    executors.py  who runs the replicas: in this process for a small plan, else Ray
     assembly.py   a file restored in several units becomes one output file
     report.py     what a run reports
     driver.py     one run: lease, plan, dispatch, record, assemble, watch for stalls
