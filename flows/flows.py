@@ -22,7 +22,7 @@ import sys
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from flows import FLOW_NAMES, artifacts, raybridge, tasks
+from flows import artifacts, raybridge, tasks
 from pipeline.config import RestoreSettings, train_preset
 from pipeline.jobs import EvaluateJob, RestoreJob, TrainJob, restore_job
 
@@ -189,4 +189,8 @@ def _summary_markdown(record: dict) -> str:
     return "\n".join(lines)
 
 
-FLOWS = {name: globals()[f"{name}_flow"] for name in FLOW_NAMES}
+# Written out, not built from flows.FLOW_NAMES: a worker loads this file as a script named
+# `flows` (the deployments' entrypoint), where the package's __init__ is not what `flows` is.
+# tests/test_layout.py checks that the two lists agree.
+FLOWS = {"nightly": nightly_flow, "restore": restore_flow, "train": train_flow, "evaluate": evaluate_flow,
+         "challenge": challenge_flow}

@@ -2,9 +2,11 @@
 where podman and the built images are present, that they do. The whole containerised cluster
 is `make cluster-e2e` (infra/podman/cluster_e2e.py), not part of this suite."""
 
+import os
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -98,3 +100,16 @@ def test_the_local_s3_server_command_says_what_is_missing_in_an_image():
     assert started.returncode != 0
     assert "weed" in started.stderr and "resflow[local]" in started.stderr, started.stderr[-2000:]
     assert "Traceback" not in started.stderr
+
+
+def test_a_deployment_loads_its_flow_as_a_worker_does():
+    """A worker (process pool here, a Kubernetes Job in infra/k8s) loads `flows/flows.py` as a
+    script under the module name `flows`, not as the package's submodule: whatever flows.py
+    takes from the package's __init__ is missing there and every run crashes before it starts."""
+    code = ("from prefect.flows import load_flow_from_entrypoint\n"
+            "flow = load_flow_from_entrypoint('flows/flows.py:nightly_flow', use_placeholder_flow=False)\n"
+            "print(flow.name)\n")
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": "", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert loaded.stdout.split() == ["resflow-nightly"]

@@ -110,7 +110,9 @@ class Cluster:
             self.ports[f"{role}:{port}"] = int(podman("port", name, f"{port}/tcp").rsplit(":", 1)[1])
 
     def logs(self, role: str, tail: int = 40) -> str:
-        return podman("logs", "--tail", str(tail), self.container(role), check=False)
+        # the container's stdout and stderr together (Prefect and Ray log to stderr)
+        return subprocess.run(["podman", "logs", "--tail", str(tail), self.container(role)], text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT).stdout
 
     def cleanup(self) -> None:
         for name in reversed(self.containers):
