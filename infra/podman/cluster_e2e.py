@@ -46,7 +46,7 @@ S3_IMAGE = os.environ.get("S3_IMAGE", "localhost/resflow/seaweedfs:4.48")
 POOL = "resflow-e2e"  # a process work pool: no Kubernetes here (infra/k8s deploys the Kubernetes one)
 TOKEN_DIR_IN_CONTAINER = "/var/run/secrets/ray"  # where KubeRay mounts the token Secret
 BUCKET = "resflow"
-# Small Ray nodes for a 2-core machine (NOTES.md: starvation without fractional CPUs).
+# Small Ray nodes for a 2-core machine: whole-CPU actors on it starve the reads and writes.
 WORKER_CPUS = 2
 OBJECT_STORE_BYTES = 400 * 1024 * 1024
 SHM_SIZE = "600m"  # holds the object store (Ray puts it in /dev/shm)
@@ -136,7 +136,7 @@ def start_cluster(cluster: Cluster) -> None:
     podman("network", "create", cluster.network)
     s3_internal = f"http://{cluster.container('s3')}:8333"
 
-    # SeaweedFS with an identity file (pyarrow's multipart uploads need credentials: NOTES.md)
+    # SeaweedFS with an identity file: pyarrow's multipart uploads fail without credentials
     access_key, secret_key = "resflow" + secrets.token_hex(6), secrets.token_urlsafe(24)
     cluster.s3_keys = (access_key, secret_key)
     identities = cluster.secrets_dir / "s3" / "identities.json"
@@ -168,7 +168,7 @@ def start_cluster(cluster: Cluster) -> None:
         start_ray_worker(cluster, index, node_env, node)
 
     s3_url = f"http://127.0.0.1:{cluster.ports['s3:8333']}"
-    # Generous: on a busy 2-core machine each takes minutes instead of seconds (NOTES.md: 4-15 s idle)
+    # Generous: on a busy 2-core machine each takes minutes instead of seconds (4-15 s idle)
     wait_for(lambda: http_status(s3_url + "/") in (200, 403), STARTUP_S, "SeaweedFS's S3 endpoint")
     wait_for(lambda: http_status(prefect_url(cluster) + "/health") == 200, STARTUP_S, "the Prefect server")
     wait_for(lambda: alive_nodes(cluster) == 3, STARTUP_S, "the Ray head and two workers")
