@@ -33,10 +33,13 @@ def ssim(reference: np.ndarray, test: np.ndarray, data_range: float = 255.0) -> 
     x = _as_planes(reference)
     y = _as_planes(test)
     kernel_1d = torch.from_numpy(gaussian_kernel1d(1.5, radius=5)).double()
-    kernel = (kernel_1d[:, None] * kernel_1d[None, :])[None, None]  # (1, 1, 11, 11)
+    rows, columns = kernel_1d.view(1, 1, 1, 11), kernel_1d.view(1, 1, 11, 1)
 
     def blur(z: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(z, kernel)  # valid: no padding, the border is cropped like the reference
+        # valid: no padding, the border is cropped like the reference. The 11x11 Gaussian is
+        # separable: two 11-tap passes equal it to 1e-12 and are ~11x faster in float64
+        # (8.4 -> 0.7 s per CBSD68 colour image, bench/README.md "Colour").
+        return F.conv2d(F.conv2d(z, rows), columns)
 
     c1 = (0.01 * data_range) ** 2
     c2 = (0.03 * data_range) ** 2

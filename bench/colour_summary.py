@@ -1,0 +1,56 @@
+"""The colour benchmark's table over seeds: median and spread of what `bench/colour_train.sh` wrote.
+
+    .venv/bin/python -m bench.colour_summary [ROOT] [--preset cpu-color]
+
+Reads ROOT/<preset>-seed<N>/{train,evaluate}.json (ROOT defaults to .bench/colour) and
+prints, per dataset and sigma, every seed's PSNR/SSIM, their median and their spread
+(max - min), with the epochs each run finished; writes bench/results/colour_<preset>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("root", nargs="?", default=str(REPO / ".bench" / "colour"))
+    parser.add_argument("--preset", default="cpu-color")
+    args = parser.parse_args()
+    runs = {}
+    for folder in sorted(Path(args.root).glob(f"{args.preset}-seed*")):
+        if (folder / "evaluate.json").exists() and (folder / "train.json").exists():
+            runs[int(folder.name.rsplit("seed", 1)[1])] = {
+                "train": json.loads((folder / "train.json").read_text()),
+                "evaluate": json.loads((folder / "evaluate.json").read_text())["by_sigma"]}
+    if not runs:
+        raise SystemExit(f"no finished {args.preset} runs under {args.root}")
+    rows = []
+    for index, first in enumerate(next(iter(runs.values()))["evaluate"]):
+        per_seed = {seed: run["evaluate"][index] for seed, run in runs.items()}
+        psnrs = [result["output_psnr"] for result in per_seed.values()]
+        ssims = [result["output_ssim"] for result in per_seed.values()]
+        rows.append({"data": first["data"].rstrip("/").rsplit("/", 1)[-1], "sigma": first["noise_sigma"],
+                     "input_psnr": first["input_psnr"], "psnr_by_seed": dict(zip(per_seed, psnrs)),
+                     "psnr_median": statistics.median(psnrs), "psnr_spread": max(psnrs) - min(psnrs),
+                     "ssim_median": statistics.median(ssims)})
+    epochs = {seed: run["train"].get("epoch") for seed, run in runs.items()}
+    print(f"{args.preset}: seeds {sorted(runs)}, best epoch per seed {epochs}")
+    print(f"{'data':<8} {'sigma':>5} {'noisy':>6} {'median':>7} {'spread':>6} {'SSIM':>6}  per seed")
+    for row in rows:
+        seeds = " ".join(f"{psnr:.2f}" for psnr in row["psnr_by_seed"].values())
+        print(f"{row['data']:<8} {row['sigma']:>5g} {row['input_psnr']:>6.2f} {row['psnr_median']:>7.2f} "
+              f"{row['psnr_spread']:>6.2f} {row['ssim_median']:>6.4f}  {seeds}")
+    out = REPO / "bench" / "results" / f"colour_{args.preset}.json"
+    out.write_text(json.dumps({"preset": args.preset, "seeds": sorted(runs), "epochs": epochs, "rows": rows,
+                               "train": {seed: run["train"] for seed, run in runs.items()}}, indent=2, default=str))
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()
