@@ -10,7 +10,10 @@ finds a live lease waits up to `wait_s`, then stops with a message naming the ho
 
 A holder that cannot renew (storage down longer than the time-to-live, or another run
 took an expired lease over) marks the lease lost; the restore stops recording results
-as soon as it sees that (`check`). Orchestrators keep their own guard on top (the
+as soon as it sees that (`check`). Before it commits records, the restore `confirm`s the
+lease with the store's own conditional write (a renewal If-Match its ETag), not the
+local clock alone: a run frozen past its lease (SIGSTOP, a long pause) and then resumed
+finds on its first commit that another run took over, and writes nothing. Orchestrators keep their own guard on top (the
 Prefect flows' concurrency limit per input).
 """
 
@@ -76,6 +79,7 @@ class OutputLease:
         self.info: storage.FileInfo | None = None
         self.lost = threading.Event()
         self.last_renewed = 0.0  # monotonic
+        self._renewing = threading.Lock()  # one conditional renewal at a time: the renewer's or confirm's
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
 
@@ -139,7 +143,8 @@ class OutputLease:
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl_s / 4):
             try:
-                renewed = storage.replace_if_match(self.uri, self._body(), self.info.etag)
+                with self._renewing:
+                    renewed = storage.replace_if_match(self.uri, self._body(), self.info.etag)
             except Exception as error:  # storage down: keep trying until the lease would have expired
                 if time.monotonic() - self.last_renewed > self.ttl_s:
                     self.log(f"lost the lease on {self.output}: could not renew it for {self.ttl_s:.0f} s ({error})")
@@ -150,6 +155,23 @@ class OutputLease:
                 self.log(f"lost the lease on {self.output}: another run took it over")
                 self.lost.set()
                 return
+            self.info, self.last_renewed = renewed, time.monotonic()
+
+    def confirm(self) -> None:
+        """Prove the lease is still ours now, with the store's conditional write rather than
+        the local clock: renew it If-Match its ETag. Raise LeaseLost when another run took
+        it over (or it cannot be told): call it right before committing anything."""
+        self.check()
+        with self._renewing:
+            try:
+                renewed = storage.replace_if_match(self.uri, self._body(), self.info.etag)
+            except Exception as error:
+                raise LeaseLost(f"could not confirm this run's lease on {self.output} before committing ({error}); "
+                                f"it stopped recording results. Rerun to finish: finished files are skipped") from error
+            if renewed is None:
+                self.lost.set()
+                raise LeaseLost(f"this run lost its lease on {self.output}: another run took it over while this one "
+                                f"was stopped; it recorded nothing more. Rerun to finish: finished files are skipped")
             self.info, self.last_renewed = renewed, time.monotonic()
 
     def check(self) -> None:

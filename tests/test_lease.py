@@ -86,3 +86,25 @@ def test_a_lease_taken_over_is_lost_and_checked(output):
         with pytest.raises(LeaseLost, match="lost its lease"):
             lease.check()
     lease.release()
+
+
+def test_a_run_frozen_past_its_lease_commits_nothing_after_another_run_took_over(output):
+    """As a run stopped with SIGSTOP longer than the time-to-live and then resumed: its own
+    clock has not caught up yet, but its first commit asks the store, which says no."""
+    from pipeline.jobs import Events, RestoreJob
+    from pipeline.manifest import Manifest
+    from pipeline.restore.driver import Run
+
+    lease = OutputLease(output, ttl_s=1.2).acquire()
+    lease._stop.set()  # frozen: no more renewals
+    lease._renewer.join()
+    time.sleep(2.5)  # past the time-to-live by more than S3's one-second clock resolution
+    with OutputLease(output, ttl_s=30):  # another run takes the expired lease over
+        lease.last_renewed = time.monotonic()  # resumed: the local clock alone would let it go on
+        lease.check()
+        run = Run(RestoreJob(input="unused", output=output, model="unused"), lease, Events())
+        run.unrecorded["manifest"]["a.parquet"] = {"written by": "the frozen run"}
+        with pytest.raises(LeaseLost, match="another run took it over"):
+            run._store_records(now=True)
+        assert Manifest(output).all() == {}  # nothing committed
+    lease.release()

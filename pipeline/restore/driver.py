@@ -151,7 +151,7 @@ class Run:
                                              files_skipped=len(planned.skipped))
         report.inputs_gone = planned.gone
         if planned.gone and job.prune:
-            self.lease.check()
+            self.lease.confirm()
             report.inputs_pruned = prune_inputs_gone(job, planned.gone, planned.gone_units)
             events.log(f"pruned {report.inputs_pruned} deleted input(s): their outputs, records and parts")
         elif planned.gone:
@@ -261,7 +261,7 @@ class Run:
             ray.kill(self.progress)
         for manifest in (self.manifest, self.units_manifest):
             try:
-                self.lease.check()
+                self.lease.confirm()
                 manifest.compact()
             except Exception as error:  # entries stay valid one by one; never mask the run's own error
                 self.events.log(f"{manifest.kind} not compacted ({error}); the next run reads its entries one by one")
@@ -304,6 +304,7 @@ class Run:
 
     def _assemble(self, file: FilePlan) -> None:
         parts = [unit.target for unit in file.units]
+        self.lease.confirm()  # an assembly writes the output file itself: only while the lease is ours
         if self.assemble_task is None:  # in this process: now
             self._assembled(file, assemble(parts, file.output))
         else:
@@ -355,7 +356,7 @@ class Run:
         if not now and time.monotonic() - self.recorded_at < RECORD_EVERY_S:
             return
         if any(self.unrecorded.values()):
-            self.lease.check()
+            self.lease.confirm()  # the store says the lease is still ours, not only the local clock
             self.manifest.put_many(self.unrecorded["manifest"])  # files first: a crash in between redoes less
             self.units_manifest.put_many(self.unrecorded["units"])
             self.unrecorded = {"manifest": {}, "units": {}}
