@@ -400,6 +400,9 @@ def add_commands(commands) -> None:
                    help="seconds to wait while another run writes the same output, before giving up")
     p.add_argument("--lease-ttl", type=float, default=RestoreJob.lease_ttl_s, dest="lease_ttl_s",
                    help="a crashed run's hold on the output is taken over this long after it stopped renewing it")
+    p.add_argument("--no-lease", action="store_false", dest="lease",
+                   help="run without the output's lease, for a store that ignores conditional writes (the run "
+                        "refuses otherwise): then nothing keeps a second run from writing beside this one")
     p.add_argument("--executor", choices=("auto", "in-process", "ray"), default=RestoreJob.executor,
                    help="who runs the model: auto runs a small plan in this process and a large one (or one "
                         "with --gpu, --workers or RAY_ADDRESS) on Ray")

@@ -36,6 +36,7 @@ class RestoreJob:
     stall_timeout_s: float = 600.0  # fail when no row is restored for this long
     lease_wait_s: float = 0.0  # how long to wait for another run's lease on the output before giving up
     lease_ttl_s: float = 120.0  # a crashed run's lease is taken over this long after its last renewal
+    lease: bool = True  # False only for a store that ignores conditional writes: nothing keeps two runs apart
     # A unit of work is whole row groups of one file, at most this many rows and this much
     # compressed input (a larger row group is a unit alone): large files spread over replicas.
     unit_rows: int = 256

@@ -95,6 +95,7 @@ class OutputLease:
             created = storage.create_exclusive(self.uri, body)
             if created:
                 self._check_read_back(body)
+                self._probe_conditions(body, created)
                 return self._held(created)
             current = storage.read_with_age(self.uri)
             if current is None:
@@ -133,6 +134,20 @@ class OutputLease:
                                        f"honour conditional writes (If-None-Match), so resflow cannot guarantee one "
                                        f"writer per output there; run one restore per output at a time (the Prefect "
                                        f"flows' concurrency limit does)")
+
+    def _probe_conditions(self, body: bytes, created: storage.FileInfo) -> None:
+        """Ask the store to create the lease again, If-None-Match, and to replace it If-Match
+        an ETag it never had: both must fail. A store that ignores either cannot keep two
+        runs apart, and the run stops unless told to go on without a lease (--no-lease)."""
+        ignored = []
+        if storage.create_exclusive(self.uri, body) is not None:
+            ignored.append("If-None-Match")
+        if storage.replace_if_match(self.uri, body, "0" * 32) is not None:
+            ignored.append("If-Match")
+        if ignored:
+            raise storage.StorageError(f"the storage under {self.output} ignores {' and '.join(ignored)} (a conditional "
+                                       f"write that must fail succeeded): resflow cannot guarantee one writer per "
+                                       f"output there. Run one restore per output at a time and pass --no-lease")
 
     def _held(self, info: storage.FileInfo) -> "OutputLease":
         self.info, self.last_renewed = info, time.monotonic()
@@ -197,3 +212,23 @@ class OutputLease:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+class NoLease:
+    """What a run holds with --no-lease: nothing. For a store that ignores conditional
+    writes, where the caller keeps one run per output by other means."""
+
+    def __init__(self, output_uri: str, log=print):
+        log(f"warning: no lease on {output_uri}: nothing stops a second run from writing there at the same time")
+
+    def check(self) -> None:
+        pass
+
+    def confirm(self) -> None:
+        pass
+
+    def __enter__(self) -> "NoLease":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass

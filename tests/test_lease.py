@@ -108,3 +108,22 @@ def test_a_run_frozen_past_its_lease_commits_nothing_after_another_run_took_over
             run._store_records(now=True)
         assert Manifest(output).all() == {}  # nothing committed
     lease.release()
+
+
+def test_a_store_that_ignores_conditional_writes_is_refused_unless_told_no_lease(tmp_path, monkeypatch):
+    from pipeline.cli import build_parser, restore_job_from
+
+    real_write = storage.write_bytes
+    monkeypatch.setattr(storage, "create_exclusive", lambda uri, data: real_write(uri, data))  # If-None-Match ignored
+    with pytest.raises(storage.StorageError, match="ignores If-None-Match"):
+        OutputLease(str(tmp_path / "a")).acquire()
+    monkeypatch.undo()
+    monkeypatch.setattr(storage, "replace_if_match", lambda uri, data, etag: real_write(uri, data))  # If-Match ignored
+    with pytest.raises(storage.StorageError, match="ignores If-Match.*--no-lease"):
+        OutputLease(str(tmp_path / "b")).acquire()
+    monkeypatch.undo()
+    with OutputLease(str(tmp_path / "c")) as honoured:  # the local store honours both
+        honoured.confirm()
+    arguments = ["restore", "--input", "a", "--output", "b", "--model", "m"]
+    assert restore_job_from(build_parser().parse_args(arguments)).lease is True
+    assert restore_job_from(build_parser().parse_args(arguments + ["--no-lease"])).lease is False

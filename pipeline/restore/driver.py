@@ -18,7 +18,7 @@ from dataclasses import asdict, replace
 from pipeline import raycluster, storage
 from pipeline.config import RestoreSettings
 from pipeline.jobs import Events, RestoreJob
-from pipeline.lease import LEASE_FILE, OutputLease
+from pipeline.lease import LEASE_FILE, NoLease, OutputLease
 from pipeline.manifest import Manifest
 from pipeline.restore.assembly import ASSEMBLY_CPUS, assemble
 from pipeline.restore.executors import InProcess, choose_executor
@@ -372,7 +372,9 @@ def restore_dataset(job: RestoreJob, events: Events | None = None) -> RestoreRep
     so a second run on the same output waits or stops instead of writing beside it."""
     events = events or Events()
     storage.check_disjoint(job.input, job.output)  # before the lease, which writes under the output
-    with OutputLease(job.output, ttl_s=job.lease_ttl_s, wait_s=job.lease_wait_s, log=events.log) as lease:
+    lease = (OutputLease(job.output, ttl_s=job.lease_ttl_s, wait_s=job.lease_wait_s, log=events.log) if job.lease
+             else NoLease(job.output, log=events.log))
+    with lease:
         return Run(job, lease, events).execute()
 
 
