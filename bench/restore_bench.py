@@ -17,7 +17,8 @@ images:
             Parquet write
   pipeline  `restore_dataset` end to end (planning, Ray Data start-up, model replicas,
             reads, restoration, encoding, atomic writes, manifest), in a fresh process
-            with a fresh local Ray, as `resflow restore` runs; Ray's own start is not timed
+            with a fresh local Ray, as `resflow restore` runs; Ray's own start is not timed.
+            The 1x data (68 rows) is a small plan: it runs in-process, as the CLI's would
 
 Peak memory is the summed PSS of the pipeline process and all its children (Ray's raylet,
 workers, object store), and the largest PSS of a single replica process, sampled once a
