@@ -9,7 +9,11 @@ oversubscription stays logical, not physical.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
+import sys
+import uuid
 
 LOCAL_MIN_LOGICAL_CPUS = 4
 # Environment for Ray's processes (local Ray inherits it from this process; cluster images
@@ -46,8 +50,65 @@ def connect(address: str | None = None, num_cpus: int | None = None, dashboard: 
         # state API and logs an error every second without it); `resflow restore` does not:
         # without it Ray keeps 1 of the dashboard's 11 processes (75 MB instead of 286 MB,
         # 0.9 instead of ~4 core-s over a 10x benchmark run on 2 cores).
-        ray.init(num_cpus=logical, include_dashboard=dashboard, dashboard_host="127.0.0.1", **quiet)
+        with _reaped_when_this_process_dies():
+            ray.init(num_cpus=logical, include_dashboard=dashboard, dashboard_host="127.0.0.1", **quiet)
     return _tune_parquet_reads(ray.cluster_resources())
+
+
+# Marks every process of a local Ray in its environment (the value: this process's token).
+LOCAL_RAY_MARK = "RESFLOW_LOCAL_RAY"
+
+
+@contextlib.contextmanager
+def _reaped_when_this_process_dies():
+    """Local Ray's processes die with this one, however it dies (SIGKILL included).
+
+    Ray's own fate-sharing does not cover it: the raylet and GCS get PR_SET_PDEATHSIG from
+    this process, but the workers the raylet starts only poll for the raylet's death, and a
+    replica (`ray::MapWorker(MapBatches(UnitRestorer))`) of a `resflow restore` killed with
+    SIGKILL was still alive two hours later, orphaned to init. So every process started
+    while Ray starts carries a mark in its environment (workers inherit the raylet's, and
+    renaming a process's cmdline leaves it alone), and a watchdog in a session of its own
+    (a SIGKILL to this process group spares it) holds the read end of a pipe whose write
+    end only this process holds: when this process dies the kernel closes it, the watchdog
+    reads EOF and SIGKILLs every process with the mark. Linux only (/proc); elsewhere Ray's
+    own fate-sharing is all there is."""
+    if not os.path.isdir("/proc/self"):
+        yield
+        return
+    token = f"{os.getpid()}-{uuid.uuid4().hex}"
+    watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, LOCAL_RAY_MARK, token], stdin=subprocess.PIPE,
+                                stdout=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+    _watchdogs.append(watchdog)  # its pipe stays open for this process's lifetime
+    previous = os.environ.get(LOCAL_RAY_MARK)
+    os.environ[LOCAL_RAY_MARK] = token
+    try:
+        yield
+    finally:  # processes this one starts later are not Ray's: they go unmarked
+        if previous is None:
+            os.environ.pop(LOCAL_RAY_MARK, None)
+        else:
+            os.environ[LOCAL_RAY_MARK] = previous
+
+
+_watchdogs: list = []
+# Blocks until its stdin closes, then kills the marked processes, thrice over 2 s for any
+# started meanwhile. Standard library only, so that it starts in milliseconds.
+_WATCHDOG = r"""
+import os, signal, sys, time
+sys.stdin.buffer.read()
+mark = b"\0" + ("%s=%s" % (sys.argv[1], sys.argv[2])).encode() + b"\0"
+for _ in range(3):
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open("/proc/%s/environ" % pid, "rb") as environ:
+                marked = mark in b"\0" + environ.read()
+            if marked and int(pid) != os.getpid():
+                os.kill(int(pid), signal.SIGKILL)
+        except OSError:
+            pass
+    time.sleep(1)
+"""
 
 
 def physical_cores() -> int:

@@ -659,9 +659,24 @@ def test_a_replica_killed_mid_file_redoes_only_its_unit(ray_local, one_large_fil
     assert_every_row_exactly_once(source, output)
 
 
+def processes_marked(mark: str) -> list:
+    """Live processes whose environment holds RESFLOW_TEST_RUN=mark (zombies count as gone)."""
+    import psutil
+
+    marked = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get("RESFLOW_TEST_RUN") == mark:
+                marked.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return marked
+
+
 def test_a_crashed_run_is_finished_by_redoing_only_its_unfinished_units(s3_server, one_large_file, s3_prefix):
-    """The whole restore process (driver and its local Ray) killed mid-file; the rerun takes
-    the expired lease over and restores only the units no record vouches for."""
+    """The restore's driver killed with SIGKILL mid-file takes its local Ray and replicas
+    with it; the rerun takes the expired lease over and restores only the units no record
+    vouches for."""
     import os
     import signal
     import subprocess
@@ -669,9 +684,16 @@ def test_a_crashed_run_is_finished_by_redoing_only_its_unfinished_units(s3_serve
 
     source, output = one_large_file + "/in", s3_prefix + "/out"
     command = [sys.executable, "-m", "pipeline.cli", "restore", "--input", source, "--output", output, "--model",
-               one_large_file + "/dncnn-s", "--workers", "1", "--batch-size", "2", "--unit-rows", "4",
-               "--lease-ttl", "5", "--json"]
-    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+               one_large_file + "/dncnn-s", "--executor", "ray", "--workers", "1", "--batch-size", "2",
+               "--unit-rows", "4", "--lease-ttl", "5", "--json"]
+    # Every process of this run (its driver, its local Ray, the replicas) inherits the mark;
+    # a worker renames its cmdline, not its environment, and others' Ray lacks the mark.
+    mark = uuid.uuid4().hex
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"} | {"RESFLOW_TEST_RUN": mark}
+    # Ray's workers poll once a second for their raylet's death, and a replica that missed it
+    # outlived `make test` by hours; a poll that never comes stands for that miss here.
+    env["RAY_raylet_death_check_interval_milliseconds"] = str(10**9)
+    # Only the driver is killed, as by the OOM killer or `kill -9 PID`: not its process group.
     run = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            start_new_session=True)
     units = Manifest(output, "units")
@@ -680,10 +702,20 @@ def test_a_crashed_run_is_finished_by_redoing_only_its_unfinished_units(s3_serve
         while time.time() < deadline and run.poll() is None and len(units.all()) < 2:
             time.sleep(0.3)
         done_at_crash = len(units.all())
-        os.killpg(run.pid, signal.SIGKILL)
+        replicas_at_crash = [proc for proc in processes_marked(mark) if "UnitRestorer" in " ".join(proc.cmdline())]
+        os.kill(run.pid, signal.SIGKILL)
     finally:
         run.wait()
     assert 2 <= done_at_crash < 8 and not storage.exists(output + "/shard-00000-of-00001.parquet")
+    assert replicas_at_crash  # the run was on Ray's replicas when it was killed
+    deadline = time.time() + 30
+    while time.time() < deadline and processes_marked(mark):
+        time.sleep(0.5)
+    left = processes_marked(mark)
+    left_running = [" ".join(proc.cmdline())[:80] for proc in left]
+    for proc in left:  # a failure here must not leave them to the other tests
+        proc.kill()
+    assert left_running == []  # nothing of the killed run left running
     rerun = restore_dataset(job(source, output, one_large_file + "/dncnn-s", batch_size=2, unit_rows=4,
                                 lease_wait_s=60, lease_ttl_s=5))
     assert rerun.units_skipped >= done_at_crash and rerun.units_skipped + rerun.units_restored == 8
