@@ -101,3 +101,30 @@ def test_an_input_deleted_since_a_run_is_reported_and_removed_only_with_prune(re
     assert not storage.exists(output) and not storage.exists(part)
     assert "a.parquet" not in Manifest(job.output).all() and Manifest(job.output, "units").all() == {}
     assert plan(job).gone == []
+
+
+def test_prune_touches_only_what_the_manifest_recorded_inside_the_output(restored_once, tmp_path):
+    """A file put into the output by hand is not an input gone; a record whose key or output
+    points outside the output, or whose output changed since, deletes nothing but itself."""
+    from pipeline.restore.driver import prune_inputs_gone
+
+    job = restored_once
+    storage.write_bytes(storage.join(job.input, "b.parquet"), storage.read_bytes(storage.join(job.input, "a.parquet")))
+    foreign = storage.join(job.output, "by-hand.parquet")
+    storage.write_bytes(foreign, storage.read_bytes(storage.join(job.output, "a.parquet")))
+    outside = str(tmp_path / "outside.parquet")
+    storage.write_bytes(outside, b"not resflow's")
+    entry = FileEntry.from_json(Manifest(job.output).all()["a.parquet"])
+    escaping = replace(entry, input=storage.join(job.input, "../x.parquet"), output=outside,
+                       output_etag=storage.file_info(outside).etag)
+    Manifest(job.output).put_many({"../outside.parquet": escaping.to_json(),
+                                   "gone.parquet": replace(entry, input=storage.join(job.input, "gone.parquet"),
+                                                           output=outside).to_json()})
+    storage.write_bytes(storage.join(job.output, "a.parquet"), b"changed since it was recorded")
+    storage.delete(storage.join(job.input, "a.parquet"))
+    planned = plan(job)
+    assert planned.gone == ["a.parquet", "gone.parquet"]  # not the file by hand, not the foreign input's record
+    prune_inputs_gone(job, planned.gone, planned.gone_units)
+    assert storage.exists(foreign) and storage.exists(outside)
+    assert storage.exists(storage.join(job.output, "a.parquet"))  # changed since recorded: kept
+    assert set(Manifest(job.output).all()) == {"../outside.parquet"}

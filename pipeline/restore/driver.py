@@ -108,13 +108,24 @@ def batches_with_watchdog(dataset, stall_timeout_s: float, where, rows_restored=
 
 def prune_inputs_gone(job: RestoreJob, gone: list[str], gone_units: list[str]) -> int:
     """Remove what is left of inputs deleted since an earlier run: the output file, its
-    manifest entry, its unit records and its staged parts (the caller holds the lease)."""
+    manifest entry, its unit records and its staged parts (the caller holds the lease).
+    Keys come from stored records, so nothing outside the output is touched, and an output
+    is deleted only while it is still exactly what the manifest recorded."""
+    entries = Manifest(job.output, "manifest").all()
+    parts_root = storage.join(job.output, storage.RESFLOW_DIR, "parts")
     for key in gone:
-        storage.delete(storage.join(job.output, key))
-        storage.delete(storage.join(job.output, storage.RESFLOW_DIR, "parts", key))
+        entry = FileEntry.from_json(entries.get(key))
+        if entry is not None and _strictly_inside(job.output, entry.output):
+            storage.delete_if_match(entry.output, entry.output_etag)
+        if _strictly_inside(parts_root, storage.join(parts_root, key)):
+            storage.delete(storage.join(parts_root, key))
     Manifest(job.output, "manifest").put_many(dict.fromkeys(gone))
     Manifest(job.output, "units").put_many(dict.fromkeys(gone_units))
     return len(gone)
+
+
+def _strictly_inside(folder: str, uri: str) -> bool:
+    return storage.contains(folder, uri) and not storage.contains(uri, folder)
 
 
 def _now() -> str:

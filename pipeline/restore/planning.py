@@ -133,6 +133,12 @@ def plan_units(job: RestoreJob, key: str, info: storage.FileInfo, footer: pq.Fil
     return FilePlan(info, key, output, footer.num_rows, units)
 
 
+def restored_from(input_uri: str, record: dict | None) -> bool:
+    """A manifest record is a valid entry written for an input file inside `input_uri`."""
+    entry = FileEntry.from_json(record)
+    return entry is not None and storage.contains(input_uri, entry.input)
+
+
 def plan(job: RestoreJob) -> RestorePlan:
     """Everything that can be checked before any work: input and output apart, the model
     loads, the input is not empty, every file to restore has the contract's columns; and
@@ -163,7 +169,9 @@ def plan(job: RestoreJob) -> RestorePlan:
             if record is not None and record.vouches_for(unit.target, file.info, card.version, recipe,
                                                          parts.get(unit.target)):
                 file.done[unit.index] = record
-    gone = sorted((set(outputs) | set(entries)) - present)
+    # Only what this input's earlier runs recorded is theirs: a file put into the output by
+    # hand, or recorded from another input, is never reported (nor pruned) as gone.
+    gone = sorted(key for key, value in entries.items() if key not in present and restored_from(job.input, value))
     gone_units = sorted(name for name in all_records if name.rsplit("/", 1)[0] not in present)
     return RestorePlan(files, [info for _, info in skipped], model_folder, card.version,
                        manifest.damaged + units_manifest.damaged, gone, gone_units)
