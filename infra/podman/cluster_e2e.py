@@ -57,9 +57,10 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def podman(*args: str, check: bool = True, capture: bool = True) -> str:
+def podman(*args: str, check: bool = True, capture: bool = True, env: dict | None = None) -> str:
     # crun refuses this machine's cgroup setup: runc (infra/README.md, "Images built here")
     result = subprocess.run(["podman", "--runtime", "runc", *args], text=True,
+                            env={**os.environ, **env} if env else None,
                             stdout=subprocess.PIPE if capture else None, stderr=subprocess.PIPE if capture else None)
     if check and result.returncode != 0:
         raise RuntimeError(f"podman {' '.join(args[:3])} ... failed ({result.returncode}): {result.stderr.strip()}")
@@ -101,11 +102,11 @@ class Cluster:
         args = ["run", "-d", "--name", name, "--hostname", name, "--network", self.network, *extra]
         for port in publish:  # loopback only, a port the kernel picks
             args += ["-p", f"127.0.0.1::{port}"]
-        for key, value in (env or {}).items():
-            args += ["-e", f"{key}={value}"]
+        for key in env or {}:  # the value from podman's environment: keys never on a command line (ps)
+            args += ["-e", key]
         args += [image, *command]
         self.containers.append(name)
-        podman(*args)
+        podman(*args, env=env)
         for port in publish:
             self.ports[f"{role}:{port}"] = int(podman("port", name, f"{port}/tcp").rsplit(":", 1)[1])
 
