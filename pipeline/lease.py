@@ -36,6 +36,10 @@ class LeaseHeld(RuntimeError):
     """Another live run holds the output's lease."""
 
 
+class UnguardedStorage(storage.StorageError, ValueError):
+    """The store ignores conditional writes: a setup to change (exit 2), not a failure to retry."""
+
+
 class LeaseLost(RuntimeError):
     """This run's lease expired or was taken over while it ran."""
 
@@ -145,7 +149,8 @@ class OutputLease:
         if storage.replace_if_match(self.uri, body, "0" * 32) is not None:
             ignored.append("If-Match")
         if ignored:
-            raise storage.StorageError(f"the storage under {self.output} ignores {' and '.join(ignored)} (a conditional "
+            storage.delete(self.uri)  # ours: left behind, it would turn the next run away as "another run"
+            raise UnguardedStorage(f"the storage under {self.output} ignores {' and '.join(ignored)} (a conditional "
                                        f"write that must fail succeeded): resflow cannot guarantee one writer per "
                                        f"output there. Run one restore per output at a time and pass --no-lease")
 

@@ -112,6 +112,7 @@ def test_a_run_frozen_past_its_lease_commits_nothing_after_another_run_took_over
 
 def test_a_store_that_ignores_conditional_writes_is_refused_unless_told_no_lease(tmp_path, monkeypatch):
     from pipeline.cli import build_parser, restore_job_from
+    from pipeline.jobs import failure_kind
 
     real_write = storage.write_bytes
     monkeypatch.setattr(storage, "create_exclusive", lambda uri, data: real_write(uri, data))  # If-None-Match ignored
@@ -119,9 +120,11 @@ def test_a_store_that_ignores_conditional_writes_is_refused_unless_told_no_lease
         OutputLease(str(tmp_path / "a")).acquire()
     monkeypatch.undo()
     monkeypatch.setattr(storage, "replace_if_match", lambda uri, data, etag: real_write(uri, data))  # If-Match ignored
-    with pytest.raises(storage.StorageError, match="ignores If-Match.*--no-lease"):
+    with pytest.raises(storage.StorageError, match="ignores If-Match.*--no-lease") as refused:
         OutputLease(str(tmp_path / "b")).acquire()
     monkeypatch.undo()
+    assert failure_kind(refused.value) == "rejected"  # exit 2: change the setup, retrying will not help
+    assert not storage.exists(OutputLease(str(tmp_path / "b")).uri)  # no lease left to turn the next run away
     with OutputLease(str(tmp_path / "c")) as honoured:  # the local store honours both
         honoured.confirm()
     arguments = ["restore", "--input", "a", "--output", "b", "--model", "m"]
