@@ -258,9 +258,13 @@ def run_restore(args) -> int:
     check_storage(job.input, job.output, job.model)
     # Ray starts only if the plan needs it (pipeline/restore/executors.py); in a process of
     # its own, local Ray without its dashboard saves ~210 MB and 10 processes (bench/README.md,
-    # "Ray's dashboard"); a cluster keeps its own.
-    raycluster.LOCAL_DASHBOARD = False
-    result = run_step(job, CliEvents(quiet=args.json))
+    # "Ray's dashboard"); a cluster keeps its own. Put back after: a process that goes on
+    # (tests, a notebook) may train next, and training needs the dashboard.
+    saved, raycluster.LOCAL_DASHBOARD = raycluster.LOCAL_DASHBOARD, False
+    try:
+        result = run_step(job, CliEvents(quiet=args.json))
+    finally:
+        raycluster.LOCAL_DASHBOARD = saved
     print_result(result, args, format_report(result))
     return 0
 

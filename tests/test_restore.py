@@ -577,6 +577,7 @@ def test_resflow_restore_runs_local_ray_without_its_dashboard(monkeypatch):
         ray_dashboard=raycluster.LOCAL_DASHBOARD) or restore.RestoreReport(job.output, "v1"))
     assert cli.main(["restore", "--input", "a", "--output", "b", "--model", "m"]) == 0
     assert asked == {"ray_dashboard": False}
+    assert raycluster.LOCAL_DASHBOARD is True  # only for the restore: later steps in this process keep it
     monkeypatch.undo()
     assert raycluster.LOCAL_DASHBOARD is True
     assert inspect.signature(raycluster.connect).parameters["dashboard"].default is None
