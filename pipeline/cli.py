@@ -26,7 +26,7 @@ import sys
 from pipeline.config import TRAIN_PRESETS, RestoreSettings, preset_summary
 from pipeline.contract import ImageColumns
 from pipeline.degradations import Degradation
-from pipeline.jobs import EXIT_STATUS, Events, RestoreJob, restore_job, restore_setting_names
+from pipeline.jobs import EXECUTORS, EXIT_STATUS, Events, RestoreJob, restore_job, restore_setting_names
 
 
 class Formatter(argparse.RawDescriptionHelpFormatter):
@@ -407,7 +407,7 @@ def add_commands(commands) -> None:
     p.add_argument("--no-lease", action="store_false", dest="lease",
                    help="run without the output's lease, for a store that ignores conditional writes (the run "
                         "refuses otherwise): then nothing keeps a second run from writing beside this one")
-    p.add_argument("--executor", choices=("auto", "in-process", "ray"), default=RestoreJob.executor,
+    p.add_argument("--executor", choices=EXECUTORS, default=RestoreJob.executor,
                    help="who runs the model: auto runs a small plan in this process and a large one (or one "
                         "with --gpu, --workers or RAY_ADDRESS) on Ray")
     p.add_argument("--unit-rows", type=int, default=RestoreJob.unit_rows,

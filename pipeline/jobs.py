@@ -20,6 +20,9 @@ from pipeline.config import RestoreSettings, TrainConfig, from_data, to_data
 from pipeline.contract import DecodeLimits, ImageColumns
 
 
+EXECUTORS = ("auto", "in-process", "ray")  # RestoreJob.executor: who runs a restore (restore/executors.py)
+
+
 @dataclass(frozen=True)
 class RestoreJob:
     input: str  # a dataset: a folder or prefix of Parquet files
@@ -54,8 +57,8 @@ class RestoreJob:
             raise ValueError("stall_timeout_s must be positive")
         if self.lease_wait_s < 0 or self.lease_ttl_s <= 0:
             raise ValueError("lease_wait_s must be >= 0 and lease_ttl_s positive")
-        if self.executor not in ("auto", "in-process", "ray"):
-            raise ValueError(f"executor must be 'auto', 'in-process' or 'ray', got {self.executor!r}")
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}")
         if self.executor == "in-process" and self.use_gpu:
             raise ValueError("the in-process executor restores on CPU; --gpu runs replicas on Ray")
 

@@ -20,7 +20,6 @@ from pipeline.restore.planning import Unit
 from pipeline.restore.records import UnitResult
 from pipeline.restore.replica import UnitRestorer
 
-EXECUTORS = ("auto", "in-process", "ray")  # RestoreJob.executor
 # Rows up to which a plan runs in this process when nothing else decides (a cluster, a GPU,
 # a number of replicas asked for): about where Ray's start-up stops showing. On 2 cores a
 # BSD68-sized image takes 0.03-0.25 s (the `cpu` preset to DnCNN-S), so 256 rows are
