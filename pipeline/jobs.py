@@ -63,11 +63,13 @@ class RestoreJob:
             raise ValueError("the in-process executor restores on CPU; --gpu runs replicas on Ray")
 
 
+NESTED_SETTINGS = {"settings": RestoreSettings, "columns": ImageColumns}  # RestoreJob fields that hold settings
+
+
 def _restore_setting_names() -> tuple[set[str], dict[str, str]]:
     """RestoreJob's own settings, and each nested setting's name -> the RestoreJob field holding it."""
-    nested = {"settings": RestoreSettings, "columns": ImageColumns}
-    owners = {item.name: owner for owner, kind in nested.items() for item in dataclasses.fields(kind)}
-    own = {item.name for item in dataclasses.fields(RestoreJob)} - set(nested) - {"input", "output", "model"}
+    owners = {item.name: owner for owner, kind in NESTED_SETTINGS.items() for item in dataclasses.fields(kind)}
+    own = {item.name for item in dataclasses.fields(RestoreJob)} - set(NESTED_SETTINGS) - {"input", "output", "model"}
     return own, owners
 
 
@@ -85,10 +87,9 @@ def restore_job(input: str, output: str, model: str, **settings) -> RestoreJob:
     unknown = sorted(set(settings) - own - set(owners))
     if unknown:
         raise ValueError(f"unknown restore setting(s) {unknown}; known: {sorted(restore_setting_names())}")
-    nested = {"settings": RestoreSettings, "columns": ImageColumns}
     given = {name: value for name, value in settings.items() if value is not None}
     parts = {owner: kind(**{name: value for name, value in given.items() if owners.get(name) == owner})
-             for owner, kind in nested.items()}
+             for owner, kind in NESTED_SETTINGS.items()}
     return RestoreJob(input=input, output=output, model=model, **parts,
                       **{name: value for name, value in given.items() if name in own})
 
