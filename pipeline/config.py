@@ -45,7 +45,7 @@ class RestoreSettings:
     png_compress_level: int = 1
     # Threads that decode and encode the rows of a call (the codecs release the GIL): a GPU
     # replica spreads its PNG work over its node's CPUs, a CPU replica over its own cores;
-    # None: one (a restore's replicas get theirs from pipeline/restore.py).
+    # None: one (a restore's replicas get theirs from pipeline/restore/).
     io_threads: int | None = None
     # Rows whose estimated noise sigma (0-255 scale, pipeline/noise.py) is below this are left
     # untouched, status `skipped`; None restores every row (the estimate is recorded either way).
