@@ -50,7 +50,7 @@ DATA = Path(os.environ.get("RESFLOW_SHARED_DATA", REPO.parent / "shared" / "data
 RESFLOW = str(Path(sys.executable).parent / "resflow")  # the console script, as a user runs it
 
 MODELS = {
-    "cpu": lambda: (train_preset("cpu").architecture, train_preset("cpu").architecture_config),
+    "cpu": lambda: (train_preset("cpu").model.architecture, train_preset("cpu").model.architecture_config),
     "dncnn-s": lambda: ("dncnn", {"depth": 17, "width": 64, "batch_norm": True}),
     "null": lambda: ("dncnn", {"depth": 3, "width": 1, "batch_norm": False}),
 }

@@ -59,7 +59,7 @@ def cost_ms_per_image(images: list[np.ndarray], preset: str, repeats: int) -> tu
     replica runs it, after one warm-up), measured in turns on the same images so that the
     machine's drift strikes both alike; the medians of `repeats` turns."""
     config = train_preset(preset)
-    model = build_model(config.architecture, **config.architecture_config)
+    model = build_model(config.model.architecture, **config.model.architecture_config)
     runner = ModelRunner(model, RestoreSettings())
     planes = [to_float(image, mode_of(image))[0].transpose(2, 0, 1).copy() for image in images]
     runner.run(planes[: runner.settings.rows_per_call])

@@ -329,9 +329,9 @@ def run(args, root: str) -> None:
     config = train_preset(args.preset)
     torch.manual_seed(0)
     model_uri = f"{root}/model"
-    save_model(model_uri, build_model(config.architecture, **config.architecture_config))
+    save_model(model_uri, build_model(config.model.architecture, **config.model.architecture_config))
     threads = raycluster.physical_cores()
-    print(f"model: {config.architecture} {config.architecture_config}; {threads} cores; {device}"
+    print(f"model: {config.model.architecture} {config.model.architecture_config}; {threads} cores; {device}"
           f"{' (' + torch.cuda.get_device_name() + ', bf16)' if use_gpu else ''}; {batch_size} rows per call",
           flush=True)
 
@@ -376,7 +376,7 @@ def run(args, root: str) -> None:
 
     loop, small, large, one_file, quarter_file = (row for _, row in rows[:5])
     result = {
-        "model": {"name": config.architecture, "config": config.architecture_config}, "cores": threads, "batch_size": batch_size,
+        "model": {"name": config.model.architecture, "config": config.model.architecture_config}, "cores": threads, "batch_size": batch_size,
         "device": torch.cuda.get_device_name() if use_gpu else "cpu", "storage": args.storage,
         "forward": forwards, "loop": loop, "pipeline_1x": small, f"pipeline_{args.scale}x": large,
         "ratio_pipeline_vs_forward_1x": small["vs_forward"],

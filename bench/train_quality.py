@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from local import s3server
@@ -49,7 +48,7 @@ def run(args) -> None:
     for name in ("Set12", "BSD68"):
         ingest(str(DATA / name), f"{root}/{name.lower()}", progress=False)
     print(f"Train400: {train_rows} train / {val_rows} validation images", flush=True)
-    config = replace(train_preset(args.preset), workers=args.workers, max_minutes=args.minutes, keep_checkpoints=500)
+    config = train_preset(args.preset, workers=args.workers, max_minutes=args.minutes, keep_checkpoints=500)
     started = time.time()
     result = train(TrainJob(data=f"{root}/train400/train", val_data=f"{root}/train400/val", registry=f"{root}/models",
                             config=config, run_name=f"bench-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"))

@@ -27,11 +27,10 @@ import argparse
 import json
 import os
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from local import s3server
-from pipeline.config import to_data, train_preset
+from pipeline.config import to_data, train_preset, with_settings
 from pipeline.degrade import degrade_dataset
 from pipeline.degradations import Degradation
 from pipeline.evaluate import evaluate
@@ -71,16 +70,16 @@ def run(args) -> None:
     for part in ("train", "val"):  # noisy-only: the self-supervised run never sees a clean pixel
         degrade_dataset(f"{root}/train400/{part}", f"{root}/noisy25/{part}", Degradation(noise_sigma=25),
                         seed_per_image=True, progress=False, keep_target=False)
-    base = replace(train_preset(args.preset), workers=1, epochs=args.epochs, max_minutes=None, keep_checkpoints=2)
+    base = train_preset(args.preset, workers=1, epochs=args.epochs, max_minutes=None, keep_checkpoints=2)
     clean = (f"{root}/train400/train", f"{root}/train400/val")
     variants = {
         "supervised-25": (clean, base, (25,)),
         "self-supervised-25": ((f"{root}/noisy25/train", f"{root}/noisy25/val"),
-                               replace(base, self_supervised=True, epochs=args.ss_epochs or int(args.epochs / SS_STEP_COST)),
+                               with_settings(base, self_supervised=True, epochs=args.ss_epochs or int(args.epochs / SS_STEP_COST)),
                                (25,)),
-        "blind": (clean, replace(base, degradation=train_preset(f"{args.preset}-blind").degradation), (15, 25, 50)),
-        "specific-15": (clean, replace(base, degradation=Degradation(noise_sigma=15)), (15,)),
-        "specific-50": (clean, replace(base, degradation=Degradation(noise_sigma=50)), (50,)),
+        "blind": (clean, with_settings(base, degradation=train_preset(f"{args.preset}-blind").data.degradation), (15, 25, 50)),
+        "specific-15": (clean, with_settings(base, degradation=Degradation(noise_sigma=15)), (15,)),
+        "specific-50": (clean, with_settings(base, degradation=Degradation(noise_sigma=50)), (50,)),
     }
     out = REPO / "bench" / "results" / "train_variants.json"
     report = json.loads(out.read_text()) if out.exists() and args.only else {}

@@ -83,54 +83,138 @@ class RestoreSettings:
         return max(self.rows_per_forward, ROWS_PER_CALL)
 
 
+def _check(owner: str, checks: list[tuple[bool, str]]) -> None:
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(f"{owner}: {message}")
+
+
 @dataclass(frozen=True)
-class TrainConfig:
+class ModelSettings:
+    """Which network is trained."""
+
     architecture: str = "dncnn"  # a name in pipeline.models.MODELS
     architecture_config: dict = field(default_factory=lambda: {"depth": 10, "width": 32})  # its config class's fields
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """What the network sees: patches of which images, degraded how, in batches of how many."""
+
     degradation: Degradation = Degradation(noise_sigma=25)  # synthesised on clean data; ignored for paired data
     patch_size: int = 40  # the DnCNN paper's 40 x 40 for sigma 25
     patches_per_image: int = 16  # random crops per image per epoch, each with a random flip/rotation
     batch_size: int = 64  # per worker; the global batch is workers x batch_size
-    epochs: int = 50  # upper bound; max_minutes may end training sooner
-    max_minutes: float | None = None  # wall-clock budget; the LR schedule anneals to it
-    learning_rate: float = 1e-3  # Adam, for the global batch of one worker (scaled by sqrt(workers))
-    min_learning_rate: float = 1e-5  # cosine schedule floor
-    warmup: float = 0.0  # share of the schedule over which the learning rate rises linearly to its peak
-    grad_clip: float = 0.5  # max gradient norm; keeps early Adam steps on BN-free nets stable
-    keep_checkpoints: int = 3  # best N by validation PSNR stay in storage
-    workers: int = 1  # Ray Train workers (DDP ranks)
-    use_gpu: bool = False  # one GPU per worker
-    bf16: bool = True  # autocast to bfloat16 where the hardware computes it natively (CUDA; AVX512-BF16/AMX CPUs)
     # Learn from noisy images alone (Neighbor2Neighbor, Huang et al. 2021): no target column,
     # no clean images; the training set's image column is taken as already noisy.
     self_supervised: bool = False
-    cpus_per_worker: float = 1.0  # logical CPUs each worker reserves (fractions keep 2-core machines alive)
-    threads_per_worker: int | None = None  # torch threads; None: physical cores / workers on CPU
-    max_failures: int = 2  # worker-group restarts from the latest checkpoint before the run fails
-    seed: int = 0  # seeds init, patch sampling and the synthetic degradations
     val_seed: int = 0  # the protocol seeds every validation image's noise with 0
     columns: ImageColumns = ImageColumns()
 
     def __post_init__(self):
-        checks = [
+        _check("DataSettings", [
             (self.patch_size >= 8, f"patch_size must be >= 8, got {self.patch_size}"),
             (self.patches_per_image >= 1, "patches_per_image must be >= 1"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
+            (not self.self_supervised or self.patch_size % 4 == 0,
+             f"self-supervised training trains on half-size sub-patches, which a half-resolution network"
+             f" halves again: patch_size must be a multiple of 4, got {self.patch_size}"),
+        ])
+
+
+@dataclass(frozen=True)
+class OptimiserSettings:
+    """Adam, its learning-rate schedule, and how long it runs."""
+
+    learning_rate: float = 1e-3  # Adam, for the global batch of one worker (scaled by sqrt(workers))
+    min_learning_rate: float = 1e-5  # cosine schedule floor
+    warmup: float = 0.0  # share of the schedule over which the learning rate rises linearly to its peak
+    grad_clip: float = 0.5  # max gradient norm; keeps early Adam steps on BN-free nets stable
+    epochs: int = 50  # upper bound; max_minutes may end training sooner
+    max_minutes: float | None = None  # wall-clock budget; the LR schedule anneals to it
+
+    def __post_init__(self):
+        _check("OptimiserSettings", [
             (self.epochs >= 1, "epochs must be >= 1"),
             (self.max_minutes is None or self.max_minutes > 0, "max_minutes must be positive"),
             (0 < self.min_learning_rate <= self.learning_rate, "need 0 < min_learning_rate <= learning_rate"),
             (0 <= self.warmup < 1, "warmup must be within [0, 1)"),
-            (self.workers >= 1, "workers must be >= 1"),
-            (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
-            (self.cpus_per_worker > 0, "cpus_per_worker must be positive"),
-            (not self.self_supervised or self.patch_size % 4 == 0,
-             f"self-supervised training trains on half-size sub-patches, which a half-resolution network"
-             f" halves again: patch_size must be a multiple of 4, got {self.patch_size}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"TrainConfig: {message}")
+        ])
 
+
+@dataclass(frozen=True)
+class CheckpointSettings:
+    """What is kept, and how often a failed worker group starts again from it."""
+
+    keep_checkpoints: int = 3  # best N by validation PSNR stay in storage
+    max_failures: int = 2  # worker-group restarts from the latest checkpoint before the run fails
+
+    def __post_init__(self):
+        _check("CheckpointSettings", [(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")])
+
+
+@dataclass(frozen=True)
+class ScalingSettings:
+    """Where training runs: Ray Train workers and what each reserves."""
+
+    workers: int = 1  # Ray Train workers (DDP ranks)
+    use_gpu: bool = False  # one GPU per worker
+    bf16: bool = True  # autocast to bfloat16 where the hardware computes it natively (CUDA; AVX512-BF16/AMX CPUs)
+    cpus_per_worker: float = 1.0  # logical CPUs each worker reserves (fractions keep 2-core machines alive)
+    threads_per_worker: int | None = None  # torch threads; None: physical cores / workers on CPU (not written back)
+
+    def __post_init__(self):
+        _check("ScalingSettings", [(self.workers >= 1, "workers must be >= 1"),
+                                   (self.cpus_per_worker > 0, "cpus_per_worker must be positive")])
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training run's settings by concern (torchtitan style): `config.optimiser.learning_rate`.
+    Presets and overrides name fields flat (`train_config(learning_rate=2e-3)`, `--learning-rate`):
+    every field name is unique across the groups."""
+
+    model: ModelSettings = ModelSettings()
+    data: DataSettings = DataSettings()
+    optimiser: OptimiserSettings = OptimiserSettings()
+    checkpoints: CheckpointSettings = CheckpointSettings()
+    scaling: ScalingSettings = ScalingSettings()
+    seed: int = 0  # seeds init, patch sampling and the synthetic degradations
+
+
+def _setting_owners(value) -> tuple[set[str], dict[str, str]]:
+    """`value`'s own fields that are not groups, and each group field's name -> the group holding it."""
+    groups = [item.name for item in dataclasses.fields(value) if dataclasses.is_dataclass(getattr(value, item.name))]
+    owners = {inner.name: outer for outer in groups for inner in dataclasses.fields(getattr(value, outer))}
+    return {item.name for item in dataclasses.fields(value)} - set(groups), owners
+
+
+def setting_names(value) -> set[str]:
+    """Every name `with_settings` takes for `value`."""
+    own, owners = _setting_owners(value)
+    return own | set(owners)
+
+
+def with_settings(value, **named):
+    """`value` (a frozen dataclass) with fields replaced by name, whether its own or those of
+    the dataclasses it holds (one level: TrainConfig's groups, RestoreJob's settings). A name
+    found nowhere is an error that lists them all; None leaves a field as it is."""
+    given = {name: item for name, item in named.items() if item is not None}
+    own, owners = _setting_owners(value)
+    unknown = sorted(set(given) - own - set(owners) - {item.name for item in dataclasses.fields(value)})
+    if unknown:
+        raise ValueError(f"unknown {type(value).__name__} setting(s) {unknown}; known: {sorted(own | set(owners))}")
+    groups = {}
+    for name, item in given.items():
+        if name in owners and name not in own:
+            outer = owners[name]
+            groups[outer] = replace(groups.get(outer, getattr(value, outer)), **{name: item})
+    return replace(value, **groups, **{name: item for name, item in given.items() if name not in owners})
+
+
+def train_config(**named) -> TrainConfig:
+    """A TrainConfig from flat field names (`with_settings` on the defaults)."""
+    return with_settings(TrainConfig(), **named)
 
 
 # --- training presets: functions, derived with replace --------------------------------------
@@ -138,35 +222,35 @@ class TrainConfig:
 
 def tiny() -> TrainConfig:
     """Tests and smoke runs: a 2-block residual net that trains in seconds and beats the noisy input."""
-    return TrainConfig(architecture="resnet", architecture_config={"blocks": 2, "width": 16, "unshuffle": 2},
-                       patch_size=32, patches_per_image=64, batch_size=32, epochs=3, learning_rate=2e-3)
+    return train_config(architecture="resnet", architecture_config={"blocks": 2, "width": 16, "unshuffle": 2},
+                        patch_size=32, patches_per_image=64, batch_size=32, epochs=3, learning_rate=2e-3)
 
 
 def cpu() -> TrainConfig:
     """Two CPU cores, about 30 minutes: a residual-block network at half resolution
     (pixel-unshuffle) sees a 2x wider receptive field for a quarter of the work per pixel;
     bf16 where the CPU has it, a higher peak learning rate after a short warmup."""
-    return TrainConfig(architecture="resnet", architecture_config={"blocks": 6, "width": 48, "unshuffle": 2},
-                       patch_size=48, patches_per_image=32, batch_size=32, epochs=400, max_minutes=30,
-                       learning_rate=2e-3, warmup=0.03)
+    return train_config(architecture="resnet", architecture_config={"blocks": 6, "width": 48, "unshuffle": 2},
+                        patch_size=48, patches_per_image=32, batch_size=32, epochs=400, max_minutes=30,
+                        learning_rate=2e-3, warmup=0.03)
 
 
 def cpu_blind() -> TrainConfig:
     """The cpu preset trained over noise sigma 0-55 (one sigma drawn per patch): one model for any level in the range."""
-    return replace(cpu(), degradation=Degradation(noise_sigma=None, noise_sigma_range=(0.0, 55.0)))
+    return with_settings(cpu(), degradation=Degradation(noise_sigma=None, noise_sigma_range=(0.0, 55.0)))
 
 
 def dncnn_cpu() -> TrainConfig:
     """The paper's DnCNN, shallower (10 x 32), for CPUs."""
-    return TrainConfig(architecture="dncnn", architecture_config={"depth": 10, "width": 32}, epochs=400, max_minutes=30)
+    return train_config(architecture="dncnn", architecture_config={"depth": 10, "width": 32}, epochs=400, max_minutes=30)
 
 
 def dncnn_paper() -> TrainConfig:
     """GPU workers: DnCNN-S (Zhang et al. 2017, sigma 25), 17 x 64 with BN, 40 x 40 patches,
     batch 128, Adam 1e-3 decaying to 1e-4 over 50 epochs."""
-    return TrainConfig(architecture="dncnn", architecture_config={"depth": 17, "width": 64, "batch_norm": True},
-                       patch_size=40, patches_per_image=128, batch_size=128, epochs=50, learning_rate=1e-3,
-                       min_learning_rate=1e-4, use_gpu=True)
+    return train_config(architecture="dncnn", architecture_config={"depth": 17, "width": 64, "batch_norm": True},
+                        patch_size=40, patches_per_image=128, batch_size=128, epochs=50, learning_rate=1e-3,
+                        min_learning_rate=1e-4, use_gpu=True)
 
 
 # --- colour presets: RGB in, RGB out, trained on colour data (CBSD432), noise drawn per channel ------
@@ -174,26 +258,26 @@ def dncnn_paper() -> TrainConfig:
 
 def colour(preset: TrainConfig) -> TrainConfig:
     """`preset`'s network with 3 input and output channels: RGB restored jointly."""
-    return replace(preset, architecture_config={**preset.architecture_config, "channels": 3})
+    return with_settings(preset, architecture_config={**preset.model.architecture_config, "channels": 3})
 
 
 def cpu_color() -> TrainConfig:
     """Colour photographs on two CPU cores, about 30 minutes: the cpu network on RGB (channels
     restored jointly), at the earlier peak learning rate 1e-3: 2e-3 made the gray run's
     validation fall for its first dozen epochs (bench/README.md, "Colour")."""
-    return replace(colour(cpu()), learning_rate=1e-3, warmup=0.03)
+    return with_settings(colour(cpu()), learning_rate=1e-3, warmup=0.03)
 
 
 def cpu_color_blind() -> TrainConfig:
     """The cpu-color preset over noise sigma 0-55, one sigma per patch: one colour model for any level."""
-    return replace(cpu_color(), degradation=Degradation(noise_sigma=None, noise_sigma_range=(0.0, 55.0)))
+    return with_settings(cpu_color(), degradation=Degradation(noise_sigma=None, noise_sigma_range=(0.0, 55.0)))
 
 
 def dncnn_color() -> TrainConfig:
     """GPU workers: colour DnCNN (CDnCNN-B, Zhang et al. 2017), 20 x 64 with BN on RGB, blind
     over sigma 0-55, 50 x 50 patches, batch 128, Adam 1e-3 to 1e-4 over 50 epochs."""
-    return replace(dncnn_paper(), architecture_config={"depth": 20, "width": 64, "batch_norm": True, "channels": 3},
-                   patch_size=50, degradation=Degradation(noise_sigma=None, noise_sigma_range=(0.0, 55.0)))
+    return with_settings(dncnn_paper(), architecture_config={"depth": 20, "width": 64, "batch_norm": True, "channels": 3},
+                         patch_size=50, degradation=Degradation(noise_sigma=None, noise_sigma_range=(0.0, 55.0)))
 
 
 TRAIN_PRESETS = {"tiny": tiny, "cpu": cpu, "cpu-blind": cpu_blind, "dncnn-cpu": dncnn_cpu, "dncnn-paper": dncnn_paper,
@@ -204,7 +288,7 @@ def train_preset(name: str, **overrides) -> TrainConfig:
     """A preset with `overrides` (None values leave the preset's choice)."""
     if name not in TRAIN_PRESETS:
         raise ValueError(f"unknown training preset {name!r}; choose one of {sorted(TRAIN_PRESETS)}")
-    return replace(TRAIN_PRESETS[name](), **{k: v for k, v in overrides.items() if v is not None})
+    return with_settings(TRAIN_PRESETS[name](), **overrides)
 
 
 def preset_summary(name: str) -> str:

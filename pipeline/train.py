@@ -101,8 +101,8 @@ def sample_patches(batch: dict, config: TrainConfig, channels: int, kind: str, r
     which the self-supervised loss sub-samples itself. A degradation with a sigma range
     draws its sigma per patch."""
     pairs = []
-    size = config.patch_size
-    columns = config.columns
+    size = config.data.patch_size
+    columns = config.data.columns
     paired = kind == PAIRED
     for row in range(len(batch[columns.image])):
         clean = image_float(batch[columns.target if paired else columns.image][row], channels, limits)
@@ -112,7 +112,7 @@ def sample_patches(batch: dict, config: TrainConfig, channels: int, kind: str, r
         height, width = clean.shape[:2]
         if height < size or width < size:
             continue
-        for _ in range(config.patches_per_image):
+        for _ in range(config.data.patches_per_image):
             y, x = rng.integers(0, height - size + 1), rng.integers(0, width - size + 1)
             k = int(rng.integers(0, 8))
             target = dihedral(clean[y : y + size, x : x + size], k)
@@ -121,7 +121,7 @@ def sample_patches(batch: dict, config: TrainConfig, channels: int, kind: str, r
             elif kind == NOISY:
                 source = target
             else:
-                source = config.degradation.apply(np.ascontiguousarray(target), noise_rng)
+                source = config.data.degradation.apply(np.ascontiguousarray(target), noise_rng)
             pairs.append((np.ascontiguousarray(source.transpose(2, 0, 1)),
                           np.ascontiguousarray(target.transpose(2, 0, 1))))
     return pairs
@@ -194,7 +194,7 @@ def write_checkpoint(directory: str, model: torch.nn.Module, optimizer, train_st
 
     from pipeline.modelio import save_model
 
-    save_model(directory, model, degradation=to_data(config.degradation), metrics=metrics,
+    save_model(directory, model, degradation=to_data(config.data.degradation), metrics=metrics,
                training={"config": to_data(config), "epoch": train_state["epoch"]})
     tensors, meta = optimizer_to_tensors(optimizer)
     save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(directory, OPTIMIZER_FILE))
@@ -242,9 +242,9 @@ class Worker:
     def progress(self, epoch: int) -> float:
         """How far through the schedule: the budget's elapsed share when there is a budget
         (checked every step, so warmup and annealing are smooth), else by epochs."""
-        progress = (epoch - 1 + min(1.0, self.step / self.steps_per_epoch)) / self.config.epochs
-        if self.config.max_minutes:
-            progress = max(progress, (time.time() - self.session_start) / (self.config.max_minutes * 60))
+        progress = (epoch - 1 + min(1.0, self.step / self.steps_per_epoch)) / self.config.optimiser.epochs
+        if self.config.optimiser.max_minutes:
+            progress = max(progress, (time.time() - self.session_start) / (self.config.optimiser.max_minutes * 60))
         return min(progress, 1.0)
 
     def set_learning_rate(self, epoch: int) -> float:
@@ -262,16 +262,16 @@ class Worker:
     def use_bf16(self) -> bool:
         from pipeline.inference import native_bf16
 
-        return self.config.bf16 and native_bf16(str(self.device))
+        return self.config.scaling.bf16 and native_bf16(str(self.device))
 
 
 def learning_rate_at(progress: float, config: TrainConfig, workers: int) -> float:
-    """Linear warmup over `config.warmup` of the schedule, then cosine to the floor."""
-    top = config.learning_rate * math.sqrt(workers)
-    low = config.min_learning_rate * math.sqrt(workers)
-    if progress < config.warmup:
-        return low + (top - low) * progress / config.warmup
-    annealed = (progress - config.warmup) / (1 - config.warmup)
+    """Linear warmup over `config.optimiser.warmup` of the schedule, then cosine to the floor."""
+    top = config.optimiser.learning_rate * math.sqrt(workers)
+    low = config.optimiser.min_learning_rate * math.sqrt(workers)
+    if progress < config.optimiser.warmup:
+        return low + (top - low) * progress / config.optimiser.warmup
+    annealed = (progress - config.optimiser.warmup) / (1 - config.optimiser.warmup)
     return low + 0.5 * (top - low) * (1 + math.cos(math.pi * min(1.0, annealed)))
 
 
@@ -292,11 +292,11 @@ def setup_worker(config: TrainConfig) -> Worker:
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    if not config.use_gpu:
-        torch.set_num_threads(config.threads_per_worker or max(1, (os.cpu_count() or 1) // world))
+    if not config.scaling.use_gpu:
+        torch.set_num_threads(config.scaling.threads_per_worker or max(1, (os.cpu_count() or 1) // world))
     torch.manual_seed(config.seed)
-    network = build_model(config.architecture, **config.architecture_config)
-    optimizer = torch.optim.Adam(network.parameters(), lr=config.learning_rate)
+    network = build_model(config.model.architecture, **config.model.architecture_config)
+    optimizer = torch.optim.Adam(network.parameters(), lr=config.optimiser.learning_rate)
     return Worker(config, network, network, optimizer, ray.train.torch.get_device(), rank, world)
 
 
@@ -341,21 +341,21 @@ def train_one_epoch(worker: Worker, shard, epoch: int, kind: str, hooks: TrainHo
     worker.step = 0
     while True:
         worker.set_learning_rate(epoch)
-        while len(buffer) < config.batch_size and not exhausted:
+        while len(buffer) < config.data.batch_size and not exhausted:
             try:
                 buffer.extend(sample_patches(next(batches), config, worker.channels, kind, rng, noise_rng, limits))
             except StopIteration:
                 exhausted = True
-        if _all_reduce([1.0 if len(buffer) >= config.batch_size else 0.0], "min")[0] < 1:
+        if _all_reduce([1.0 if len(buffer) >= config.data.batch_size else 0.0], "min")[0] < 1:
             break
-        picks = rng.permutation(len(buffer))[: config.batch_size]
+        picks = rng.permutation(len(buffer))[: config.data.batch_size]
         chosen, keep = [buffer[i] for i in picks], set(picks.tolist())
         buffer = [pair for i, pair in enumerate(buffer) if i not in keep]
         source = torch.from_numpy(np.stack([pair[0] for pair in chosen])).to(device)
         target = torch.from_numpy(np.stack([pair[1] for pair in chosen])).to(device)
         if device.type == "cpu":
             source = source.contiguous(memory_format=torch.channels_last)
-        if config.self_supervised:
+        if config.data.self_supervised:
             gamma = N2N_REGULARISER * worker.progress(epoch)
             loss = neighbor2neighbor_loss(worker.model, worker.network, source, gamma, generator, worker.use_bf16)
         else:
@@ -364,7 +364,7 @@ def train_one_epoch(worker: Worker, shard, epoch: int, kind: str, hooks: TrainHo
             loss = F.mse_loss(output.float(), target)
         worker.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(worker.model.parameters(), config.grad_clip)
+        torch.nn.utils.clip_grad_norm_(worker.model.parameters(), config.optimiser.grad_clip)
         worker.optimizer.step()
         losses.append(loss.item())
         samples += len(chosen)
@@ -385,7 +385,7 @@ def validate(worker: Worker, shard, kind: str) -> dict:
     from pipeline.inference import ModelRunner
 
     worker.network.eval()
-    runner = ModelRunner(worker.network, RestoreSettings(batch_size=1, device=str(worker.device), bf16=worker.config.bf16))
+    runner = ModelRunner(worker.network, RestoreSettings(batch_size=1, device=str(worker.device), bf16=worker.config.scaling.bf16))
     try:
         if kind == NOISY:
             metrics = _validate_without_references(worker, shard, runner)
@@ -404,7 +404,7 @@ def _validate_without_references(worker: Worker, shard, runner) -> dict:
     is the error against the clean g2(x) plus sigma^2 (Noise2Noise's argument) and ranks
     models as that error does. The regularised training objective does not: an identity
     map scores better on it than a perfect denoiser."""
-    limits, columns = DecodeLimits(), worker.config.columns
+    limits, columns = DecodeLimits(), worker.config.data.columns
     totals = [0.0, 0.0]  # n2n psnr, count
     for batch in shard.iter_batches(batch_size=4, batch_format="numpy"):
         for row in range(len(batch[columns.image])):
@@ -413,7 +413,7 @@ def _validate_without_references(worker: Worker, shard, runner) -> dict:
                 continue
             height, width = noisy.shape[0] // 4 * 4, noisy.shape[1] // 4 * 4
             image = torch.from_numpy(np.ascontiguousarray(noisy[:height, :width].transpose(2, 0, 1)))[None]
-            masks = neighbour_masks(tuple(image.shape), torch.Generator().manual_seed(worker.config.val_seed))
+            masks = neighbour_masks(tuple(image.shape), torch.Generator().manual_seed(worker.config.data.val_seed))
             first, second = neighbour_subsample(image, masks)
             restored = runner.restore_images([first[0].numpy().transpose(1, 2, 0)])[0]
             error = float(np.mean((restored - second[0].numpy().transpose(1, 2, 0)) ** 2))
@@ -426,16 +426,16 @@ def _validation_seed(config: TrainConfig, image_id) -> int:
     """The protocol's seed for every image; a sigma range draws its sigma from the seed
     first, so there each image gets a seed of its own (by id): with one seed for all,
     every image would be scored at the same sigma (about 30 of 0-55)."""
-    if config.degradation.noise_sigma_range is None:
-        return config.val_seed
-    return degradation_seed(config.val_seed, str(image_id), per_image=True)
+    if config.data.degradation.noise_sigma_range is None:
+        return config.data.val_seed
+    return degradation_seed(config.data.val_seed, str(image_id), per_image=True)
 
 
 def _validate_with_references(worker: Worker, shard, runner, paired: bool) -> dict:
     from pipeline.evaluate import restore_and_score
 
     config = worker.config
-    limits, columns = DecodeLimits(), config.columns
+    limits, columns = DecodeLimits(), config.data.columns
     mode = "L" if worker.channels == 1 else "RGB"
     totals = [0.0, 0.0, 0.0, 0.0]  # output psnr, output ssim, input psnr, count
     for batch in shard.iter_batches(batch_size=4, batch_format="numpy"):
@@ -447,7 +447,7 @@ def _validate_with_references(worker: Worker, shard, runner, paired: bool) -> di
                 noisy = image_float(batch[columns.image][row], worker.channels, limits)
             else:
                 seed = _validation_seed(config, batch[columns.id][row])
-                noisy = config.degradation.apply(clean, np.random.RandomState(seed))
+                noisy = config.data.degradation.apply(clean, np.random.RandomState(seed))
             if noisy is None or noisy.shape != clean.shape:
                 continue
             scores = restore_and_score(runner, clean, noisy, mode)
@@ -501,10 +501,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     worker.steps_per_epoch = loop_config["steps_per_epoch"]
     resume(worker)
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
-    budget_s = config.max_minutes * 60 if config.max_minutes else None
+    budget_s = config.optimiser.max_minutes * 60 if config.optimiser.max_minutes else None
     session_start = worker.session_start = time.time() - worker.state["elapsed_s"]
     epoch_seconds: list[float] = []
-    for epoch in range(worker.state["epoch"] + 1, config.epochs + 1):
+    for epoch in range(worker.state["epoch"] + 1, config.optimiser.epochs + 1):
         elapsed = _all_reduce([time.time() - session_start], "max")[0]
         if budget_s and elapsed + (float(np.mean(epoch_seconds)) if epoch_seconds else 0.0) > budget_s:
             break  # the next epoch would overrun the budget: stop inside it
@@ -525,9 +525,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         report_epoch(worker, metrics)
         epoch_seconds.append(time.time() - epoch_start)
         if worker.rank == 0:
-            left = (config.epochs - epoch) * float(np.mean(epoch_seconds))
+            left = (config.optimiser.epochs - epoch) * float(np.mean(epoch_seconds))
             left = min(left, max(0.0, budget_s - elapsed)) if budget_s else left
-            print(f"epoch {epoch}/{config.epochs}  loss {metrics['loss']:.5f}  {describe_epoch(metrics)}  "
+            print(f"epoch {epoch}/{config.optimiser.epochs}  loss {metrics['loss']:.5f}  {describe_epoch(metrics)}  "
                   f"{metrics['patches_per_s']:.0f} patches/s  lr {lr:.2e}  elapsed {_clock(elapsed)}  "
                   f"left ~{_clock(left)}", file=sys.stderr, flush=True)  # stdout carries results only
 
@@ -582,8 +582,8 @@ def inspect_for_training(uri: str, config: TrainConfig, training: bool) -> Inspe
     """The dataset's kind as training sees it (dataset.inspect): self-supervised training
     learns from the image column alone, so its training data ignores a target, and without
     a target its data is noisy-only (nothing clean to compare with)."""
-    return inspect(uri, config.columns, kind_without_target=NOISY if config.self_supervised else CLEAN,
-                   use_target=not (training and config.self_supervised))
+    return inspect(uri, config.data.columns, kind_without_target=NOISY if config.data.self_supervised else CLEAN,
+                   use_target=not (training and config.data.self_supervised))
 
 
 def train(job: TrainJob, events: Events | None = None, hooks: TrainHooks | None = None) -> TrainResult:
@@ -596,13 +596,13 @@ def train(job: TrainJob, events: Events | None = None, hooks: TrainHooks | None 
     from pipeline.modelio import load_model, save_model
 
     events = events or Events()
-    config, columns = job.config, job.config.columns
-    build_model(config.architecture, **config.architecture_config)  # a bad architecture stops the job here
+    config, columns = job.config, job.config.data.columns
+    build_model(config.model.architecture, **config.model.architecture_config)  # a bad architecture stops the job here
     train_data = inspect_for_training(job.data, config, training=True)
     val_data = inspect_for_training(job.val_data, config, training=False)
     train_files, val_files, rows = train_data.files, val_data.files, train_data.rows
     kinds = {"train": train_data.kind, "val": val_data.kind}
-    fingerprint = data_fingerprint(train_files, config.degradation)
+    fingerprint = data_fingerprint(train_files, config.data.degradation)
     run_name = job.run_name or f"train-{time.strftime('%Y%m%d-%H%M%S')}-{fingerprint[:6]}"
     storage_path = storage.join(job.registry, "_runs")
     storage.ensure_bucket(storage_path)
@@ -615,17 +615,17 @@ def train(job: TrainJob, events: Events | None = None, hooks: TrainHooks | None 
     # up to 0.7 dB worse than the annealed last one (bench/README.md).
     select_by = "epoch" if kinds["val"] == NOISY else "val_score"
     run_filesystem, run_path = storage.pyarrow_filesystem(storage_path)
-    resources = {"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})}
+    resources = {"CPU": config.scaling.cpus_per_worker, **({"GPU": 1} if config.scaling.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": to_data(config), "kinds": kinds, "hooks": hooks, "history_uri": history_uri,
-                           "steps_per_epoch": max(1.0, rows * config.patches_per_image / (config.batch_size * config.workers))},
-        scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu,
+                           "steps_per_epoch": max(1.0, rows * config.data.patches_per_image / (config.data.batch_size * config.scaling.workers))},
+        scaling_config=ray.train.ScalingConfig(num_workers=config.scaling.workers, use_gpu=config.scaling.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=run_path, storage_filesystem=run_filesystem,
-            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints,
+            failure_config=ray.train.FailureConfig(max_failures=config.checkpoints.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoints.keep_checkpoints,
                                                          checkpoint_score_attribute=select_by,
                                                          checkpoint_score_order="max"),
         ),
@@ -633,12 +633,12 @@ def train(job: TrainJob, events: Events | None = None, hooks: TrainHooks | None 
     )
     if kinds["train"] == PAIRED and kinds["val"] == CLEAN:
         events.log(f"note: the training data is paired but {job.val_data} has no {columns.target!r} column: "
-                   f"validation synthesises {config.degradation.describe()} on it, which need not be the pairs' degradation")
-    described = {PAIRED: "paired", CLEAN: "clean + " + config.degradation.describe(),
+                   f"validation synthesises {config.data.degradation.describe()} on it, which need not be the pairs' degradation")
+    described = {PAIRED: "paired", CLEAN: "clean + " + config.data.degradation.describe(),
                  NOISY: "noisy-only, self-supervised (Neighbor2Neighbor)"}
     events.log(f"training run {run_name!r}: {len(train_files)} train file(s) ({described[kinds['train']]}), "
-               f"{len(val_files)} val file(s) ({kinds['val']}), {config.workers} worker(s) "
-               f"{'GPU' if config.use_gpu else 'CPU'}; checkpoints in {storage.join(storage_path, run_name)}")
+               f"{len(val_files)} val file(s) ({kinds['val']}), {config.scaling.workers} worker(s) "
+               f"{'GPU' if config.scaling.use_gpu else 'CPU'}; checkpoints in {storage.join(storage_path, run_name)}")
     result = trainer.fit()
     if result.error:
         raise RuntimeError(f"training run {run_name} failed: {result.error}")
@@ -652,9 +652,9 @@ def train(job: TrainJob, events: Events | None = None, hooks: TrainHooks | None 
     metrics = {key: best_metrics[key] for key in ("val_psnr", "val_ssim", "val_noisy_psnr", "val_n2n_psnr", "val_score",
                                                   "epoch", "loss") if key in best_metrics}
     history = read_history(history_uri)
-    version = f"{config.architecture}-{time.strftime('%Y%m%d-%H%M%S')}-{fingerprint[:6]}"
+    version = f"{config.model.architecture}-{time.strftime('%Y%m%d-%H%M%S')}-{fingerprint[:6]}"
     published = save_model(
-        registry.version_uri(job.registry, version), model, version=version, degradation=to_data(config.degradation),
+        registry.version_uri(job.registry, version), model, version=version, degradation=to_data(config.data.degradation),
         data_fingerprint=fingerprint, metrics=metrics,
         training={"config": to_data(config), "run_name": run_name, "paired": kinds["train"] == PAIRED,
                   "kinds": kinds, "epochs_run": train_state["epoch"], "wall_seconds": train_state["elapsed_s"],

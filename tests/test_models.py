@@ -39,7 +39,7 @@ def test_models_are_residual(name):
 @pytest.mark.parametrize("preset", sorted(TRAIN_PRESETS))
 def test_every_training_presets_architecture_builds(preset):
     config = TRAIN_PRESETS[preset]()
-    model = build_model(config.architecture, **config.architecture_config)
+    model = build_model(config.model.architecture, **config.model.architecture_config)
     assert sum(p.numel() for p in model.parameters()) > 0
 
 
@@ -109,9 +109,9 @@ def test_colour_presets_are_rgb_and_the_card_and_models_show_say_so(tmp_path, ca
     from pipeline.modelio import read_card, save_model
 
     for preset in ("cpu-color", "cpu-color-blind", "dncnn-color"):
-        assert TRAIN_PRESETS[preset]().architecture_config["channels"] == 3, preset
-    assert TRAIN_PRESETS["cpu"]().architecture_config.get("channels", 1) == 1
-    assert TRAIN_PRESETS["cpu-color-blind"]().degradation.noise_sigma_range == (0.0, 55.0)
+        assert TRAIN_PRESETS[preset]().model.architecture_config["channels"] == 3, preset
+    assert TRAIN_PRESETS["cpu"]().model.architecture_config.get("channels", 1) == 1
+    assert TRAIN_PRESETS["cpu-color-blind"]().data.degradation.noise_sigma_range == (0.0, 55.0)
     for channels, word in ((3, "colour"), (1, "gray")):
         folder = str(tmp_path / word)
         save_model(folder, build_model("resnet", channels=channels, blocks=1, width=4))

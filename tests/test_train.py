@@ -4,13 +4,13 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import pytest
 
 from pipeline import storage
 from pipeline.dataset import read_table
-from pipeline.config import TrainConfig, from_data, to_data, train_preset
+from pipeline.config import TrainConfig, from_data, to_data, train_config, train_preset
 from pipeline.degrade import degrade_dataset
 from pipeline.degradations import Degradation
 from pipeline.jobs import TrainJob
@@ -25,7 +25,7 @@ from pipeline.train import (
 
 
 def tiny_config(**overrides) -> TrainConfig:
-    return replace(train_preset("tiny"), workers=2, cpus_per_worker=0.5, threads_per_worker=1, **overrides)
+    return train_preset("tiny", workers=2, cpus_per_worker=0.5, threads_per_worker=1, **overrides)
 
 
 def train(data: str, val_data: str, registry: str, config: TrainConfig, run_name: str | None = None, hooks=None):
@@ -70,7 +70,7 @@ def test_two_workers_train_checkpoint_and_publish(ray_local, train400_small, s3_
     model, card = load_model(result.model_uri)
     assert card.version == result.version and card.degradation["noise_sigma"] == 25
     assert card.data_fingerprint and card.metrics["val_psnr"] == pytest.approx(result.metrics["val_psnr"])
-    assert card.training["config"]["workers"] == 2
+    assert card.training["config"]["scaling"]["workers"] == 2
     assert [row["epoch"] for row in result.history] == [1, 2, 3]
 
 
@@ -122,13 +122,13 @@ def test_parquet_footers_are_read_by_a_small_pool(ray_local, train400_small):
 
 def test_config_validation_and_schedule():
     with pytest.raises(ValueError, match="patch_size"):
-        TrainConfig(patch_size=2)
+        train_config(patch_size=2)
     with pytest.raises(ValueError, match="fields are"):
         from pipeline.models import build_model
 
-        config = TrainConfig(architecture_config={"layers": 3})
-        build_model(config.architecture, **config.architecture_config)
-    config = TrainConfig(learning_rate=1e-3, min_learning_rate=1e-5)
+        config = train_config(architecture_config={"layers": 3})
+        build_model(config.model.architecture, **config.model.architecture_config)
+    config = train_config(learning_rate=1e-3, min_learning_rate=1e-5)
     assert learning_rate_at(0, config, 1) == pytest.approx(1e-3)
     assert learning_rate_at(1, config, 1) == pytest.approx(1e-5)
     assert learning_rate_at(0, config, 4) == pytest.approx(2e-3)  # sqrt(workers) scaling
@@ -142,7 +142,7 @@ def test_the_schedule_moves_within_an_epoch():
 
     from pipeline.train import Worker
 
-    config = TrainConfig(epochs=10, warmup=0.05, learning_rate=1e-3, min_learning_rate=1e-5)
+    config = train_config(epochs=10, warmup=0.05, learning_rate=1e-3, min_learning_rate=1e-5)
     network = torch.nn.Linear(2, 2)
     worker = Worker(config, network, network, torch.optim.Adam(network.parameters()), torch.device("cpu"), 0, 1,
                     steps_per_epoch=100)
@@ -222,7 +222,7 @@ def test_blind_training_draws_a_sigma_per_patch():
     from pipeline.images import encode_png
     from pipeline.train import CLEAN, sample_patches
 
-    config = replace(train_preset("cpu-blind"), patches_per_image=24)
+    config = train_preset("cpu-blind", patches_per_image=24)
     flat = np.full((96, 96), 128, np.uint8)  # no texture: what a patch's std measures is its noise
     batch = {"image": [encode_png(flat, "L")], "image_id": ["flat"]}
     pairs = sample_patches(batch, config, 1, CLEAN, np.random.default_rng(0), np.random.RandomState(0), DecodeLimits())
@@ -265,10 +265,32 @@ def test_self_supervised_trains_a_colour_model_on_noisy_colour_photos_alone(ray_
         degrade_dataset(f"{s3_prefix}/clean-{part}", f"{s3_prefix}/{part}", Degradation(noise_sigma=25),
                         seed_per_image=True, progress=False, keep_target=False)
     config = tiny_config(self_supervised=True, epochs=4, patches_per_image=128,
-                         architecture_config={**train_preset("tiny").architecture_config, "channels": 3})
+                         architecture_config={**train_preset("tiny").model.architecture_config, "channels": 3})
     result = train(s3_prefix + "/train", s3_prefix + "/val", s3_prefix + "/models", config)
     _, card = load_model(result.model_uri)
     assert card.channels == 3 and card.training["kinds"] == {"train": "noisy", "val": "noisy"}
     scores = evaluate(EvaluateJob(model=result.model_uri, data=s3_prefix + "/clean-val", noise_sigma=25)).summary()
     print("self-supervised colour tiny:", scores["input_psnr"], "->", scores["output_psnr"])  # 20.40 -> 22.76 here
     assert scores["output_psnr"] > scores["input_psnr"] + 1.5, scores
+
+
+def test_train_config_groups_settings_by_concern_and_takes_any_field_by_name():
+    """Settings are grouped (model, data, optimiser, checkpoints, scaling); a field is named
+    flat wherever users name it (flags, flow parameters, presets), and names are unique."""
+    import dataclasses
+
+    from pipeline.config import setting_names, with_settings
+
+    groups = [item.name for item in dataclasses.fields(TrainConfig) if dataclasses.is_dataclass(item.default)]
+    assert groups == ["model", "data", "optimiser", "checkpoints", "scaling"]
+    names = [inner.name for group in groups for inner in dataclasses.fields(getattr(TrainConfig(), group))]
+    assert len(names) == len(set(names)) and setting_names(TrainConfig()) == set(names) | {"seed"}
+    config = train_preset("cpu", learning_rate=5e-4, workers=2, keep_checkpoints=7, patch_size=64, seed=3)
+    assert (config.optimiser.learning_rate, config.scaling.workers, config.checkpoints.keep_checkpoints,
+            config.data.patch_size, config.seed) == (5e-4, 2, 7, 64, 3)
+    assert config.model == train_preset("cpu").model and config.optimiser.warmup == train_preset("cpu").optimiser.warmup
+    assert with_settings(config, workers=None) == config  # None leaves the preset's choice
+    with pytest.raises(ValueError, match=r"unknown TrainConfig setting\(s\) \['learning_rat'\]; known: .*learning_rate"):
+        train_preset("cpu", learning_rat=1e-3)
+    with pytest.raises(ValueError, match="OptimiserSettings: warmup"):
+        train_config(warmup=1.5)
