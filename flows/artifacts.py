@@ -127,7 +127,11 @@ def restore_artifacts(report: dict, input_uri: str, model: str, previews: int, s
     noise = noise_summary(report["noise_sigma_counts"])
     row = {"model_version": report["model_version"], "files_restored": report["files_restored"],
            "files_skipped": report["files_skipped"], "images_ok": report["images_ok"],
-           "images_failed": report["images_failed"], "images_skipped": report["images_skipped"],
+           "images_failed": report["images_failed"],
+           # failed for a reason in the data (stays failed) or one that can pass (the next run retries it)
+           "images_failed_data": report["images_failed"] - report.get("images_failed_transient", 0),
+           "images_failed_transient": report.get("images_failed_transient", 0),
+           "images_retried": report.get("images_retried", 0), "images_skipped": report["images_skipped"],
            "noise_sigma_median": None if noise["median"] is None else round(noise["median"], 2),
            "megapixels": round(report["megapixels"], 2),
            "megapixels_per_s": round(report["megapixels_per_s"], 3), "seconds": round(report["seconds"], 1),
@@ -138,7 +142,11 @@ def restore_artifacts(report: dict, input_uri: str, model: str, previews: int, s
                     f"images against their clean target)" if scores else "no clean reference in this dataset")
     failures = "\n".join(f"- `{image_id}`: {reason}" for image_id, reason in report.get("failures", [])[:10])
     markdown = "\n\n".join(filter(None, [
-        f"# Restore: {report['images_ok']} ok, {report['images_skipped']} skipped, {report['images_failed']} failed",
+        f"# Restore: {report['images_ok']} ok, {report['images_skipped']} skipped, {report['images_failed']} failed "
+        f"({row['images_failed_data']} for a reason in the data, {row['images_failed_transient']} for one that can "
+        f"pass: the next run retries those)",
+        (f"> retried {report['images_retried']} row(s) of {report['files_retried']} file(s) that an earlier run "
+         f"failed for a reason that can pass; their other rows were kept" if report.get("images_retried") else ""),
         f"- input: `{input_uri}`\n- output: `{report['output']}`\n- model: `{report['model_version']}` (from `{model}`)"
         f"\n- files restored: {report['files_restored']}, already done: {report['files_skipped']}"
         f"\n- {report['megapixels']:.1f} MP in {report['seconds']:.1f} s = {report['megapixels_per_s']:.3f} MP/s"

@@ -11,6 +11,20 @@ from dataclasses import dataclass
 # null), model_version, and noise_sigma (the input's estimated noise, null when it did not decode).
 OUTPUT_COLUMNS = ("status", "error", "model_version", "noise_sigma")
 
+# The error of a row that failed for a reason that can pass (a storage or network error, out
+# of memory, a referenced `path` file missing or unreadable) starts with this: a later run
+# retries such rows, up to RestoreJob.retries times. Any other failed row failed for a
+# reason in its data (corrupt, too large, wrong format) and stays failed.
+TRANSIENT = "transient: "
+
+
+def transient(reason: str) -> str:
+    return TRANSIENT + reason
+
+
+def is_transient(error: str | None) -> bool:
+    return bool(error) and error.startswith(TRANSIENT)
+
 
 @dataclass(frozen=True)
 class ImageColumns:

@@ -38,7 +38,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageFile
 
-from pipeline.contract import DecodeLimits, ImageColumns
+from pipeline.contract import DecodeLimits, ImageColumns, transient
 
 # Pillow's own bomb check warns at ~89 MP and raises at ~179 MP; resflow checks the
 # declared size against its own limit before decoding, so Pillow's check is turned off.
@@ -162,8 +162,20 @@ def image_bytes(value, base_dir: str | None = None, max_bytes: int | None = None
         except ValueError:
             return None, f"the image file {path!r} is larger than the limit of {max_bytes} bytes"
         except Exception as error:  # the row fails, not the batch
-            return None, f"the image struct has no bytes and its path {path!r} could not be read: {error}"
+            reason = f"the image struct has no bytes and its path {path!r} could not be read: {error}"
+            return None, transient(reason) if read_can_pass(error) else reason
     return None, f"unsupported image value of type {type(value).__name__}"
+
+
+def read_can_pass(error: BaseException) -> bool:
+    """Whether a referenced file that could not be read may read later: missing (not there
+    yet), not permitted, the store down past its retries; not a path that no file system
+    takes (too long, a link loop) nor one that names a folder."""
+    from pipeline import storage
+
+    if isinstance(error, (IsADirectoryError, NotADirectoryError)):
+        return False
+    return not (isinstance(error, OSError) and error.errno in storage.DETERMINISTIC_ERRNOS)
 
 
 def declared_size(value) -> tuple[int, int] | None:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from pipeline.config import RestoreSettings
-from pipeline.contract import DecodeLimits, ImageColumns
+from pipeline.contract import DecodeLimits, ImageColumns, transient
 from pipeline.images import color_channels, decode, encode_png, from_float, to_float
 from pipeline.modelio import load_model
 from pipeline.noise import estimate_sigma
@@ -260,8 +260,9 @@ class ImageRestorer:
             restored = self.restore_pixels(pixels_list, modes)
         except Exception as error:  # e.g. out of memory on one huge image: fail these rows, keep going
             restored = []
+            reason = f"restoration failed: {type(error).__name__}: {error}"
             for row in decoded_rows:
-                errors[row] = f"restoration failed: {type(error).__name__}: {error}"
+                errors[row] = transient(reason) if out_of_memory(error) else reason
         clock = _lap(timings, "forward", clock)
         for row, (png, error) in zip(decoded_rows, self._each(self._encode, zip(restored, modes, orientations))):
             encoded[row], errors[row] = png, error
@@ -279,6 +280,12 @@ class ImageRestorer:
             per_channel[row] = errors[row] is None and self.runner.channel_path(color_channels(mode)) == PER_CHANNEL
         out["per_channel"] = per_channel
         return out
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Host or device memory ran out: a reason that can pass on a later run (a quieter
+    node, a larger GPU), unlike a model that cannot take the image."""
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in str(error).lower()
 
 
 def _noise_sigma(decoded) -> float | None:

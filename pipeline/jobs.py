@@ -16,7 +16,7 @@ import json
 import sys
 from dataclasses import dataclass
 
-from pipeline.config import RestoreSettings, TrainConfig, from_data, to_data
+from pipeline.config import RestoreSettings, TrainConfig, from_data, setting_names, to_data, with_settings
 from pipeline.contract import DecodeLimits, ImageColumns
 
 
@@ -36,6 +36,9 @@ class RestoreJob:
     cpus_per_worker: float = 0.5  # logical CPUs a CPU replica reserves; fractions leave Ray's own tasks room
     force: bool = False  # restore every file, even those the manifest says are done
     prune: bool = False  # remove the outputs, records and staged parts of inputs deleted since an earlier run
+    # Rows that failed for a reason that can pass (contract.TRANSIENT) are restored again by up
+    # to this many later runs, the file's other rows kept; then they stay failed (--force redoes all).
+    retries: int = 2
     stall_timeout_s: float = 600.0  # fail when no row is restored for this long
     lease_wait_s: float = 0.0  # how long to wait for another run's lease on the output before giving up
     lease_ttl_s: float = 120.0  # a crashed run's lease is taken over this long after its last renewal
@@ -53,6 +56,8 @@ class RestoreJob:
             raise ValueError("workers must be >= 1")
         if self.unit_rows < 1 or self.unit_megabytes <= 0:
             raise ValueError("unit_rows must be >= 1 and unit_megabytes positive")
+        if self.retries < 0:
+            raise ValueError("retries must be >= 0")
         if self.stall_timeout_s <= 0:
             raise ValueError("stall_timeout_s must be positive")
         if self.lease_wait_s < 0 or self.lease_ttl_s <= 0:
@@ -63,35 +68,17 @@ class RestoreJob:
             raise ValueError("the in-process executor restores on CPU; --gpu runs replicas on Ray")
 
 
-NESTED_SETTINGS = {"settings": RestoreSettings, "columns": ImageColumns}  # RestoreJob fields that hold settings
-
-
-def _restore_setting_names() -> tuple[set[str], dict[str, str]]:
-    """RestoreJob's own settings, and each nested setting's name -> the RestoreJob field holding it."""
-    owners = {item.name: owner for owner, kind in NESTED_SETTINGS.items() for item in dataclasses.fields(kind)}
-    own = {item.name for item in dataclasses.fields(RestoreJob)} - set(NESTED_SETTINGS) - {"input", "output", "model"}
-    return own, owners
-
-
 def restore_setting_names() -> set[str]:
     """Every name `restore_job` takes besides input, output and model."""
-    own, owners = _restore_setting_names()
-    return own | set(owners)
+    return setting_names(RestoreJob("", "", "")) - {"input", "output", "model"}
 
 
 def restore_job(input: str, output: str, model: str, **settings) -> RestoreJob:
     """A restore job from settings named by their field (the CLI's flags and the flows'
-    parameters are these names): a field of RestoreJob, RestoreSettings or ImageColumns;
-    None leaves the field's own default. An unknown name is an error that lists them all."""
-    own, owners = _restore_setting_names()
-    unknown = sorted(set(settings) - own - set(owners))
-    if unknown:
-        raise ValueError(f"unknown restore setting(s) {unknown}; known: {sorted(restore_setting_names())}")
-    given = {name: value for name, value in settings.items() if value is not None}
-    parts = {owner: kind(**{name: value for name, value in given.items() if owners.get(name) == owner})
-             for owner, kind in NESTED_SETTINGS.items()}
-    return RestoreJob(input=input, output=output, model=model, **parts,
-                      **{name: value for name, value in given.items() if name in own})
+    parameters are these names): a field of RestoreJob or of the settings it holds
+    (RestoreSettings, DecodeLimits, ImageColumns); None leaves the field's own default.
+    An unknown name is an error that lists them all."""
+    return with_settings(RestoreJob(input=input, output=output, model=model), **settings)
 
 
 @dataclass(frozen=True)

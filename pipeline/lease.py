@@ -75,7 +75,7 @@ class OutputLease:
                  log=print):
         if ttl_s <= 0 or wait_s < 0:
             raise ValueError("lease ttl_s must be positive and wait_s not negative")
-        self.uri = storage.join(output_uri, storage.RESFLOW_DIR, LEASE_FILE)
+        self.uri = lease_uri(output_uri)
         self.output = output_uri
         self.ttl_s, self.wait_s, self.poll_s = ttl_s, wait_s, poll_s
         self.log = log
@@ -219,9 +219,31 @@ class OutputLease:
         self.release()
 
 
+def lease_uri(output_uri: str) -> str:
+    return storage.join(output_uri, storage.RESFLOW_DIR, LEASE_FILE)
+
+
+def fence(output_uri: str, run: str) -> None:
+    """For a writer in another process than the lease's holder (a replica committing a unit
+    it restored): raise LeaseLost unless the output's lease, read from the store right now,
+    still names run `run`. A replica of a run that was frozen past its lease finds the new
+    holder there and commits nothing; the driver's own commits use `OutputLease.confirm`."""
+    current = storage.read_with_age(lease_uri(output_uri))
+    try:
+        holder = json.loads(current[0])["holder"] if current else {}
+    except (ValueError, KeyError, TypeError):
+        holder = {}
+    if holder.get("run") != run:
+        raise LeaseLost(f"the lease on {output_uri} is no longer held by run {run} "
+                        f"({'now ' + describe(holder) if holder else 'no lease there'}): this replica of the old "
+                        f"run commits nothing")
+
+
 class NoLease:
     """What a run holds with --no-lease: nothing. For a store that ignores conditional
     writes, where the caller keeps one run per output by other means."""
+
+    holder = {"run": None}  # no run to fence: replicas commit unchecked
 
     def __init__(self, output_uri: str, log=print):
         log(f"warning: no lease on {output_uri}: nothing stops a second run from writing there at the same time")

@@ -137,5 +137,5 @@ def test_the_cli_and_the_flows_build_a_restore_job_from_its_fields():
             assert set(parameters) - own == set(settings)  # nothing else, nothing restated by another name
         for name in settings:
             assert parameters[name].default == field_defaults[name], name
-    with pytest.raises(ValueError, match="unknown restore setting"):
+    with pytest.raises(ValueError, match="unknown RestoreJob setting"):
         restore_job("a", "b", "m", tiles=3)

@@ -130,3 +130,33 @@ def test_a_store_that_ignores_conditional_writes_is_refused_unless_told_no_lease
     arguments = ["restore", "--input", "a", "--output", "b", "--model", "m"]
     assert restore_job_from(build_parser().parse_args(arguments)).lease is True
     assert restore_job_from(build_parser().parse_args(arguments + ["--no-lease"])).lease is False
+
+
+def test_a_replica_of_a_run_that_lost_its_lease_commits_no_unit(output, trained_model, tmp_path):
+    """A replica checks the lease in the store right before its unit's output commits: a
+    replica of the frozen run writes nothing; the new holder's replica commits."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.config import RestoreSettings
+    from pipeline.restore.planning import Unit
+    from pipeline.restore.replica import UnitRestorer
+    from tests.conftest import shared_data
+
+    source = tmp_path / "in" / "a.parquet"
+    source.parent.mkdir()
+    pq.write_table(pa.table({"image_id": ["01", "02"],
+                             "image": [(shared_data("Set12") / f"0{n}.png").read_bytes() for n in (1, 2)]}), source)
+    unit = Unit("a.parquet", str(source), 0, 0, 2, 0, 1, storage.join(output, "a.parquet"))
+    frozen = OutputLease(output, ttl_s=1.2).acquire()
+    frozen._stop.set()
+    frozen._renewer.join()
+    time.sleep(2.5)
+    with OutputLease(output, ttl_s=30) as holder:
+        stale = UnitRestorer(trained_model, RestoreSettings(), fenced_by=(output, frozen.holder["run"]))
+        with pytest.raises(LeaseLost, match="commits nothing"):
+            stale.restore_unit(unit)
+        assert not storage.exists(unit.target) and storage.clear_temporaries(output, keep=(".lease.json.",)) == []
+        current = UnitRestorer(trained_model, RestoreSettings(), fenced_by=(output, holder.holder["run"]))
+        assert current.restore_unit(unit).ok == 2 and storage.exists(unit.target)
+    frozen.release()

@@ -161,6 +161,7 @@ class Run:
                                              files_total=len(planned.files) + len(planned.skipped),
                                              files_skipped=len(planned.skipped))
         report.inputs_gone = planned.gone
+        report.retries_spent = planned.retries_spent
         if planned.gone and job.prune:
             self.lease.confirm()
             report.inputs_pruned = prune_inputs_gone(job, planned.gone, planned.gone_units)
@@ -175,7 +176,7 @@ class Run:
             return report
         pending = [unit for file in planned.files for unit in file.units if unit.index not in file.done]
         report.units_skipped = sum(len(file.done) for file in planned.files)
-        report.images_total = sum(unit.rows for unit in pending)
+        report.images_total = sum(unit.rows_to_restore for unit in pending)
         report.executor = choose_executor(job, report.images_total)
         try:
             if report.executor == "in-process":
@@ -194,7 +195,7 @@ class Run:
         """The replica in this process (a small plan): no Ray, no watchdog (nothing runs
         out of sight), multi-unit files assembled as their last unit finishes."""
         job, events, report = self.job, self.events, self.report
-        local = InProcess(job, planned.model_folder)
+        local = InProcess(job, planned.model_folder, self._fenced_by())
         events.progress(0, report.images_total)
         events.log(f"restoring {len(planned.files)} file(s) in {len(pending)} unit(s) ({report.units_skipped} "
                    f"already done), {report.images_total} images, with model {planned.model_version} in this "
@@ -238,7 +239,7 @@ class Run:
                 UnitRestorer,
                 fn_constructor_kwargs={"model_uri": planned.model_folder, "settings": settings,
                                        "columns": job.columns, "limits": job.limits, "base_dir": job.input,
-                                       "progress": self.progress},
+                                       "progress": self.progress, "fenced_by": self._fenced_by()},
                 batch_size=1, batch_format="pyarrow",
                 # every replica starts at once (model loads overlap one another); the pool may
                 # shrink to one when a node is lost, and Ray Data gives its units to another
@@ -277,6 +278,11 @@ class Run:
             except Exception as error:  # entries stay valid one by one; never mask the run's own error
                 self.events.log(f"{manifest.kind} not compacted ({error}); the next run reads its entries one by one")
 
+    def _fenced_by(self) -> tuple[str, str] | None:
+        """What a replica checks before it commits a unit: that this run still holds the lease."""
+        run = self.lease.holder["run"]
+        return (self.job.output, run) if run else None
+
     def _rows_restored(self) -> int:
         import ray
 
@@ -301,13 +307,16 @@ class Run:
             raise RuntimeError(f"{file.info.uri} row groups {unit.first}-{unit.last} had {unit.rows} rows when "
                                f"planned and {result.rows} when restored: it changed during the run; rerun")
         self.report.add(result)
+        if unit.heal_rows:
+            self.report.files_retried += 1
+            self.report.images_retried += unit.heal_rows
         if unit.count == 1:
             self._finish(file, result.output_etag, result.output_size, [result])
         else:
             file.done[unit.index] = PartRecord(
                 part=unit.target, part_etag=result.output_etag, input_etag=file.info.etag,
                 model_version=self.report.model_version, recipe=self.recipe,
-                rows=result.rows, ok=result.ok, failed=result.failed, skipped=result.skipped)
+                rows=result.rows, ok=result.ok, failed=result.failed, skipped=result.skipped, transient=result.transient)
             self.unrecorded["units"][unit.name] = file.done[unit.index].to_json()
             if len(file.done) == len(file.units):
                 self._assemble(file)
@@ -346,17 +355,22 @@ class Run:
                 self.events.log(f"could not clean up {unit.target}: {error}")
 
     def _finish(self, file: FilePlan, output_etag: str, output_size: int, units: list) -> None:
-        """A file's output is whole: record it in the manifest (`units`: its units' counts)."""
+        """A file's output is whole: record it in the manifest (`units`: its units' counts,
+        or a retry's, whose counts are only of the rows it restored again)."""
         rows = sum(unit.rows for unit in units)
         if rows != file.rows:
             raise RuntimeError(f"{file.info.uri} had {file.rows} rows when planned and {rows} in its "
                                f"output: it changed during the run; rerun to restore it again")
+        counts = {name: sum(getattr(unit, name) for unit in units) for name in ("ok", "failed", "skipped", "transient")}
+        earlier = file.earlier
+        if earlier is not None:  # a retry: its rows restored again replace earlier failed ones
+            counts = {"ok": earlier.ok + counts["ok"], "skipped": earlier.skipped + counts["skipped"],
+                      "failed": earlier.failed - earlier.transient + counts["failed"], "transient": counts["transient"]}
         entry = FileEntry(
             input=file.info.uri, input_etag=file.info.etag, input_size=file.info.size,
             output=file.output, output_etag=output_etag, output_size=output_size,
-            model_version=self.report.model_version, recipe=self.recipe, rows=rows,
-            ok=sum(unit.ok for unit in units), failed=sum(unit.failed for unit in units),
-            skipped=sum(unit.skipped for unit in units), finished=_now(), parts=len(file.units))
+            model_version=self.report.model_version, recipe=self.recipe, rows=rows, **counts, finished=_now(),
+            parts=earlier.parts if earlier else len(file.units), attempts=earlier.attempts + 1 if earlier else 1)
         self.unrecorded["manifest"][file.key] = entry.to_json()
         self.report.files_restored += 1
         self.report.outputs.append(file.output)

@@ -42,11 +42,12 @@ class InProcess:
     """One replica in this process with every core: torch's threads for the forward pass
     and as many PNG threads for decoding and encoding, which work while it does not."""
 
-    def __init__(self, job: RestoreJob, model_folder: str):
+    def __init__(self, job: RestoreJob, model_folder: str, fenced_by: tuple[str, str] | None = None):
         cores = raycluster.physical_cores()
         self.settings = replace(job.settings, device="cpu", threads=job.settings.threads or cores,
                                 io_threads=job.settings.io_threads or cores)
-        self.replica = UnitRestorer(model_folder, self.settings, job.columns, job.limits, job.input)
+        self.replica = UnitRestorer(model_folder, self.settings, job.columns, job.limits, job.input,
+                                    fenced_by=fenced_by)
 
     def results(self, units: list[Unit]) -> Iterator[UnitResult]:
         """Each unit's result as it finishes, in order."""

@@ -4,6 +4,8 @@ Work is cut into units of whole row groups (at most `unit_rows` rows and `unit_m
 of compressed input each, read from the footers), so one large file spreads over every
 replica. A file is done when its manifest entry vouches for it (records.FileEntry); of a
 file not done, a unit is done when its part record vouches for it (records.PartRecord).
+A done file whose entry counts rows that failed for a reason that can pass is retried
+(`plan_retry`), up to `RestoreJob.retries` times.
 Planning reads one listing of each prefix and the manifests, and footers only of the
 files to restore.
 """
@@ -39,10 +41,17 @@ class Unit:
     index: int  # this unit's place among its file's units
     count: int  # how many units the file has
     target: str  # the output file itself (count == 1), or this unit's staged part
+    # A retry of a finished file (count == 1, target its output): how many of its rows failed
+    # for a reason that can pass; those are restored again, the rest carried (replica.py).
+    heal_rows: int = 0
 
     @property
     def name(self) -> str:
         return f"{self.key}/{self.first:06d}-{self.last:06d}"
+
+    @property
+    def rows_to_restore(self) -> int:
+        return self.heal_rows or self.rows
 
 
 @dataclass
@@ -53,6 +62,7 @@ class FilePlan:
     rows: int
     units: list[Unit]
     done: dict[int, PartRecord] = field(default_factory=dict)  # unit index -> part record of an earlier run
+    earlier: FileEntry | None = None  # a retry: the entry of the output whose failed rows are restored again
 
 
 @dataclass
@@ -66,6 +76,8 @@ class RestorePlan:
     # those records' unit names: reported, and removed with RestoreJob.prune.
     gone: list[str] = field(default_factory=list)
     gone_units: list[str] = field(default_factory=list)
+    # Rows of done files that failed for a reason that can pass and have used up their retries.
+    retries_spent: int = 0
 
     @property
     def todo(self) -> list[storage.FileInfo]:
@@ -133,6 +145,13 @@ def plan_units(job: RestoreJob, key: str, info: storage.FileInfo, footer: pq.Fil
     return FilePlan(info, key, output, footer.num_rows, units)
 
 
+def plan_retry(key: str, info: storage.FileInfo, entry: FileEntry) -> FilePlan:
+    """A finished file with rows that failed for a reason that can pass: one unit that
+    restores those rows again into a new output, carrying the others (replica.py)."""
+    unit = Unit(key, info.uri, 0, entry.parts - 1, entry.rows, 0, 1, entry.output, heal_rows=entry.transient)
+    return FilePlan(info, key, entry.output, entry.rows, [unit], earlier=entry)
+
+
 def restored_from(input_uri: str, record: dict | None) -> bool:
     """A manifest record is a valid entry written for an input file inside `input_uri`."""
     entry = FileEntry.from_json(record)
@@ -150,19 +169,22 @@ def plan(job: RestoreJob) -> RestorePlan:
     manifest, units_manifest = Manifest(job.output, "manifest"), Manifest(job.output, "units")
     entries = manifest.all()
     outputs = {storage.relative_path(job.output, info.uri): info for info in existing_files(job.output)}
-    todo, skipped, present = [], [], set()
+    todo, skipped, retries, present = [], [], [], set()
     for info in dataset_files(job.input):
         key = storage.relative_path(job.input, info.uri)
         present.add(key)
         entry = FileEntry.from_json(entries.get(key))
         done = entry is not None and entry.vouches_for(info, card.version, recipe, outputs.get(key))
-        (skipped if done and not job.force else todo).append((key, info))
-    footers = read_footers([info for _, info in todo])
-    check_footers([info for _, info in todo], footers, job.columns)  # done files' footers are never read
+        if done and not job.force and entry.retry_due(job.retries):
+            retries.append(plan_retry(key, info, entry))
+        else:
+            (skipped if done and not job.force else todo).append((key, info, entry if done else None))
+    footers = read_footers([info for _, info, _ in todo])
+    check_footers([info for _, info, _ in todo], footers, job.columns)  # done files' footers are never read
     all_records = units_manifest.all()
     records = all_records if not job.force else {}
     parts = {info.uri: info for info in existing_files(storage.join(job.output, storage.RESFLOW_DIR, "parts"))}
-    files = [plan_units(job, key, info, footer, card.version) for (key, info), footer in zip(todo, footers)]
+    files = [plan_units(job, key, info, footer, card.version) for (key, info, _), footer in zip(todo, footers)]
     for file in files:
         for unit in file.units if len(file.units) > 1 else []:
             record = PartRecord.from_json(records.get(unit.name))
@@ -173,5 +195,6 @@ def plan(job: RestoreJob) -> RestorePlan:
     # hand, or recorded from another input, is never reported (nor pruned) as gone.
     gone = sorted(key for key, value in entries.items() if key not in present and restored_from(job.input, value))
     gone_units = sorted(name for name in all_records if name.rsplit("/", 1)[0] not in present)
-    return RestorePlan(files, [info for _, info in skipped], model_folder, card.version,
-                       manifest.damaged + units_manifest.damaged, gone, gone_units)
+    return RestorePlan(files + retries, [info for _, info, _ in skipped], model_folder, card.version,
+                       manifest.damaged + units_manifest.damaged, gone, gone_units,
+                       retries_spent=sum(entry.transient for _, _, entry in skipped if entry is not None))

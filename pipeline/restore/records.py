@@ -63,11 +63,17 @@ class FileEntry:
     skipped: int
     finished: str  # ISO time, UTC
     parts: int = 1  # units assembled into the output
+    transient: int = 0  # of the failed rows, those that failed for a reason that can pass (contract.TRANSIENT)
+    attempts: int = 1  # runs that have restored those rows: the first, then one per retry
 
     from_json = classmethod(_from_json)
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    def retry_due(self, retries: int) -> bool:
+        """Rows failed for a reason that can pass, and fewer than `retries` retries so far."""
+        return self.transient > 0 and self.attempts <= retries
 
     def vouches_for(self, input: storage.FileInfo, model_version: str, recipe: dict,
                     output: storage.FileInfo | None) -> bool:
@@ -91,6 +97,7 @@ class PartRecord:
     ok: int
     failed: int
     skipped: int
+    transient: int = 0  # of the failed rows, those that can pass
 
     from_json = classmethod(_from_json)
 
@@ -117,10 +124,12 @@ class UnitResult:
     replica: str = ""  # host:pid of the replica that restored it
     output_etag: str = ""
     output_size: int = 0
-    rows: int = 0
-    ok: int = 0
+    rows: int = 0  # rows written to the output: restored by this run, or carried from the earlier output
+    ok: int = 0  # of the rows this run restored: ok, failed, skipped
     failed: int = 0
     skipped: int = 0
+    transient: int = 0  # of the failed rows, those that failed for a reason that can pass
+    carried: int = 0  # rows a retry copied unchanged from the earlier output (replica.py, `heal`)
     per_channel: int = 0  # colour rows a gray model restored one channel at a time
     megapixels: float = 0.0
     failures: list[list[str]] = field(default_factory=list)  # [image id, reason], the first MAX_FAILURES_KEPT

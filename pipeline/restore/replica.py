@@ -9,7 +9,10 @@ driver or Ray's object store.
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import io
+import itertools
 import time
 from dataclasses import asdict
 
@@ -18,10 +21,11 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.config import RestoreSettings
-from pipeline.contract import OUTPUT_COLUMNS, DecodeLimits, ImageColumns
+from pipeline.contract import OUTPUT_COLUMNS, DecodeLimits, ImageColumns, is_transient
 from pipeline.dataset import PARQUET_COMPRESSION
 from pipeline.images import declared_size
 from pipeline.inference import ImageRestorer
+from pipeline.lease import fence
 from pipeline.noise import noise_bin
 from pipeline.restore.planning import Unit
 from pipeline.restore.records import UnitResult, arrow_schema
@@ -148,6 +152,26 @@ class RetryingInput(io.RawIOBase):
         return len(data)
 
 
+class RowsByIndex:
+    """Rows of a Parquet file by their index in the file, reading one row group at a time
+    (the last one kept: the indices asked for come in order)."""
+
+    def __init__(self, parquet: pq.ParquetFile):
+        self.parquet = parquet
+        sizes = (parquet.metadata.row_group(group).num_rows for group in range(parquet.num_row_groups))
+        self.starts = list(itertools.accumulate(sizes, initial=0))
+        self.group, self.rows = -1, None
+
+    def take(self, indices: list[int]) -> pa.Table:
+        pieces = []
+        for index in indices:
+            group = bisect.bisect_right(self.starts, index) - 1
+            if group != self.group:
+                self.group, self.rows = group, self.parquet.read_row_group(group)
+            pieces.append(self.rows.slice(index - self.starts[group], 1))
+        return pa.concat_tables(pieces)
+
+
 class Progress:
     """Rows restored so far by all replicas (the driver's evidence that a long unit is still
     moving) and attempts per unit (a Ray actor with no CPU of its own)."""
@@ -183,12 +207,14 @@ class UnitRestorer:
     and counts attempts, which stops a unit that keeps killing its replica."""
 
     def __init__(self, model_uri: str, settings: RestoreSettings, columns: ImageColumns = ImageColumns(),
-                 limits: DecodeLimits = DecodeLimits(), base_dir: str | None = None, progress=None):
+                 limits: DecodeLimits = DecodeLimits(), base_dir: str | None = None, progress=None,
+                 fenced_by: tuple[str, str] | None = None):
         import os
         import socket
 
         self.images = ImageRestorer(model_uri, settings, columns, limits, base_dir)
         self.settings, self.columns, self.progress = settings, columns, progress
+        self.fenced_by = fenced_by  # (output, lease run): checked before each unit's output is committed
         self.replica = f"{socket.gethostname()}:{os.getpid()}"
         self.filesystem = None  # the inputs' (one job's files share it), made on the first unit
 
@@ -209,14 +235,13 @@ class UnitRestorer:
             self.filesystem = storage.pyarrow_filesystem(unit.input)[0]
         result = UnitResult(unit.key, unit.index, replica=self.replica)
         started = time.perf_counter()
-        path = storage.parse(unit.input).path
-        handle = storage.retry(lambda: self.filesystem.open_input_file(path), what=f"opening {unit.input}")
         writer = storage.AtomicWriter(unit.target)
-        with handle:
-            parquet = pq.ParquetFile(RetryingInput(handle, unit.input))
+        with self._open(unit.input) as parquet, writer as sink:
             schema = output_schema(parquet.schema_arrow, self.columns)
-            with writer as sink, pq.ParquetWriter(sink, schema, compression=PARQUET_COMPRESSION) as out:
-                for group in range(unit.first, unit.last + 1):
+            with pq.ParquetWriter(sink, schema, compression=PARQUET_COMPRESSION) as out:
+                if unit.heal_rows:
+                    self._retry_failed_rows(unit, parquet, schema, out, result)
+                for group in range(unit.first, unit.last + 1) if not unit.heal_rows else ():
                     read_started = time.perf_counter()
                     try:
                         rows = parquet.read_row_group(group)
@@ -226,15 +251,53 @@ class UnitRestorer:
                         out.write_table(self._unreadable_group(parquet, group, error, schema, result))
                         continue
                     result.stages["read"] += time.perf_counter() - read_started
-                    calls = model_calls(rows.column(self.columns.image), self.settings)
-                    parts = [self._restore_rows(rows.take(call), schema, result) for call in calls]
-                    if parts:
+                    if rows.num_rows:
+                        restored = self._restore_group(rows, schema, result)
                         write_started = time.perf_counter()
-                        out.write_table(in_row_order(parts, calls))
+                        out.write_table(restored)
                         result.stages["write"] += time.perf_counter() - write_started
+            if self.fenced_by is not None:  # the writer commits as this block ends: only for the lease's run
+                fence(*self.fenced_by)
         result.stages["write"] += max(0.0, time.perf_counter() - started - sum(result.stages.values()))
         result.output_etag, result.output_size = writer.stored.etag, writer.stored.size
         return result
+
+    @contextlib.contextmanager
+    def _open(self, uri: str):
+        """A Parquet file read through `storage.retry` (RetryingInput)."""
+        path = storage.parse(uri).path
+        handle = storage.retry(lambda: self.filesystem.open_input_file(path), what=f"opening {uri}")
+        with handle:
+            yield pq.ParquetFile(RetryingInput(handle, uri))
+
+    def _restore_group(self, rows: pa.Table, schema: pa.Schema, result: UnitResult) -> pa.Table:
+        """Rows restored in model calls of one shape each, back in their order."""
+        calls = model_calls(rows.column(self.columns.image), self.settings)
+        return in_row_order([self._restore_rows(rows.take(call), schema, result) for call in calls], calls)
+
+    def _retry_failed_rows(self, unit: Unit, parquet: pq.ParquetFile, schema: pa.Schema, out: pq.ParquetWriter,
+                           result: UnitResult) -> None:
+        """A finished file's rows that failed for a reason that can pass, restored again from
+        the input; every other row carried unchanged from the earlier output, which the new
+        one replaces whole (the writer's atomic commit) or not at all."""
+        inputs = RowsByIndex(parquet)
+        with self._open(unit.target) as earlier:
+            if earlier.metadata.num_rows != parquet.metadata.num_rows:
+                raise RuntimeError(f"{unit.target} has {earlier.metadata.num_rows} rows and its input "
+                                   f"{unit.input} {parquet.metadata.num_rows}: not its output; rerun with --force")
+            start = 0
+            for group in range(earlier.num_row_groups):
+                rows = earlier.read_row_group(group).cast(schema)
+                failed = zip(rows.column("status").to_pylist(), rows.column("error").to_pylist())
+                again = [row for row, (state, error) in enumerate(failed) if state == "failed" and is_transient(error)]
+                kept = sorted(set(range(rows.num_rows)) - set(again))
+                if again:
+                    restored = self._restore_group(inputs.take([start + row for row in again]), schema, result)
+                    rows = in_row_order([rows.take(kept), restored], [kept, again])
+                result.rows += len(kept)
+                result.carried += len(kept)
+                out.write_table(rows)
+                start += earlier.metadata.row_group(group).num_rows
 
     def _unreadable_group(self, parquet: pq.ParquetFile, group: int, error: Exception, schema: pa.Schema,
                           result: UnitResult) -> pa.Table:
@@ -275,6 +338,7 @@ class UnitRestorer:
         result.rows += table.num_rows
         result.ok += status.count("ok")
         result.failed += status.count("failed")
+        result.transient += sum(map(is_transient, errors))
         result.skipped += status.count("skipped")
         result.per_channel += int(out["per_channel"].sum())
         result.megapixels += png_megapixels(png for png, state in zip(out[image], status) if state == "ok")

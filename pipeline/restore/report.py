@@ -22,6 +22,10 @@ class RestoreReport:
     images_total: int = 0  # rows in the units to restore this run
     images_ok: int = 0
     images_failed: int = 0
+    images_failed_transient: int = 0  # of the failed, those whose reason can pass: a later run retries them
+    images_retried: int = 0  # rows an earlier run failed for a reason that can pass, restored again by this run
+    files_retried: int = 0  # done files whose such rows this run restored again
+    retries_spent: int = 0  # rows failed for a reason that can pass in done files that used up their retries
     images_skipped: int = 0  # left untouched: too small, or less noisy than skip_below
     images_per_channel: int = 0  # colour images a gray model restored one channel at a time (a colour model would not)
     # estimated noise sigma of the rows this run read: count per whole sigma, 0-1, 1-2, ...,
@@ -50,6 +54,7 @@ class RestoreReport:
         self.units_restored += 1
         self.images_ok += result.ok
         self.images_failed += result.failed
+        self.images_failed_transient += result.transient
         self.images_skipped += result.skipped
         self.images_per_channel += result.per_channel
         self.noise_sigma_counts = [a + b for a, b in zip(self.noise_sigma_counts, result.noise_counts)]
@@ -65,9 +70,11 @@ class RestoreReport:
 
 def format_report(report: dict) -> str:
     """What `resflow restore` prints without --json (`report`: RestoreReport.to_dict())."""
+    can_pass = report.get("images_failed_transient")
+    failed = f"{report['images_failed']} failed" + (f" ({can_pass} for a reason that can pass)" if can_pass else "")
     lines = [f"restored {report['files_restored']} file(s) ({report['files_skipped']} already done) in "
              f"{report['units_restored']} unit(s): {report['images_ok']} ok, {report['images_skipped']} skipped, "
-             f"{report['images_failed']} failed; "
+             f"{failed}; "
              f"{report['megapixels']:.1f} MP in {report['seconds']:.1f} s = {report['megapixels_per_s']:.3f} MP/s "
              f"(first rows after {report['first_rows_seconds']:.1f} s"
              f"{', in this process' if report.get('executor') == 'in-process' else ''}); model {report['model_version']}",
@@ -78,6 +85,15 @@ def format_report(report: dict) -> str:
                      + (f"removed their outputs and records ({report['inputs_pruned']})" if report["inputs_pruned"]
                         else "their outputs and records remain; --prune removes them")
                      + f": {', '.join(gone[:5])}{' ...' if len(gone) > 5 else ''}")
+    if report.get("files_retried"):
+        lines.append(f"retried {report['images_retried']} row(s) of {report['files_retried']} done file(s) that an "
+                     f"earlier run failed for a reason that can pass; their other rows were kept")
+    if report.get("images_failed_transient"):
+        lines.append(f"{report['images_failed_transient']} row(s) failed for a reason that can pass (a missing or "
+                     f"unreadable file, storage, memory): the next run retries them")
+    if report.get("retries_spent"):
+        lines.append(f"{report['retries_spent']} row(s) failed for a reason that can pass and used up their retries; "
+                     f"they stay failed (--retries, or --force to restore everything again)")
     noise = noise_summary(report["noise_sigma_counts"])
     if noise["images"]:
         lines.append(f"estimated noise sigma: median {noise['median']:.1f} over {noise['images']} images; "
