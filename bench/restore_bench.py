@@ -223,13 +223,14 @@ def plain_loop(model_uri: str, data: str, output: str, threads: int, batch_size:
 
 
 def pipeline(model_uri: str, data: str, output: str, batch_size: int, use_gpu: bool = False,
-             variant: dict | None = None) -> dict:
+             variant: dict | None = None, tree: Path = REPO) -> dict:
     """`restore_dataset` in a child process with its own local Ray; its tree's memory (and
-    the GPU's busy time) is sampled here. `variant`: RestoreSettings fields to override."""
+    the GPU's busy time) is sampled here. `variant`: RestoreSettings fields to override;
+    `tree`: the checkout whose code runs (bench/restore_side_by_side.py)."""
     spec = {"model": model_uri, "data": data, "output": output, "batch_size": batch_size, "use_gpu": use_gpu,
             "variant": variant or {}}
     command = [sys.executable, "-m", "bench.restore_bench", "--pipeline-run", json.dumps(spec)]
-    child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(command, cwd=tree, stdout=subprocess.PIPE, text=True)
     with PeakMemory(child.pid) as memory, GpuBusy() as gpu:
         out, _ = child.communicate()
     if child.returncode != 0:

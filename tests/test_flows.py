@@ -322,3 +322,24 @@ def test_restoring_real_noisy_colour_photos_shows_previews_and_each_images_noise
     assert float(estimates["Pattern2.png"]) > 25 and float(estimates["Dog.png"]) > 10
     previews = summary.split("## Before / after")[1]
     assert re.search(r"\| `[^`]+` \| [0-9.]+ \| !\[before", previews)  # each preview row carries its estimate
+
+
+def test_the_restore_artifact_counts_data_failures_apart_from_those_that_can_pass(monkeypatch):
+    """The metrics table and the summary say how many failed rows failed for a reason in
+    their data and how many for one that can pass (retried by the next run)."""
+    from flows import artifacts
+    from pipeline.restore.report import RestoreReport, format_report
+
+    drawn = {}
+    monkeypatch.setattr(artifacts, "create_table_artifact", lambda rows, **kw: drawn.setdefault("table", rows))
+    monkeypatch.setattr(artifacts, "create_markdown_artifact", lambda text, **kw: drawn.setdefault("markdown", text))
+    monkeypatch.setattr(artifacts, "create_link_artifact", lambda *a, **kw: None)
+    report = RestoreReport("s3://b/out", "v1", images_ok=5, images_failed=3, images_failed_transient=2,
+                           images_retried=4, files_retried=1).to_dict()
+    row = artifacts.restore_artifacts(report, "s3://b/in", "s3://b/models", previews=0, sample=0)
+    assert (row["images_failed"], row["images_failed_data"], row["images_failed_transient"], row["images_retried"]) \
+        == (3, 1, 2, 4) and drawn["table"] == [row]
+    assert "3 failed (1 for a reason in the data, 2 for one that can pass" in drawn["markdown"]
+    assert "retried 4 row(s) of 1 file(s)" in drawn["markdown"]
+    text = format_report(report)
+    assert "3 failed (2 for a reason that can pass)" in text and "the next run retries them" in text
