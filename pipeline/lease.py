@@ -228,10 +228,9 @@ def fence(output_uri: str, run: str) -> None:
     it restored): raise LeaseLost unless the output's lease, read from the store right now,
     still names run `run`. A replica of a run that was frozen past its lease finds the new
     holder there and commits nothing; the driver's own commits use `OutputLease.confirm`."""
-    current = storage.read_with_age(lease_uri(output_uri))
-    try:
-        holder = json.loads(current[0])["holder"] if current else {}
-    except (ValueError, KeyError, TypeError):
+    try:  # one GET per unit committed
+        holder = json.loads(storage.read_bytes(lease_uri(output_uri)))["holder"]
+    except (FileNotFoundError, ValueError, KeyError, TypeError):  # no lease, or not one resflow wrote
         holder = {}
     if holder.get("run") != run:
         raise LeaseLost(f"the lease on {output_uri} is no longer held by run {run} "
