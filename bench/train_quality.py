@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=30)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--preset", default="cpu")
+    parser.add_argument("--seed", type=int, default=0, help="a headline figure is the median of 3 or more seeds")
     parser.add_argument("--dir", default=str(REPO / ".bench" / "s3"))
     args = parser.parse_args()
     with s3server.embedded(args.dir, buckets=("resflow",)):
@@ -48,7 +49,8 @@ def run(args) -> None:
     for name in ("Set12", "BSD68"):
         ingest(str(DATA / name), f"{root}/{name.lower()}", progress=False)
     print(f"Train400: {train_rows} train / {val_rows} validation images", flush=True)
-    config = train_preset(args.preset, workers=args.workers, max_minutes=args.minutes, keep_checkpoints=500)
+    config = train_preset(args.preset, workers=args.workers, max_minutes=args.minutes, keep_checkpoints=500,
+                          seed=args.seed)
     started = time.time()
     result = train(TrainJob(data=f"{root}/train400/train", val_data=f"{root}/train400/val", registry=f"{root}/models",
                             config=config, run_name=f"bench-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"))
@@ -68,11 +70,11 @@ def run(args) -> None:
         curve.append({"epoch": epoch, "minutes": history[epoch]["elapsed_s"] / 60, "val_psnr": history[epoch]["val_psnr"],
                       "set12_psnr": set12})
     curve.sort(key=lambda row: row["epoch"])
-    report = {"preset": args.preset, "config": to_data(config), "train_images": train_rows, "val_images": val_rows,
+    report = {"preset": args.preset, "seed": args.seed, "config": to_data(config), "train_images": train_rows, "val_images": val_rows,
               "wall_seconds": wall, "model": result.model_uri, "selected_epoch": result.metrics.get("epoch"),
               "val_psnr": result.metrics.get("val_psnr"), "set12": scores["Set12"], "bsd68": scores["BSD68"],
               "curve": curve, "cpus": os.cpu_count()}
-    out = REPO / "bench" / "results" / f"train_{args.preset}.json"
+    out = REPO / "bench" / "results" / f"train_{args.preset}{'' if args.seed == 0 else f'_seed{args.seed}'}.json"
     out.write_text(json.dumps(report, indent=2))
     print(f"\nwall time {wall / 60:.1f} min, selected epoch {report['selected_epoch']} (val PSNR {report['val_psnr']:.2f})")
     print(f"{'':<22} {'Set12':>7} {'BSD68':>7}")

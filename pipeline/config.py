@@ -229,10 +229,11 @@ def tiny() -> TrainConfig:
 def cpu() -> TrainConfig:
     """Two CPU cores, about 30 minutes: a residual-block network at half resolution
     (pixel-unshuffle) sees a 2x wider receptive field for a quarter of the work per pixel;
-    bf16 where the CPU has it, a higher peak learning rate after a short warmup."""
+    bf16 where the CPU has it; Adam at 1e-3 after a short warm-up (a peak of 2e-3 made
+    validation fall for a dozen epochs: bench/README.md, "Training quality")."""
     return train_config(architecture="resnet", architecture_config={"blocks": 6, "width": 48, "unshuffle": 2},
                         patch_size=48, patches_per_image=32, batch_size=32, epochs=400, max_minutes=30,
-                        learning_rate=2e-3, warmup=0.03)
+                        learning_rate=1e-3, warmup=0.03)
 
 
 def cpu_blind() -> TrainConfig:
@@ -262,10 +263,9 @@ def colour(preset: TrainConfig) -> TrainConfig:
 
 
 def cpu_color() -> TrainConfig:
-    """Colour photographs on two CPU cores, about 30 minutes: the cpu network on RGB (channels
-    restored jointly), at the earlier peak learning rate 1e-3: 2e-3 made the gray run's
-    validation fall for its first dozen epochs (bench/README.md, "Colour")."""
-    return with_settings(colour(cpu()), learning_rate=1e-3, warmup=0.03)
+    """Colour photographs on two CPU cores, about 30 minutes: the cpu preset on RGB (channels
+    restored jointly)."""
+    return colour(cpu())
 
 
 def cpu_color_blind() -> TrainConfig:
