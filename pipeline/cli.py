@@ -400,8 +400,7 @@ def add_commands(commands) -> None:
                         "(default: off, they are only reported)")
     p.add_argument("--retries", type=int, default=RestoreJob.retries,
                    help="rows that failed for a reason that can pass (a missing or unreadable image file, storage, "
-                        "memory) are restored again by up to this many later runs, the file's other rows kept "
-                        "(default: %(default)s)")
+                        "memory) are restored again by up to this many later runs, the file's other rows kept")
     p.add_argument("--stall-timeout", type=float, default=RestoreJob.stall_timeout_s, dest="stall_timeout_s",
                    help="fail after this many seconds without progress")
     p.add_argument("--wait-for-lease", type=float, default=RestoreJob.lease_wait_s, dest="lease_wait_s",
