@@ -206,10 +206,10 @@ def with_settings(value, **named):
         raise ValueError(f"unknown {type(value).__name__} setting(s) {unknown}; known: {sorted(own | set(owners))}")
     groups = {}
     for name, item in given.items():
-        if name in owners and name not in own:
+        if name in owners and name not in own:  # on the group as given, if it is given whole too
             outer = owners[name]
-            groups[outer] = replace(groups.get(outer, getattr(value, outer)), **{name: item})
-    return replace(value, **groups, **{name: item for name, item in given.items() if name not in owners})
+            groups[outer] = replace(groups.get(outer, given.get(outer, getattr(value, outer))), **{name: item})
+    return replace(value, **groups, **{name: item for name, item in given.items() if name not in owners | groups.keys()})
 
 
 def train_config(**named) -> TrainConfig:

@@ -4,7 +4,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 
@@ -290,6 +290,8 @@ def test_train_config_groups_settings_by_concern_and_takes_any_field_by_name():
             config.data.patch_size, config.seed) == (5e-4, 2, 7, 64, 3)
     assert config.model == train_preset("cpu").model and config.optimiser.warmup == train_preset("cpu").optimiser.warmup
     assert with_settings(config, workers=None) == config  # None leaves the preset's choice
+    whole_and_field = with_settings(config, data=replace(config.data, patch_size=32), batch_size=8)
+    assert (whole_and_field.data.patch_size, whole_and_field.data.batch_size) == (32, 8)
     with pytest.raises(ValueError, match=r"unknown TrainConfig setting\(s\) \['learning_rat'\]; known: .*learning_rate"):
         train_preset("cpu", learning_rat=1e-3)
     with pytest.raises(ValueError, match="OptimiserSettings: warmup"):
