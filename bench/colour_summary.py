@@ -1,8 +1,9 @@
 """The colour benchmark's table over seeds: median and spread of what `bench/colour_train.sh` wrote.
 
     .venv/bin/python -m bench.colour_summary [ROOT] [--preset cpu-color]
+    .venv/bin/python -m bench.colour_summary ROOT --preset cpu-color-sigma15   # runs with TAG=sigma15
 
-Reads ROOT/<preset>-seed<N>/{train,evaluate}.json (ROOT defaults to .bench/colour) and
+Reads ROOT/<preset>[-<tag>]-seed<N>/{train,evaluate}.json (ROOT defaults to .bench/colour) and
 prints, per dataset and sigma, every seed's PSNR/SSIM, their median and their spread
 (max - min), with the epochs each run finished; writes bench/results/colour_<preset>.json.
 """
@@ -20,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("root", nargs="?", default=str(REPO / ".bench" / "colour"))
-    parser.add_argument("--preset", default="cpu-color")
+    parser.add_argument("--preset", default="cpu-color", help="the runs' name: the preset, and -TAG when given one")
     args = parser.parse_args()
     runs = {}
     for folder in sorted(Path(args.root).glob(f"{args.preset}-seed*")):

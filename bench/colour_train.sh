@@ -6,8 +6,10 @@
 #
 #     SEED=0 MINUTES=30 bench/colour_train.sh cpu-color [ROOT]
 #     SEED=0 MINUTES=30 bench/colour_train.sh cpu [ROOT]     # gray, on CBSD432's luma: the per-channel baseline
+#     SEED=0 TAG=sigma15 bench/colour_train.sh cpu-color ROOT --noise-sigma 15   # a preset with overrides
 #
-# Writes ROOT/<preset>-seed<SEED>/{train,evaluate}.json and a log; report sets are never used to select.
+# Arguments after ROOT go to `resflow train`. Writes ROOT/<preset>[-<TAG>]-seed<SEED>/{train,evaluate}.json
+# and a log; report sets are never used to select.
 set -euo pipefail
 PRESET=${1:-cpu-color}
 ROOT=${2:-.bench/colour}
@@ -15,7 +17,8 @@ SEED=${SEED:-0}
 MINUTES=${MINUTES:-30}
 DATA=${RESFLOW_SHARED_DATA:-$(cd "$(dirname "$0")/../.." && pwd)/shared/data}
 RESFLOW=${RESFLOW:-resflow}
-RUN="$ROOT/$PRESET-seed$SEED"
+TAG=${TAG:-}
+RUN="$ROOT/$PRESET${TAG:+-$TAG}-seed$SEED"
 mkdir -p "$RUN"
 ingest_once() {  # several runs share the ingested datasets
     [ -e "$2/.done" ] || { rm -rf "$2"; $RESFLOW ingest "$1" "$2" --quiet >/dev/null && touch "$2/.done"; }
@@ -26,9 +29,9 @@ ingest_once "$DATA/CBSD432" "$ROOT/data/cbsd432"
     touch "$ROOT/data/val/.done"; }
 ingest_once "$DATA/CBSD68" "$ROOT/data/cbsd68"
 ingest_once "$DATA/Kodak24" "$ROOT/data/kodak24"
-echo "$(date -u +%FT%TZ) train $PRESET seed $SEED for $MINUTES min; load: $(cut -d' ' -f1-3 /proc/loadavg)" >> "$RUN/log"
+echo "$(date -u +%FT%TZ) train $PRESET ${*:3} seed $SEED for $MINUTES min; load: $(cut -d' ' -f1-3 /proc/loadavg)" >> "$RUN/log"
 $RESFLOW train --data "$ROOT/data/train" --val-data "$ROOT/data/val" --registry "$RUN/models" --preset "$PRESET" \
-    --seed "$SEED" --max-minutes "$MINUTES" --json > "$RUN/train.json" 2>> "$RUN/log"
+    --seed "$SEED" --max-minutes "$MINUTES" "${@:3}" --json > "$RUN/train.json" 2>> "$RUN/log"
 echo "$(date -u +%FT%TZ) evaluate; load: $(cut -d' ' -f1-3 /proc/loadavg)" >> "$RUN/log"
 MODEL=$(python -c 'import json, sys; print(json.load(open(sys.argv[1]))["model"])' "$RUN/train.json")
 $RESFLOW evaluate --model "$MODEL" --data "$ROOT/data/cbsd68" "$ROOT/data/kodak24" --noise-sigma 15 25 50 \
