@@ -16,8 +16,10 @@ only ratios of neighbouring runs mean anything.
              restore within 1.5x of the loop)
   null       a network that costs nothing (DnCNN 3 x 1) on BSD68 x 4 (42 MP): the CPU side
              of a restore (read, decode, noise estimate, encode, write, bookkeeping); the
-             pipeline on all cores against the loop on one (torch and OpenMP at one thread),
-             each after its first file / first rows (steady state)
+             pipeline on all cores against the loop on one (torch and OpenMP at one thread).
+             With defaults (272 rows: local Ray, and the head start meanwhile), start-up
+             included and the first rows; and with `--executor ray` (replicas only, no
+             head start), each after its first file / first rows: the steady feed rate
 
 Writes bench/results/loop_compare.json and prints a table of ratios with their spread.
 """
@@ -78,10 +80,19 @@ def loop(model: str, data: str, output: str, one_core: bool = False) -> dict:
 def pipeline(model: str, data: str, output: str, extra: list[str] = ()) -> dict:
     command = [RESFLOW, "restore", "--input", data, "--output", output, "--model", model, "--json", *extra]
     seconds, out = timed(command)
-    steady = out["megapixels"] / max(out["seconds"] - out["first_rows_seconds"], 1e-9)
+    # after a head start's first rows, Ray is still starting: no steady state to read there
+    head_start = out.get("units_head_start", 0)
+    steady = None if head_start else out["megapixels"] / max(out["seconds"] - out["first_rows_seconds"], 1e-9)
     return {"wall_s": seconds, "megapixels": out["megapixels"], "mp_per_s": out["megapixels"] / seconds,
-            "first_rows_s": out["first_rows_seconds"], "mp_per_s_steady": steady,
+            "first_rows_s": out["first_rows_seconds"], "mp_per_s_steady": steady, "units_head_start": head_start,
             "executor": out.get("executor", "ray"), "stage_seconds": out.get("stage_seconds", {})}
+
+
+def steady_cell(entry: dict) -> str:
+    ratios = [pair["steady_ratio"] for pair in entry["pairs"]]
+    if all(ratios):
+        return spread(ratios)
+    return "(head start)" if entry["pairs"][0]["pipeline"]["units_head_start"] else "(one file)"
 
 
 def spread(values: list[float]) -> str:
@@ -122,27 +133,30 @@ def run(args, root: str) -> None:
     print(f"{os.cpu_count()} CPUs; plain loop vs `resflow restore` defaults, alternating, {args.repeats} pairs each; "
           f"PNG level {RestoreSettings.png_compress_level} in both", flush=True)
     result: dict = {"cpus": os.cpu_count(), "repeats": args.repeats, "comparisons": {}}
-    comparisons = [("small", "dncnn-s", "small", False)]
+    comparisons = [("small", "dncnn-s", "small", False, [])]
     if not args.quick:
-        comparisons += [("cpu preset", "cpu", "x1", False), ("DnCNN-S", "dncnn-s", "x1", False)]
-    comparisons += [("null model", "null", "x4", True)]
+        comparisons += [("cpu preset", "cpu", "x1", False, []), ("DnCNN-S", "dncnn-s", "x1", False, [])]
+    comparisons += [("null model", "null", "x4", True, []),
+                    ("null model, replicas only", "null", "x4", True, ["--executor", "ray"])]
     counter = 0
-    for label, model, data, one_core in comparisons:
+    for label, model, data, one_core, extra in comparisons:
         pairs = []
         for _ in range(args.repeats):
             counter += 1
             plain = loop(models[model], f"{root}/{data}", f"{root}/loop-{counter}", one_core)
-            piped = pipeline(models[model], f"{root}/{data}", f"{root}/restore-{counter}")
+            piped = pipeline(models[model], f"{root}/{data}", f"{root}/restore-{counter}", extra)
             pairs.append({"loop": plain, "pipeline": piped,
                           "throughput_ratio": piped["mp_per_s"] / plain["mp_per_s"],
                           "wall_ratio": piped["wall_s"] / plain["wall_s"],
                           "steady_ratio": (piped["mp_per_s_steady"] / plain["mp_per_s_steady"]
-                                           if plain["mp_per_s_steady"] else None)})
+                                           if plain["mp_per_s_steady"] and piped["mp_per_s_steady"] else None)})
+            after = (f"after them {piped['mp_per_s_steady']:.3f}" if piped["mp_per_s_steady"]
+                     else f"{piped['units_head_start']} unit(s) by the head start")
             print(f"{label}: loop {plain['wall_s']:.1f} s ({plain['mp_per_s']:.3f} MP/s, after the first file "
                   f"{plain['mp_per_s_steady']:.3f}); restore {piped['wall_s']:.1f} s ({piped['mp_per_s']:.3f} MP/s, "
-                  f"first rows {piped['first_rows_s']:.1f} s, after them {piped['mp_per_s_steady']:.3f}; "
-                  f"{piped['executor']})", flush=True)
-        result["comparisons"][label] = {"model": model, "data": data, "loop_one_core": one_core, "pairs": pairs}
+                  f"first rows {piped['first_rows_s']:.1f} s, {after}; {piped['executor']})", flush=True)
+        result["comparisons"][label] = {"model": model, "data": data, "loop_one_core": one_core, "args": extra,
+                                        "pairs": pairs}
     out = REPO / "bench" / "results" / "loop_compare.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
@@ -155,8 +169,8 @@ def run(args, root: str) -> None:
         restores = ", ".join(f"{pair['pipeline']['wall_s']:.1f}" for pair in pairs)
         print(f"| {label}{' (loop on one core)' if entry['loop_one_core'] else ''} | {loops} | {restores} | "
               f"{spread([p['throughput_ratio'] for p in pairs])} | {spread([p['wall_ratio'] for p in pairs])} | "
-              f"{spread([p['steady_ratio'] for p in pairs]) if pairs[0]['steady_ratio'] else '(one file)'} |")
-    null = result["comparisons"]["null model"]["pairs"]
+              f"{steady_cell(entry)} |")
+    null = result["comparisons"]["null model, replicas only"]["pairs"]
     rate = sorted(pair["pipeline"]["mp_per_s_steady"] for pair in null)[len(null) // 2]
     cores = os.cpu_count() or 1
     print(f"\nnull-model feed rate: {rate:.2f} MP/s on {cores} cores = {rate / cores:.2f} MP/s per core; "

@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 
 from pipeline.config import TRAIN_PRESETS, RestoreSettings, preset_summary
 from pipeline.contract import ImageColumns
@@ -116,9 +117,12 @@ class CliEvents(Events):
     def __init__(self, quiet: bool = False, unit: str = "img"):
         self.interactive = sys.stderr.isatty() and not quiet
         self.quiet, self.unit, self.bar = quiet, unit, None
+        self.lock = threading.Lock()  # a restore's head start reports from its own thread
 
     def log(self, message: str) -> None:
-        if not self.quiet:
+        if self.quiet:
+            return
+        with self.lock:
             if self.bar is not None:
                 self.bar.write(message, file=sys.stderr)
             else:
@@ -127,15 +131,16 @@ class CliEvents(Events):
     def progress(self, done: int, total: int) -> None:
         if not self.interactive:
             return
-        if self.bar is None:
-            from tqdm import tqdm
+        with self.lock:
+            if self.bar is None:
+                from tqdm import tqdm
 
-            self.bar = tqdm(total=total, unit=self.unit, file=sys.stderr)
-        self.bar.total = total
-        self.bar.update(done - self.bar.n)
-        if done >= total:
-            self.bar.close()
-            self.bar = None
+                self.bar = tqdm(total=total, unit=self.unit, file=sys.stderr)
+            self.bar.total = total
+            self.bar.update(done - self.bar.n)
+            if done >= total:
+                self.bar.close()
+                self.bar = None
 
 
 def print_result(result: dict, args, text: str) -> None:

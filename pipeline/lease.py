@@ -82,6 +82,7 @@ class OutputLease:
         self.holder = holder_identity()
         self.info: storage.FileInfo | None = None
         self.lost = threading.Event()
+        self.took_over = False  # from a run that stopped renewing it: most likely one that crashed
         self.last_renewed = 0.0  # monotonic
         self._renewing = threading.Lock()  # one conditional renewal at a time: the renewer's or confirm's
         self._stop = threading.Event()
@@ -113,6 +114,7 @@ class OutputLease:
             if age > ttl:
                 replaced = storage.replace_if_match(self.uri, self._body(), info.etag)
                 if replaced:
+                    self.took_over = True
                     self.log(f"took over the lease on {self.output} from a run that stopped renewing it "
                              f"{age:.0f} s ago ({describe(holder)})")
                     return self._held(replaced)
@@ -243,6 +245,7 @@ class NoLease:
     writes, where the caller keeps one run per output by other means."""
 
     holder = {"run": None}  # no run to fence: replicas commit unchecked
+    took_over = False
 
     def __init__(self, output_uri: str, log=print):
         log(f"warning: no lease on {output_uri}: nothing stops a second run from writing there at the same time")

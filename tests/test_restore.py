@@ -787,3 +787,86 @@ def test_a_small_plan_restores_in_this_process_as_ray_would(ray_local, one_large
         assert np.abs(decode(a).pixels.astype(int) - decode(b).pixels.astype(int)).max() <= 1
     again = restore_dataset(RestoreJob(source, s3_prefix + "/here", model, unit_rows=8))
     assert (again.files_skipped, again.files_restored) == (1, 0)  # recorded in the manifest like Ray's runs
+
+
+# --- the head start: this process restores units while local Ray starts --------------------------
+
+
+def test_the_head_start_is_for_a_cpu_run_that_starts_local_ray_and_not_after_a_crash(monkeypatch):
+    import ray
+
+    from pipeline.restore.executors import head_start_wanted
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    plain = RestoreJob("a", "b", "m")
+    assert head_start_wanted(plain, 2, after_crash=False)
+    assert not head_start_wanted(plain, 1, after_crash=False)  # one unit: the in-process executor's case
+    assert not head_start_wanted(plain, 2, after_crash=True)  # an image that crashed the driver meets a replica
+    assert not head_start_wanted(replace(plain, use_gpu=True), 2, after_crash=False)
+    assert not head_start_wanted(replace(plain, executor="ray"), 2, after_crash=False)  # replicas asked for
+    assert not head_start_wanted(replace(plain, workers=2), 2, after_crash=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)  # Ray already up: nothing to wait for
+    assert not head_start_wanted(plain, 2, after_crash=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")
+    assert not head_start_wanted(plain, 2, after_crash=False)
+
+
+def test_a_unit_goes_to_the_driver_or_to_a_replica_never_both():
+    from pipeline.restore.replica import Progress
+
+    progress = Progress(driver_units=("f/000000-000001",))
+    assert progress.start("f/000000-000001") == 0  # claimed by the driver's head start: passed by
+    assert progress.claim_for_driver("f/000002-000003")
+    assert progress.start("f/000002-000003") == 0
+    assert progress.start("f/000004-000005") == 1  # a replica's first unit
+    assert not progress.claim_for_driver("f/000006-000007")  # replicas are up: the head start is over
+    assert progress.start("f/000006-000007") == 1 and progress.attempts_of() == {
+        "f/000004-000005": 1, "f/000006-000007": 1}
+
+
+def test_a_head_start_unit_is_passed_by_the_replicas_and_restored_again_when_it_fails(
+        ray_local, one_large_file, s3_prefix, monkeypatch):
+    """The head start's unit waits here until a replica has started, then fails once: the
+    replicas restore every other unit and pass that one by, and the driver restores it
+    again at the end. Every row once, in order; the head start's rows by this process."""
+    import os
+    import socket
+
+    import ray
+
+    from pipeline.restore import driver, executors
+
+    source, model = one_large_file + "/in", s3_prefix + "/tiny"
+    torch.manual_seed(0)
+    save_model(model, build_model("dncnn", depth=3, width=4), version="tiny")
+    actors, calls = [], []
+    attach = executors.HeadStart.attach
+    monkeypatch.setattr(executors.HeadStart, "attach", lambda head, make: actors.append(attach(head, make)) or actors[0])
+    restore_unit = executors.UnitRestorer.restore_unit
+
+    def first_waits_for_a_replica_then_fails(replica, unit):  # only this process's: replicas import their own
+        calls.append(unit.name)
+        if len(calls) == 1:
+            deadline = time.monotonic() + 120
+            while not (actors and ray.get(actors[0].attempts_of.remote())):
+                assert time.monotonic() < deadline, "no replica started a unit"
+                time.sleep(0.2)
+            raise OSError("the head start's unit failed")
+        return restore_unit(replica, unit)
+
+    monkeypatch.setattr(executors.UnitRestorer, "restore_unit", first_waits_for_a_replica_then_fails)
+    monkeypatch.setattr(driver, "head_start_wanted", lambda job, units, after_crash: True)
+    output = s3_prefix + "/out"
+    report = restore_dataset(job(source, output, model, batch_size=None, unit_rows=4, executor="ray"))
+    here = f"{socket.gethostname()}:{os.getpid()}"
+    assert calls == ["shard-00000-of-00001.parquet/000014-000015"] * 2  # the last unit, failed, then again
+    assert report.units_head_start == 1 and report.rows_by_replica[here] == 4
+    assert sum(report.rows_by_replica.values()) == 32 and len(report.rows_by_replica) >= 2
+    assert (report.files_restored, report.units_restored, report.images_ok) == (1, 8, 32)
+    [written] = storage.list_files(output)
+    assert read_table(written.uri)["image_id"].to_pylist() == [f"bsd-{i:02d}" for i in range(32)]
+    assert "1 unit(s) restored in this process while Ray started" in format_report(report.to_dict())
+    again = restore_dataset(job(source, output, model, batch_size=None, unit_rows=4, executor="ray"))
+    assert (again.files_skipped, again.files_restored) == (1, 0)

@@ -4,7 +4,8 @@ It plans (planning.py), hands the units to an actor pool of replicas (replica.py
 records each finished unit of a multi-unit file (`_resflow/units/`) and each finished
 file in the manifest (`_resflow/manifest/`), starts the assembly of a multi-unit file
 once its last part is done (assembly.py), and watches for a pipeline that stopped moving.
-It only plans, records and watches: image bytes never pass through it.
+It plans, records and watches; image bytes pass through it only while it restores units
+itself as local Ray starts (executors.HeadStart).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pipeline.jobs import Events, RestoreJob
 from pipeline.lease import LEASE_FILE, NoLease, OutputLease
 from pipeline.manifest import Manifest
 from pipeline.restore.assembly import ASSEMBLY_CPUS, assemble
-from pipeline.restore.executors import InProcess, choose_executor
+from pipeline.restore.executors import HeadStart, InProcess, choose_executor, head_start_wanted
 from pipeline.restore.planning import FilePlan, plan
 from pipeline.restore.records import FileEntry, PartRecord, UnitResult, output_recipe
 from pipeline.restore.replica import Progress, UnitRestorer
@@ -37,6 +38,9 @@ PROGRESS_POLL_S = 5.0  # how often the driver asks whether rows are still being 
 # The driver records what finished in batches, one PUT every few seconds whatever the files
 # per second; a crash loses at most these seconds of records (their files are redone).
 RECORD_EVERY_S = 3.0
+# A failed run waits this long for the head start's unit under way before it ends; what
+# finishes after is committed (fenced by the lease) but never recorded: a rerun redoes it.
+HEAD_START_WAIT_S = 10.0
 
 
 class StallError(RuntimeError):
@@ -142,11 +146,13 @@ class Run:
         self.manifest = Manifest(job.output, "manifest")
         self.units_manifest = Manifest(job.output, "units")
         self.unrecorded: dict[str, dict] = {"manifest": {}, "units": {}}  # records not yet stored
-        self.progress = None  # on Ray: the replicas' row counter (replica.Progress)
+        self.progress = None  # on Ray: rows restored, attempts and the head start's units (replica.Progress)
         self.assemble_task = None  # on Ray: assembly as a Ray task
         self.assembling: dict = {}  # on Ray: object ref -> file key
         self.recorded_at = time.monotonic()
         self.started = time.time()
+        self.recording = threading.RLock()  # the head start's thread records too (executors.HeadStart)
+        self.closed = False
 
     def execute(self) -> RestoreReport:
         job, events = self.job, self.events
@@ -211,13 +217,62 @@ class Run:
             self._store_records()
 
     def _restore_on_ray(self, planned, pending: list) -> None:
-        """Ray Data's actor pool of replicas, watched for stalls."""
+        """Ray Data's actor pool of replicas, watched for stalls; where this run starts local
+        Ray, this process restores units from the back of the plan meanwhile (HeadStart)."""
+        job, events, report = self.job, self.events, self.report
+        events.progress(0, report.images_total)
+        head = None
+        if head_start_wanted(job, len(pending), after_crash=self.lease.took_over):
+            events.log("starting local Ray; restoring units in this process meanwhile")
+            head = HeadStart(job, planned.model_folder, pending, self._record_head_start, self._fenced_by())
+        try:
+            self._restore_on_replicas(planned, pending, head)
+        except BaseException:
+            if head is not None:  # what it still finishes is left out of the records (`closed`): redone by a rerun
+                head.stop(wait_s=HEAD_START_WAIT_S)
+            raise
+        if head is not None:
+            try:
+                head.finish(timeout_s=job.stall_timeout_s)
+            except TimeoutError as error:
+                raise StallError(f"{error}: {self._where()}; this run is abandoned, finished files and units are "
+                                 f"kept, and a rerun restores the rest") from None
+            report.units_head_start = len(head.claimed)
+            if head.failed:
+                events.log(f"{len(head.failed)} unit(s) failed in this process while Ray started ({head.failure}); "
+                           f"restoring them again")
+            for result in head.restore_failed():
+                self._record_head_start(result)
+        with self.recording:
+            self._collect_assemblies(timeout=job.stall_timeout_s, all_of_them=True)
+
+    def _record_head_start(self, result: UnitResult) -> None:
+        """A unit the head start restored (its thread): recorded as a replica's."""
+        with self.recording:
+            if self.closed:
+                return  # the run ended early: the unit is redone by a rerun
+            self.report.first_rows_seconds = self.report.first_rows_seconds or time.time() - self.started
+            self._record(result)
+            self._store_records()
+
+    def _restore_on_replicas(self, planned, pending: list, head: HeadStart | None) -> None:
+        """Every pending unit to the actor pool, which passes by those the head start claimed."""
         import ray
         import ray.data
 
         job, events, report = self.job, self.events, self.report
         workers, settings, actor_options, units_at_once = replica_settings(job, raycluster.connect())
-        events.progress(0, report.images_total)
+        ray.data.DataContext.get_current().enable_progress_bars = events.interactive
+        make_progress = ray.remote(num_cpus=0)(Progress).remote
+        self.progress = head.attach(make_progress) if head is not None else make_progress()
+        self.assemble_task = ray.remote(num_cpus=ASSEMBLY_CPUS)(assemble)
+        with self.recording:
+            for file in planned.files:  # every unit done by an earlier run: only the assembly is left
+                if file.units and len(file.done) == len(file.units):
+                    self._assemble(file)
+        if head is not None and head.claimed_all():
+            events.log(f"all {len(pending)} unit(s) were taken by this process while Ray started")
+            return
         events.log(f"restoring {len(planned.files)} file(s) in {len(pending)} unit(s) ({report.units_skipped} "
                    f"already done), {report.images_total} images, with model {planned.model_version} on {workers} "
                    f"{'GPU' if job.use_gpu else 'CPU'} replica(s) ({settings.rows_per_call} rows per call, "
@@ -227,12 +282,6 @@ class Run:
         if len(pending) < workers:
             events.log(f"note: {len(pending)} unit(s) for {workers} replicas: {workers - len(pending)} will idle; "
                        f"smaller units (unit_rows) spread a few files over more replicas")
-        ray.data.DataContext.get_current().enable_progress_bars = events.interactive
-        self.progress = ray.remote(num_cpus=0)(Progress).remote()
-        self.assemble_task = ray.remote(num_cpus=ASSEMBLY_CPUS)(assemble)
-        for file in planned.files:  # every unit done by an earlier run: only the assembly is left
-            if file.units and len(file.done) == len(file.units):
-                self._assemble(file)
         if pending:
             restored = ray.data.from_items([asdict(unit) for unit in pending],
                                            override_num_blocks=min(len(pending), MAX_BLOCKS)).map_batches(
@@ -249,19 +298,22 @@ class Run:
                 **actor_options,
             )
             for batch in batches_with_watchdog(restored, job.stall_timeout_s, self._where, self._rows_restored):
-                report.first_rows_seconds = report.first_rows_seconds or time.time() - self.started
-                for row in batch.to_pylist():
-                    self._record(UnitResult.from_row(row))
-                self._collect_assemblies(timeout=0)
-                self._store_records()
-        self._collect_assemblies(timeout=job.stall_timeout_s, all_of_them=True)
+                with self.recording:
+                    if batch.num_rows:  # none: units the head start restored, passed by
+                        report.first_rows_seconds = report.first_rows_seconds or time.time() - self.started
+                    for row in batch.to_pylist():
+                        self._record(UnitResult.from_row(row))
+                    self._collect_assemblies(timeout=0)
+                    self._store_records()
 
     def _close(self) -> None:
         """Whatever ended the run: store what finished, note the units retried, fold the manifests."""
-        try:
-            self._store_records(now=True)
-        except Exception as error:
-            self.events.log(f"could not record the last finished work ({error}); a rerun redoes it")
+        with self.recording:
+            self.closed = True  # a head start still under way records nothing more
+            try:
+                self._store_records(now=True)
+            except Exception as error:
+                self.events.log(f"could not record the last finished work ({error}); a rerun redoes it")
         if self.progress is not None:  # on Ray
             import ray
 

@@ -3,8 +3,8 @@
 A replica streams its unit's row groups from storage, restores them (`ImageRestorer`:
 decode, tiled forward, encode; one model call is bounded by rows and by pixels), and
 streams the output to storage (a multipart upload completed only when the unit is whole).
-It returns one `UnitResult` per unit (records.py). Image bytes never pass through the
-driver or Ray's object store.
+It returns one `UnitResult` per unit (records.py). Image bytes never pass through Ray's
+object store (nor the driver, but for the units it restores itself while Ray starts).
 """
 
 from __future__ import annotations
@@ -174,11 +174,14 @@ class RowsByIndex:
 
 class Progress:
     """Rows restored so far by all replicas (the driver's evidence that a long unit is still
-    moving) and attempts per unit (a Ray actor with no CPU of its own)."""
+    moving), attempts per unit, and the units the driver restores itself while the
+    replicas start (executors.HeadStart): a Ray actor with no CPU of its own, whose calls
+    run one at a time, so that a unit goes to the driver or to a replica, never both."""
 
-    def __init__(self):
+    def __init__(self, driver_units: tuple[str, ...] = ()):
         self.rows = 0
         self.attempts: dict[str, int] = {}
+        self.driver_units = set(driver_units)
 
     def add(self, rows: int) -> None:
         self.rows += rows
@@ -187,8 +190,19 @@ class Progress:
         return self.rows
 
     def start(self, unit: str) -> int:
+        """This attempt's number for a replica about to restore `unit`; 0 when the driver has it."""
+        if unit in self.driver_units:
+            return 0
         self.attempts[unit] = self.attempts.get(unit, 0) + 1
         return self.attempts[unit]
+
+    def claim_for_driver(self, unit: str) -> bool:
+        """The driver's head start asks for `unit`: refused once any replica has started
+        (the replicas are up, and the head start is over)."""
+        if self.attempts:
+            return False
+        self.driver_units.add(unit)
+        return True
 
     def attempts_of(self) -> dict[str, int]:
         return self.attempts
@@ -219,14 +233,17 @@ class UnitRestorer:
         self.filesystem = None  # the inputs' (one job's files share it), made on the first unit
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return pa.Table.from_pylist([asdict(self.restore_unit(Unit(**row))) for row in batch.to_pylist()],
-                                    schema=RESULT_SCHEMA)
+        results = (self.restore_unit(Unit(**row)) for row in batch.to_pylist())
+        return pa.Table.from_pylist([asdict(result) for result in results if result is not None], schema=RESULT_SCHEMA)
 
-    def restore_unit(self, unit: Unit) -> UnitResult:
+    def restore_unit(self, unit: Unit) -> UnitResult | None:
+        """The unit restored; None when the driver restores it itself (under Ray)."""
         if self.progress is not None:  # under Ray (in-process, nothing counts attempts)
             import ray
 
             attempt = ray.get(self.progress.start.remote(unit.name))
+            if attempt == 0:
+                return None
             if attempt > UNIT_ATTEMPTS:
                 raise PoisonedUnitError(f"{unit.input} row groups {unit.first}-{unit.last} took their replica down "
                                         f"{attempt - 1} times (an image that crashes the decoder or exhausts memory?); "

@@ -33,8 +33,9 @@ class RestoreReport:
     noise_sigma_counts: list = field(default_factory=lambda: [0] * NOISE_BINS)
     megapixels: float = 0.0
     seconds: float = 0.0
-    first_rows_seconds: float = 0.0  # start-up: planning, Ray Data and model replicas until the first restored rows
+    first_rows_seconds: float = 0.0  # start-up: planning, then a replica (or the head start) until the first rows
     executor: str = ""  # who ran the replicas: "in-process" or "ray" (executors.choose_executor)
+    units_head_start: int = 0  # on Ray: units this process restored while Ray started (executors.HeadStart)
     rows_by_replica: dict = field(default_factory=dict)  # replica (host:pid) -> rows it restored
     units_retried: list = field(default_factory=list)  # units restored again after their replica was lost
     stage_seconds: dict = field(default_factory=dict)  # busy seconds of all replicas per stage: read, decode, ...
@@ -77,7 +78,8 @@ def format_report(report: dict) -> str:
              f"{failed}; "
              f"{report['megapixels']:.1f} MP in {report['seconds']:.1f} s = {report['megapixels_per_s']:.3f} MP/s "
              f"(first rows after {report['first_rows_seconds']:.1f} s"
-             f"{', in this process' if report.get('executor') == 'in-process' else ''}); model {report['model_version']}",
+             f"{', in this process' if report.get('executor') == 'in-process' else ''}"
+             f"{head_start_note(report.get('units_head_start', 0))}); model {report['model_version']}",
              f"output: {report['output']}"]
     if report["inputs_gone"]:
         gone = report["inputs_gone"]
@@ -105,3 +107,7 @@ def format_report(report: dict) -> str:
     for image_id, reason in report["failures"][:10]:
         lines.append(f"  failed: {image_id}: {reason}")
     return "\n".join(lines)
+
+
+def head_start_note(units: int) -> str:
+    return f"; {units} unit(s) restored in this process while Ray started" if units else ""
