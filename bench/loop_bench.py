@@ -19,7 +19,9 @@ only ratios of neighbouring runs mean anything.
              pipeline on all cores against the loop on one (torch and OpenMP at one thread).
              With defaults (272 rows: local Ray, and the head start meanwhile), start-up
              included and the first rows; and with `--executor ray` (replicas only, no
-             head start), each after its first file / first rows: the steady feed rate
+             head start), each after its first file / first rows: the steady feed rate,
+             with one unit at a time per replica (the CPU default) and with two
+             (`--units-per-worker 2`: one's storage requests overlapping the other's work)
 
 Writes bench/results/loop_compare.json and prints a table of ratios with their spread.
 """
@@ -85,7 +87,8 @@ def pipeline(model: str, data: str, output: str, extra: list[str] = ()) -> dict:
     steady = None if head_start else out["megapixels"] / max(out["seconds"] - out["first_rows_seconds"], 1e-9)
     return {"wall_s": seconds, "megapixels": out["megapixels"], "mp_per_s": out["megapixels"] / seconds,
             "first_rows_s": out["first_rows_seconds"], "mp_per_s_steady": steady, "units_head_start": head_start,
-            "executor": out.get("executor", "ray"), "stage_seconds": out.get("stage_seconds", {})}
+            "executor": out.get("executor", "ray"), "stage_seconds": out.get("stage_seconds", {}),
+            "most_units_at_once": out.get("most_units_at_once", 1)}
 
 
 def steady_cell(entry: dict) -> str:
@@ -137,7 +140,9 @@ def run(args, root: str) -> None:
     if not args.quick:
         comparisons += [("cpu preset", "cpu", "x1", False, []), ("DnCNN-S", "dncnn-s", "x1", False, [])]
     comparisons += [("null model", "null", "x4", True, []),
-                    ("null model, replicas only", "null", "x4", True, ["--executor", "ray"])]
+                    ("null model, replicas only", "null", "x4", True, ["--executor", "ray"]),
+                    ("null model, replicas only, two units at a time", "null", "x4", True,
+                     ["--executor", "ray", "--units-per-worker", "2"])]
     counter = 0
     for label, model, data, one_core, extra in comparisons:
         pairs = []
@@ -154,7 +159,8 @@ def run(args, root: str) -> None:
                      else f"{piped['units_head_start']} unit(s) by the head start")
             print(f"{label}: loop {plain['wall_s']:.1f} s ({plain['mp_per_s']:.3f} MP/s, after the first file "
                   f"{plain['mp_per_s_steady']:.3f}); restore {piped['wall_s']:.1f} s ({piped['mp_per_s']:.3f} MP/s, "
-                  f"first rows {piped['first_rows_s']:.1f} s, {after}; {piped['executor']})", flush=True)
+                  f"first rows {piped['first_rows_s']:.1f} s, {after}; {piped['executor']}, "
+                  f"at most {piped['most_units_at_once']} unit(s) at once per replica)", flush=True)
         result["comparisons"][label] = {"model": model, "data": data, "loop_one_core": one_core, "args": extra,
                                         "pairs": pairs}
     out = REPO / "bench" / "results" / "loop_compare.json"

@@ -395,6 +395,9 @@ def add_commands(commands) -> None:
                    help="logical CPUs a CPU replica reserves (fractions leave Ray's own tasks room)")
     p.add_argument("--io-threads", type=int,
                    help="PNG decode/encode threads per replica; default: 1 on CPU, the node's CPUs per GPU on GPU")
+    p.add_argument("--units-per-worker", type=int,
+                   help="units of work each replica restores at once, one's storage round trips overlapping "
+                        "another's work; default: 1 on CPU, 4 on GPU (more for a store far away)")
     p.add_argument("--skip-below", type=float, metavar="SIGMA", default=RestoreSettings.skip_below,
                    help="leave images whose estimated noise sigma (0-255 scale) is below this untouched (status "
                         "'skipped', input bytes kept); default: none, every image is restored. The estimate is "

@@ -34,6 +34,9 @@ class RestoreJob:
     workers: int | None = None  # model replicas; None: one per 2 logical CPUs locally, one per GPU with use_gpu
     use_gpu: bool = False  # one GPU per replica, bf16
     cpus_per_worker: float = 0.5  # logical CPUs a CPU replica reserves; fractions leave Ray's own tasks room
+    # Units each replica restores at once, so that one's storage round trips overlap another's
+    # work; None: 1 on CPU, 4 on GPU (restore/driver.py). More for a store far away.
+    units_per_worker: int | None = None
     force: bool = False  # restore every file, even those the manifest says are done
     prune: bool = False  # remove the outputs, records and staged parts of inputs deleted since an earlier run
     # Rows that failed for a reason that can pass (contract.TRANSIENT) are restored again by up
@@ -54,6 +57,8 @@ class RestoreJob:
     def __post_init__(self):
         if self.workers is not None and self.workers < 1:
             raise ValueError("workers must be >= 1")
+        if self.units_per_worker is not None and self.units_per_worker < 1:
+            raise ValueError("units_per_worker must be >= 1")
         if self.unit_rows < 1 or self.unit_megabytes <= 0:
             raise ValueError("unit_rows must be >= 1 and unit_megabytes positive")
         if self.retries < 0:

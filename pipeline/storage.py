@@ -19,6 +19,7 @@ import datetime as dt
 import errno
 import fcntl
 import functools
+import io
 import os
 import posixpath
 import uuid
@@ -371,6 +372,47 @@ def _local_temporary(path: str) -> Iterator[str]:
 PART_BYTES = 8 * 2**20
 
 
+class _SmallFirst(io.RawIOBase):
+    """What an S3 AtomicWriter hands out: bytes held in memory until they pass PART_BYTES,
+    then an s3fs file that streams them as a multipart upload. An object that stays small
+    is one PUT whose answer carries its ETag, with no HEAD after it."""
+
+    def __init__(self, fs, path: str, uri: str):
+        self.fs, self.path, self.uri = fs, path, uri
+        self.held: io.BytesIO | None = io.BytesIO()
+        self.stream = None
+        self.written = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.written
+
+    def write(self, data) -> int:
+        self.written += len(data)
+        if self.stream is not None:
+            return self.stream.write(data)
+        self.held.write(data)
+        if self.held.tell() >= PART_BYTES:  # large: stream from here on
+            self.stream = retry(lambda: self.fs.open(self.path, "wb", block_size=PART_BYTES), what=f"opening {self.uri}")
+            self.stream.write(self.held.getbuffer())
+            self.held = None
+        return len(data)
+
+    def commit(self) -> FileInfo:
+        if self.stream is not None:
+            self.stream.close()  # the last part and the multipart completion
+            return file_info(self.uri)
+        return write_bytes(self.uri, self.held.getvalue())
+
+    def discard(self) -> None:
+        if self.stream is not None:
+            self.stream.discard()
+            self.stream.closed = True  # discarded: nothing left to flush when it is collected
+        self.held = None
+
+
 class AtomicWriter:
     """A binary file to stream a whole object into; readers see it only once the block
     ends without an error, and never part of it. On S3 an object smaller than PART_BYTES
@@ -393,7 +435,7 @@ class AtomicWriter:
         location = parse(self.uri)
         fs, path = fsspec_filesystem(self.uri)
         if location.scheme == "s3":
-            self._handle = retry(lambda: fs.open(path, "wb", block_size=PART_BYTES), what=f"opening {self.uri}")
+            self._handle = _SmallFirst(fs, path, self.uri)
         else:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             self._temporary = local_temporary_name(path)
@@ -403,23 +445,19 @@ class AtomicWriter:
     def __exit__(self, kind, error, traceback) -> None:
         if self._temporary is None:  # S3
             if kind is None:
-                self._handle.close()  # the one PUT, or the last part and the multipart completion
+                self.stored = self._handle.commit()
             else:
-                try:
+                with contextlib.suppress(Exception):  # the upload expires with the bucket's lifecycle rules
                     self._handle.discard()
-                except Exception:
-                    pass  # the upload expires with the bucket's lifecycle rules; the original error matters
-                self._handle.closed = True  # discarded: nothing left to flush when it is collected
-                return
-        else:
-            self._handle.close()
-            if kind is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self._temporary)
-                return
-            with open(self._temporary, "rb") as handle:
-                os.fsync(handle.fileno())
-            os.replace(self._temporary, parse(self.uri).path)
+            return
+        self._handle.close()
+        if kind is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._temporary)
+            return
+        with open(self._temporary, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(self._temporary, parse(self.uri).path)
         self.stored = file_info(self.uri)
 
 

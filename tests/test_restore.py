@@ -25,6 +25,7 @@ from pipeline.manifest import Manifest
 from pipeline.modelio import ModelLoadError, save_model
 from pipeline.models import build_model
 from pipeline.restore import StallError, format_report, restore_dataset
+from pipeline.restore.driver import CPU_UNITS_AT_ONCE, GPU_UNITS_AT_ONCE
 from tests.conftest import shared_data
 from tests.test_images import bad_values
 
@@ -408,6 +409,12 @@ def test_rows_per_model_call_default_to_the_device_and_the_user_wins():
         return replica_settings(RestoreJob("a", "b", "m", **job_fields), {"CPU": 8, "GPU": 1})[1]
 
     cpu, gpu = replicas(), replicas(use_gpu=True, settings=RestoreSettings(io_threads=2))
+    gpu_fields = {"use_gpu": True, "settings": RestoreSettings(io_threads=2)}
+    units_at_once = [replica_settings(RestoreJob("a", "b", "m", **fields), {"CPU": 8, "GPU": 1})[3]
+                     for fields in ({}, gpu_fields, {"units_per_worker": 1}, {**gpu_fields, "units_per_worker": 8})]
+    assert units_at_once == [CPU_UNITS_AT_ONCE, GPU_UNITS_AT_ONCE, 1, 8]
+    with pytest.raises(ValueError, match="units_per_worker"):
+        RestoreJob("a", "b", "m", units_per_worker=0)
     assert (cpu.rows_per_forward, gpu.rows_per_forward) == (CPU_BATCH_SIZE, GPU_BATCH_SIZE)
     assert CPU_BATCH_SIZE < GPU_BATCH_SIZE
     assert cpu.rows_per_call >= cpu.rows_per_forward and gpu.rows_per_call >= gpu.rows_per_forward
@@ -612,10 +619,12 @@ def one_large_file(s3_server):
 
 def test_one_large_file_is_spread_over_both_replicas_and_assembled_whole(ray_local, one_large_file, s3_prefix):
     source, output = one_large_file + "/in", s3_prefix + "/out"
-    report = restore_dataset(job(source, output, one_large_file + "/dncnn-s", batch_size=2, unit_rows=4))
+    report = restore_dataset(job(source, output, one_large_file + "/dncnn-s", batch_size=2, unit_rows=4,
+                                 units_per_worker=2))
     assert (report.files_restored, report.units_restored) == (1, 8)  # 16 groups of 2 rows, 4 rows a unit
     assert len(report.rows_by_replica) == 2 and all(rows > 0 for rows in report.rows_by_replica.values())
     assert sum(report.rows_by_replica.values()) == 32
+    assert report.most_units_at_once == 2  # units_per_worker: two units under way in one replica
     [written] = storage.list_files(output)
     restored, original = read_table(written.uri), read_table(source + "/shard-00000-of-00001.parquet")
     assert restored["image_id"].to_pylist() == original["image_id"].to_pylist()  # every row once, in order
@@ -656,7 +665,8 @@ def test_a_replica_killed_mid_file_redoes_only_its_unit(ray_local, one_large_fil
         assert rerun.units_skipped >= done_at_fault and rerun.units_skipped + rerun.units_restored == 8
     else:
         report = outcome["report"]
-        assert report.units_restored == 8 and len(report.units_retried) <= 1  # at most the killed one, again
+        # at most the killed replica's units under way, again
+        assert report.units_restored == 8 and len(report.units_retried) <= CPU_UNITS_AT_ONCE
     assert_every_row_exactly_once(source, output)
 
 

@@ -129,13 +129,15 @@ def test_server_refuses_a_taken_port(tmp_path, s3_server):
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
-def test_a_streamed_write_appears_whole_or_not_at_all(where, tmp_path, s3_prefix):
-    """Outputs stream to storage (S3 multipart in PART_BYTES parts): a failure mid-way
-    leaves no object, no temporary file and no multipart upload behind."""
+@pytest.mark.parametrize("size", [12345, storage.PART_BYTES * 2 + 12345])  # one PUT; three parts
+def test_a_streamed_write_appears_whole_or_not_at_all(where, size, tmp_path, s3_prefix):
+    """Outputs stream to storage (S3 multipart in PART_BYTES parts, one PUT when smaller):
+    a failure mid-way leaves no object, no temporary file and no multipart upload behind;
+    what the writer says it stored is what a HEAD reads."""
     import os
 
     root = str(tmp_path / "out") if where == "local" else s3_prefix
-    big = os.urandom(storage.PART_BYTES * 2 + 12345)  # three parts
+    big = os.urandom(size)
     target = storage.join(root, "a/part.bin")
 
     class SimulatedCrash(Exception):
@@ -154,9 +156,10 @@ def test_a_streamed_write_appears_whole_or_not_at_all(where, tmp_path, s3_prefix
         assert [name for name in os.listdir(tmp_path / "out" / "a")] == []
     writer = storage.AtomicWriter(target)
     with writer as sink:
-        sink.write(big)
+        for start in range(0, size, 3 * 2**20):  # in pieces, as a Parquet writer streams
+            sink.write(big[start:start + 3 * 2**20])
     assert storage.read_bytes(target) == big and writer.stored.size == len(big)
-    assert writer.stored == storage.file_info(target)
+    assert writer.stored == storage.file_info(target) and writer.stored.etag
 
 
 def test_a_killed_local_writer_leaves_nothing_a_reader_lists_and_the_next_run_clears_it(tmp_path):

@@ -32,6 +32,10 @@ from pipeline.restore.report import RestoreReport
 # encodes on its node's CPUs per GPU but one and restores several units at once, so that
 # their reads, writes and PNG work overlap one another's forward passes (bench/README.md).
 GPU_UNITS_AT_ONCE = 4
+# A CPU replica restores one unit at a time (RestoreJob.units_per_worker): on 2 cores two at
+# once, or 3-4 replicas, gained nothing, the cores being busy already, and two units in one
+# process contend for the GIL (bench/README.md, "Against the loop"); a store far away may differ.
+CPU_UNITS_AT_ONCE = 1
 GPU_NODE_CPUS_WHEN_NONE_IS_UP = 8  # infra/k8s's GPU workers: the autoscaler starts them on demand
 MAX_BLOCKS = 10_000  # Ray Data blocks (a unit each, up to this many; then several units a block)
 PROGRESS_POLL_S = 5.0  # how often the driver asks whether rows are still being restored
@@ -55,12 +59,11 @@ def replica_settings(job: RestoreJob, resources: dict) -> tuple[int, RestoreSett
     if job.use_gpu:
         io_threads = job.settings.io_threads or max(1, (raycluster.cpus_per_gpu() or GPU_NODE_CPUS_WHEN_NONE_IS_UP) - 1)
         settings = replace(job.settings, device="cuda", io_threads=io_threads)
-        return workers, settings, {"num_gpus": 1, "num_cpus": io_threads}, GPU_UNITS_AT_ONCE
-    # one torch thread per core, so a second unit at once would only contend for it; as many
-    # PNG threads, which work while the forward pass does not
+        return workers, settings, {"num_gpus": 1, "num_cpus": io_threads}, job.units_per_worker or GPU_UNITS_AT_ONCE
+    # one torch thread per core; as many PNG threads, which work while the forward pass does not
     threads = job.settings.threads or max(1, raycluster.physical_cores() // workers)
     settings = replace(job.settings, device="cpu", threads=threads, io_threads=job.settings.io_threads or threads)
-    return workers, settings, {"num_cpus": job.cpus_per_worker}, 1
+    return workers, settings, {"num_cpus": job.cpus_per_worker}, job.units_per_worker or CPU_UNITS_AT_ONCE
 
 
 def batches_with_watchdog(dataset, stall_timeout_s: float, where, rows_restored=lambda: -1):

@@ -135,6 +135,8 @@ class UnitResult:
     failures: list[list[str]] = field(default_factory=list)  # [image id, reason], the first MAX_FAILURES_KEPT
     noise_counts: list[int] = field(default_factory=lambda: [0] * NOISE_BINS)  # rows per noise bin (pipeline/noise.py)
     stages: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))  # busy seconds per stage
+    started: float = 0.0  # when the replica began and ended the unit (epoch seconds)
+    finished: float = 0.0
 
     def fail(self, image_id: str, reason: str) -> None:
         if len(self.failures) < MAX_FAILURES_KEPT:

@@ -250,7 +250,7 @@ class UnitRestorer:
                                         f"lower the decode limits or remove the file, then rerun")
         if self.filesystem is None:
             self.filesystem = storage.pyarrow_filesystem(unit.input)[0]
-        result = UnitResult(unit.key, unit.index, replica=self.replica)
+        result = UnitResult(unit.key, unit.index, replica=self.replica, started=time.time())
         started = time.perf_counter()
         writer = storage.AtomicWriter(unit.target)
         with self._open(unit.input) as parquet, writer as sink:
@@ -277,6 +277,7 @@ class UnitRestorer:
                 fence(*self.fenced_by)
         result.stages["write"] += max(0.0, time.perf_counter() - started - sum(result.stages.values()))
         result.output_etag, result.output_size = writer.stored.etag, writer.stored.size
+        result.finished = time.time()
         return result
 
     @contextlib.contextmanager

@@ -8,6 +8,9 @@ from pipeline.noise import NOISE_BINS, noise_summary
 from pipeline.restore.records import MAX_FAILURES_KEPT, UnitResult
 
 
+RECENT_UNITS = 16  # per replica, for most_units_at_once: more than it ever has under way
+
+
 @dataclass
 class RestoreReport:
     output: str
@@ -37,10 +40,14 @@ class RestoreReport:
     executor: str = ""  # who ran the replicas: "in-process" or "ray" (executors.choose_executor)
     units_head_start: int = 0  # on Ray: units this process restored while Ray started (executors.HeadStart)
     rows_by_replica: dict = field(default_factory=dict)  # replica (host:pid) -> rows it restored
+    most_units_at_once: int = 0  # the most units one replica had under way at one moment (units_per_worker)
     units_retried: list = field(default_factory=list)  # units restored again after their replica was lost
     stage_seconds: dict = field(default_factory=dict)  # busy seconds of all replicas per stage: read, decode, ...
     failures: list = field(default_factory=list)  # first few (image_id, reason)
     outputs: list = field(default_factory=list)
+
+    def __post_init__(self):
+        self._spans: dict[str, list[tuple[float, float]]] = {}  # replica -> (started, finished) of its units
 
     @property
     def megapixels_per_s(self) -> float:
@@ -61,9 +68,22 @@ class RestoreReport:
         self.noise_sigma_counts = [a + b for a, b in zip(self.noise_sigma_counts, result.noise_counts)]
         self.megapixels += result.megapixels
         self.rows_by_replica[result.replica] = self.rows_by_replica.get(result.replica, 0) + result.rows
+        self._count_units_at_once(result)
         for stage, seconds in result.stages.items():
             self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
         self.failures += [tuple(failure) for failure in result.failures[: MAX_FAILURES_KEPT - len(self.failures)]]
+
+    def _count_units_at_once(self, result: UnitResult) -> None:
+        """`most_units_at_once`, from the replica's recent units: the most under way at any
+        moment is the count at some unit's start (a replica's units finish in about the
+        order they start, so the last few hold every unit that overlaps this one)."""
+        spans = self._spans.setdefault(result.replica, [])
+        spans.append((result.started, result.finished))
+        del spans[:-RECENT_UNITS]
+        for moment, _ in spans:
+            if result.started <= moment < result.finished:
+                under_way = sum(1 for started, finished in spans if started <= moment < finished)
+                self.most_units_at_once = max(self.most_units_at_once, under_way)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "megapixels_per_s": self.megapixels_per_s}
