@@ -70,11 +70,13 @@ def sampled_run(command: list[str], env: dict) -> tuple[float, dict, list]:
     sampler = threading.Thread(target=sample)
     sampler.start()
     started = time.perf_counter()
-    out = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, text=True, env={**os.environ, **env}).stdout
+    done = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, text=True, env={**os.environ, **env})
     wall = time.perf_counter() - started
     stop.set()
     sampler.join()
-    return wall, json.loads(out.strip().splitlines()[-1]), [(at - started, cpu) for at, cpu in samples]
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[:3])} ... failed with exit status {done.returncode}")
+    return wall, json.loads(done.stdout.strip().splitlines()[-1]), [(at - started, cpu) for at, cpu in samples]
 
 
 def used_between(samples: list, start: float, end: float) -> collections.Counter:

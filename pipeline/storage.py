@@ -402,14 +402,23 @@ class _SmallFirst(io.RawIOBase):
 
     def commit(self) -> FileInfo:
         if self.stream is not None:
-            self.stream.close()  # the last part and the multipart completion
+            try:
+                self.stream.close()  # the last part and the multipart completion
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    self.discard()
+                raise
             return file_info(self.uri)
         return write_bytes(self.uri, self.held.getvalue())
 
     def discard(self) -> None:
+        """Abort the multipart upload, if one started. Whether or not the abort gets through,
+        the s3fs file is marked closed: collected, it would otherwise complete the upload."""
         if self.stream is not None:
-            self.stream.discard()
-            self.stream.closed = True  # discarded: nothing left to flush when it is collected
+            try:
+                self.stream.discard()
+            finally:
+                self.stream.closed = True
         self.held = None
 
 

@@ -76,7 +76,8 @@ class RestoreReport:
     def _count_units_at_once(self, result: UnitResult) -> None:
         """`most_units_at_once`, from the replica's recent units: the most under way at any
         moment is the count at some unit's start (a replica's units finish in about the
-        order they start, so the last few hold every unit that overlaps this one)."""
+        order they start, so the last few hold every unit that overlaps this one; a unit
+        that outlasts more than RECENT_UNITS others may be counted short: a statistic)."""
         spans = self._spans.setdefault(result.replica, [])
         spans.append((result.started, result.finished))
         del spans[:-RECENT_UNITS]
