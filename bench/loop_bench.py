@@ -88,7 +88,8 @@ def pipeline(model: str, data: str, output: str, extra: list[str] = ()) -> dict:
     return {"wall_s": seconds, "megapixels": out["megapixels"], "mp_per_s": out["megapixels"] / seconds,
             "first_rows_s": out["first_rows_seconds"], "mp_per_s_steady": steady, "units_head_start": head_start,
             "executor": out.get("executor", "ray"), "stage_seconds": out.get("stage_seconds", {}),
-            "most_units_at_once": out.get("most_units_at_once", 1)}
+            "most_units_at_once": out.get("most_units_at_once", 1),
+            "replica_idle_s": out.get("replica_idle_seconds", 0.0)}
 
 
 def steady_cell(entry: dict) -> str:
@@ -160,7 +161,8 @@ def run(args, root: str) -> None:
             print(f"{label}: loop {plain['wall_s']:.1f} s ({plain['mp_per_s']:.3f} MP/s, after the first file "
                   f"{plain['mp_per_s_steady']:.3f}); restore {piped['wall_s']:.1f} s ({piped['mp_per_s']:.3f} MP/s, "
                   f"first rows {piped['first_rows_s']:.1f} s, {after}; {piped['executor']}, "
-                  f"at most {piped['most_units_at_once']} unit(s) at once per replica)", flush=True)
+                  f"at most {piped['most_units_at_once']} unit(s) at once per replica, waiting "
+                  f"{piped['replica_idle_s']:.2f} s in all between units)", flush=True)
         result["comparisons"][label] = {"model": model, "data": data, "loop_one_core": one_core, "args": extra,
                                         "pairs": pairs}
     out = REPO / "bench" / "results" / "loop_compare.json"

@@ -84,6 +84,23 @@ def test_records_travel_as_json_and_arrow_and_a_foreign_record_vouches_for_nothi
     assert UnitResult.from_row(table.to_pylist()[0]) == result
 
 
+
+def test_the_report_counts_a_replicas_waits_between_units_and_not_their_overlaps():
+    """`replica_idle_seconds`: per replica, from each unit's end to the next one's start when
+    nothing else of that replica's was under way; units that overlap count as no wait."""
+    from pipeline.restore.report import RestoreReport, format_report
+
+    report = RestoreReport("s3://b/out", "v1", executor="ray")
+    spans = {"h:1": [(0.0, 1.0), (1.5, 2.0), (2.0, 3.0)],  # waited 0.5
+             "h:2": [(0.0, 2.0), (1.0, 3.0), (2.5, 4.0), (4.25, 5.0)]}  # two at once, then waited 0.25
+    for replica, units in spans.items():
+        for index, (started, finished) in enumerate(units):
+            report.add(UnitResult("k", index, replica=replica, rows=1, ok=1, started=started, finished=finished))
+    assert report.replica_idle_seconds == pytest.approx(0.75)
+    assert report.most_units_at_once == 2
+    assert report.replica_tail_seconds == pytest.approx(2.0)  # h:2 ended 2 s after h:1
+    assert "2 replica(s) waited 0.8 s in all between their units" in format_report(report.to_dict())
+
 def test_an_input_deleted_since_a_run_is_reported_and_removed_only_with_prune(restored_once):
     from pipeline.restore.driver import prune_inputs_gone
 

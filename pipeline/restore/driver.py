@@ -36,6 +36,11 @@ GPU_UNITS_AT_ONCE = 4
 # once, or 3-4 replicas, gained nothing, the cores being busy already, and two units in one
 # process contend for the GIL (bench/README.md, "Against the loop"); a store far away may differ.
 CPU_UNITS_AT_ONCE = 1
+# Units queued at each replica besides those it runs (at least as many as it runs, Ray Data's
+# default): the next starts as one ends, not when Ray Data's scheduling loop (up to 100 ms a
+# turn) sends it; one queued left each CPU replica waiting for a sixth of a null-model run
+# (bench/README.md, "Units queued per replica").
+UNITS_QUEUED_PER_REPLICA = 3
 GPU_NODE_CPUS_WHEN_NONE_IS_UP = 8  # infra/k8s's GPU workers: the autoscaler starts them on demand
 MAX_BLOCKS = 10_000  # Ray Data blocks (a unit each, up to this many; then several units a block)
 PROGRESS_POLL_S = 5.0  # how often the driver asks whether rows are still being restored
@@ -265,6 +270,7 @@ class Run:
 
         job, events, report = self.job, self.events, self.report
         workers, settings, actor_options, units_at_once = replica_settings(job, raycluster.connect())
+        queued = max(UNITS_QUEUED_PER_REPLICA, units_at_once)
         ray.data.DataContext.get_current().enable_progress_bars = events.interactive
         make_progress = ray.remote(num_cpus=0)(Progress).remote
         self.progress = head.attach(make_progress) if head is not None else make_progress()
@@ -280,7 +286,7 @@ class Run:
                    f"already done), {report.images_total} images, with model {planned.model_version} on {workers} "
                    f"{'GPU' if job.use_gpu else 'CPU'} replica(s) ({settings.rows_per_call} rows per call, "
                    f"{settings.rows_per_forward} per forward pass, "
-                   f"{settings.io_threads or 1} PNG thread(s), {units_at_once} unit(s) at once each); "
+                   f"{settings.io_threads or 1} PNG thread(s), {units_at_once} unit(s) at once each, {queued} queued); "
                    f"{len(planned.skipped)} file(s) already done")
         if len(pending) < workers:
             events.log(f"note: {len(pending)} unit(s) for {workers} replicas: {workers - len(pending)} will idle; "
@@ -297,6 +303,7 @@ class Run:
                 # shrink to one when a node is lost, and Ray Data gives its units to another
                 compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers, initial_size=workers,
                                                    max_concurrent_calls_per_actor=units_at_once,
+                                                   max_tasks_in_flight_per_actor=units_at_once + queued,
                                                    enable_true_multi_threading=units_at_once > 1),
                 **actor_options,
             )

@@ -41,6 +41,9 @@ class RestoreReport:
     units_head_start: int = 0  # on Ray: units this process restored while Ray started (executors.HeadStart)
     rows_by_replica: dict = field(default_factory=dict)  # replica (host:pid) -> rows it restored
     most_units_at_once: int = 0  # the most units one replica had under way at one moment (units_per_worker)
+    # seconds the replicas (all together) sat with nothing under way between one unit and
+    # their next: a feed that keeps them waiting (the driver, Ray Data's scheduling)
+    replica_idle_seconds: float = 0.0
     units_retried: list = field(default_factory=list)  # units restored again after their replica was lost
     stage_seconds: dict = field(default_factory=dict)  # busy seconds of all replicas per stage: read, decode, ...
     failures: list = field(default_factory=list)  # first few (image_id, reason)
@@ -52,6 +55,13 @@ class RestoreReport:
     @property
     def megapixels_per_s(self) -> float:
         return self.megapixels / self.seconds if self.seconds else 0.0
+
+    @property
+    def replica_tail_seconds(self) -> float:
+        """From the first replica's last unit's end to the last one's: work left queued at
+        one replica while the others had none."""
+        last = [max(finished for _, finished in spans) for spans in self._spans.values()]
+        return max(last) - min(last) if last else 0.0
 
     @property
     def images_done(self) -> int:
@@ -68,17 +78,20 @@ class RestoreReport:
         self.noise_sigma_counts = [a + b for a, b in zip(self.noise_sigma_counts, result.noise_counts)]
         self.megapixels += result.megapixels
         self.rows_by_replica[result.replica] = self.rows_by_replica.get(result.replica, 0) + result.rows
-        self._count_units_at_once(result)
+        self._follow_replica(result)
         for stage, seconds in result.stages.items():
             self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
         self.failures += [tuple(failure) for failure in result.failures[: MAX_FAILURES_KEPT - len(self.failures)]]
 
-    def _count_units_at_once(self, result: UnitResult) -> None:
-        """`most_units_at_once`, from the replica's recent units: the most under way at any
-        moment is the count at some unit's start (a replica's units finish in about the
-        order they start, so the last few hold every unit that overlaps this one; a unit
-        that outlasts more than RECENT_UNITS others may be counted short: a statistic)."""
+    def _follow_replica(self, result: UnitResult) -> None:
+        """`most_units_at_once` and `replica_idle_seconds`, from the replica's recent units: the
+        most under way at any moment is the count at some unit's start (a replica's units
+        finish in about the order they start, so the last few hold every unit that overlaps
+        this one; a unit that outlasts more than RECENT_UNITS others may be counted short:
+        statistics)."""
         spans = self._spans.setdefault(result.replica, [])
+        if spans:  # the wait since the replica's last unit ended, if nothing ran in between
+            self.replica_idle_seconds += max(0.0, result.started - max(finished for _, finished in spans))
         spans.append((result.started, result.finished))
         del spans[:-RECENT_UNITS]
         for moment, _ in spans:
@@ -87,7 +100,8 @@ class RestoreReport:
                 self.most_units_at_once = max(self.most_units_at_once, under_way)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "megapixels_per_s": self.megapixels_per_s}
+        return {**asdict(self), "megapixels_per_s": self.megapixels_per_s,
+                "replica_tail_seconds": self.replica_tail_seconds}
 
 
 def format_report(report: dict) -> str:
@@ -125,6 +139,9 @@ def format_report(report: dict) -> str:
         lines.append(f"note: model {report['model_version']} is gray: {report['images_per_channel']} colour image(s) "
                      f"were restored one channel at a time, which ignores the correlation between channels; a colour "
                      f"model (train --preset cpu-color) restores them jointly")
+    if report.get("executor") == "ray" and report.get("replica_idle_seconds"):
+        lines.append(f"{len(report['rows_by_replica'])} replica(s) waited {report['replica_idle_seconds']:.1f} s in all "
+                     f"between their units, at most {report['most_units_at_once']} under way in one at a time")
     for image_id, reason in report["failures"][:10]:
         lines.append(f"  failed: {image_id}: {reason}")
     return "\n".join(lines)
