@@ -195,9 +195,9 @@ def training_chart(history: list[dict], width: int = 640, height: int = 240) -> 
 
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    score_name = "val PSNR (dB)" if any(row.get("val_psnr") is not None for row in history) else "val N2N PSNR (dB)"
+    score, score_name = validation_score(history)
     panels = [("training loss", [row.get("loss") for row in history], (200, 60, 40)),
-              (score_name, [row.get("val_score") for row in history], (40, 90, 200))]
+              (score_name, [row.get(score) for row in history], (40, 90, 200))]
     epochs = [row["epoch"] for row in history]
     panel_width = width // 2
     for index, (title, values, colour) in enumerate(panels):
@@ -225,6 +225,15 @@ def training_chart(history: list[dict], width: int = 640, height: int = 240) -> 
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+def validation_score(history: list[dict]) -> tuple[str, str]:
+    """The validation score the epochs have, and its label: PSNR against references, or
+    without them SURE's estimate of it (N2N's where no image was large enough)."""
+    for key, label in (("val_psnr", "val PSNR (dB)"), ("val_sure_psnr", "val SURE PSNR (dB, no references)")):
+        if any(row.get(key) is not None for row in history):
+            return key, label
+    return "val_n2n_psnr", "val N2N PSNR (dB, no references)"
+
+
 def training_artifact(summary: dict, data: str) -> None:
     """The run's scores (table) and its curves per epoch (markdown with the chart embedded)."""
     history = summary.get("history") or []
@@ -232,10 +241,11 @@ def training_artifact(summary: dict, data: str) -> None:
                         description=f"Training on {data}")
     lines = [f"# Training {summary['version']}", "", f"Data: `{data}`; checkpoints: `{summary['checkpoints']}`", ""]
     if history:
+        score, score_name = validation_score(history)
         lines += [f"![loss and validation score per epoch]({training_chart(history)})", "",
-                  "| epoch | loss | val score | minutes |", "| --- | --- | --- | --- |"]
-        lines += [f"| {row['epoch']} | {row['loss']:.5f} | {row['val_score']:.2f} | {row['elapsed_s'] / 60:.1f} |"
-                  for row in history]
+                  f"| epoch | loss | {score_name} | minutes |", "| --- | --- | --- | --- |"]
+        lines += [f"| {row['epoch']} | {row['loss']:.5f} | {row.get(score) or float('nan'):.2f} | "
+                  f"{row['elapsed_s'] / 60:.1f} |" for row in history]
     create_markdown_artifact("\n".join(lines), key="training-curves", description=f"Training curves, {summary['version']}")
 
 

@@ -202,6 +202,7 @@ def run_train(args) -> int:
     from pipeline.config import train_preset
     from pipeline.jobs import TrainJob
     from pipeline.steps import run_step
+    from pipeline.train import describe_epoch
 
     overrides = {"workers": args.workers, "max_minutes": args.max_minutes, "epochs": args.epochs,
                  "batch_size": args.batch_size, "patch_size": args.patch_size, "learning_rate": args.learning_rate,
@@ -222,7 +223,7 @@ def run_train(args) -> int:
     check_storage(job.data, job.val_data, job.registry)
     result = run_step(job, CliEvents(quiet=args.json))
     score = (f"val PSNR {result['val_psnr']:.2f} dB, SSIM {result.get('val_ssim', float('nan')):.4f}"
-             if "val_psnr" in result else f"val N2N PSNR {result.get('val_n2n_psnr', float('nan')):.2f} dB (reference-free)")
+             if "val_psnr" in result else describe_epoch(result))
     print_result(result, args, f"best epoch {result.get('epoch')}: {score}\n"
                                f"model version {result['version']} -> {result['model']}")
     return 0

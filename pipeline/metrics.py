@@ -62,6 +62,31 @@ def score_restoration(reference: np.ndarray, degraded: np.ndarray, restored: np.
             "output_psnr": psnr(reference, restored, data_range), "output_ssim": ssim(reference, restored, data_range)}
 
 
+# The probe's step on the 0-1 scale: small enough that the network is linear across it,
+# large enough that float32 resolves the difference it makes (TF32 would not: turned off).
+SURE_EPSILON = 1e-3
+
+
+def sure_mse(network: torch.nn.Module, noisy: torch.Tensor, sigma: float, probe: torch.Tensor,
+             epsilon: float = SURE_EPSILON) -> float:
+    """The mean squared error of `network(noisy)` against the clean image it never sees:
+    Stein's unbiased risk estimate for Gaussian noise of std `sigma` (the 0-1 scale of the
+    pixels), ||f(y) - y||^2 / n - sigma^2 + 2 sigma^2 div f(y) / n, with the divergence
+    from one random `probe` (Monte-Carlo SURE, Ramani et al. 2008): b . (f(y + eps b) - f(y)) / eps.
+    `noisy` (1, C, H, W) as the network takes it, `probe` of the same shape, the network in
+    eval mode (a batch norm that updates, or dropout, has no divergence to estimate); in
+    float32. Unclipped: the error of the float output, before the protocol's rounding."""
+    cuda = noisy.device.type == "cuda"
+    with torch.no_grad(), torch.autocast(noisy.device.type, enabled=False), \
+            torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=not cuda):
+        output = network(noisy).float()
+        nudged = network(noisy + epsilon * probe).float()
+        pixels = noisy.numel()
+        divergence = float((probe * (nudged - output)).sum()) / epsilon
+        residual = float(((output - noisy) ** 2).sum())
+    return residual / pixels - sigma**2 + 2 * sigma**2 * divergence / pixels
+
+
 def _as_planes(array: np.ndarray) -> torch.Tensor:
     """(H, W) or (H, W, C) -> float64 (C, 1, H, W)."""
     planes = array[:, :, None] if array.ndim == 2 else array

@@ -18,11 +18,11 @@ Self-supervised (`TrainConfig.self_supervised`): Neighbor2Neighbor (Huang et al.
 2021). Two half-size images are sub-sampled from one noisy patch, a random pixel of every
 2x2 cell and one of its neighbours; their noise is independent and their signal nearly the
 same, so the network learns to map one to the other, with the paper's regulariser (weight
-ramped to 2) tying that to the full-size output. Validation without references reports
-`val_n2n_psnr`: f(g1(y)) against g2(y) on whole held-out images at a fixed sampling seed,
-as a PSNR (Noise2Noise's held-out loss: the clean error plus the noise). It is capped by
-the noise and rises as the model learns, but moves too little to choose between
-checkpoints: without references the latest one is published.
+ramped to 2) tying that to the full-size output. Validation without references scores
+whole held-out images by Stein's unbiased risk estimate of their error against the clean
+images (`val_sure_psnr`, with each image's noise sigma estimated), which picks the
+checkpoint, and reports `val_n2n_psnr` (f(g1(y)) against g2(y): the clean error plus the
+noise, capped by the noise, too flat to choose by).
 
 Batch scaling: `batch_size` is per worker, so the global batch is workers x batch_size;
 the learning rate is scaled by sqrt(workers), Adam's usual rule for a larger batch.
@@ -31,8 +31,7 @@ Every epoch: validation PSNR/SSIM on whole images (the quality protocol), every 
 metrics appended to `epochs.json` in the run's folder (what charts draw), and a
 checkpoint (safetensors weights, model.json, optimizer state in safetensors,
 train_state.json) reported through `ray.train.report` into the run's storage path in
-object storage; the best `keep_checkpoints` by validation score are kept (the latest,
-without references). A rerun with the
+object storage; the best `keep_checkpoints` by validation score are kept. A rerun with the
 same run name resumes from the latest checkpoint; FailureConfig restarts a crashed
 worker group from it too. Nothing here unpickles.
 
@@ -65,7 +64,9 @@ from pipeline.dataset import CLEAN, NOISY, PAIRED, InspectedDataset, inspect
 from pipeline.degradations import Degradation, degradation_seed
 from pipeline.images import decode, to_float
 from pipeline.jobs import Events, TrainJob
+from pipeline.metrics import sure_mse
 from pipeline.models import build_model
+from pipeline.noise import estimate_sigma
 
 TRAIN_STATE_FILE = "train_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -221,6 +222,7 @@ class TrainHooks:
     """Where tests reach into the loop (fault injection); production passes none."""
 
     after_step: Callable[[int, int, int, int], None] | None = None  # (epoch, step, rank, world size)
+    before_validation: Callable[[int, torch.nn.Module], None] | None = None  # (epoch, the plain network)
 
 
 @dataclass
@@ -380,7 +382,9 @@ def validate(worker: Worker, shard, kind: str) -> dict:
     """Score the validation shard by what it holds, the sums reduced across ranks: with
     references (paired, or clean with the degradation synthesised at the validation seed)
     whole-image PSNR/SSIM under the quality protocol (evaluate.restore_and_score);
-    noisy-only, the reference-free `val_n2n_psnr`. `val_score` is the one that picks checkpoints."""
+    noisy-only, the reference-free `val_sure_psnr` and `val_n2n_psnr`. `val_score` is the one
+    that picks checkpoints: PSNR, or without references SURE's estimate of it (or, where no
+    image could be scored so, the epoch: the latest)."""
     from pipeline.config import RestoreSettings
     from pipeline.inference import ModelRunner
 
@@ -389,7 +393,8 @@ def validate(worker: Worker, shard, kind: str) -> dict:
     try:
         if kind == NOISY:
             metrics = _validate_without_references(worker, shard, runner)
-            metrics["val_score"] = metrics["val_n2n_psnr"]
+            if "val_sure_psnr" in metrics:
+                metrics["val_score"] = metrics["val_sure_psnr"]
         else:
             metrics = _validate_with_references(worker, shard, runner, kind == PAIRED)
             metrics["val_score"] = metrics["val_psnr"]
@@ -399,13 +404,21 @@ def validate(worker: Worker, shard, kind: str) -> dict:
 
 
 def _validate_without_references(worker: Worker, shard, runner) -> dict:
-    """PSNR of f(g1(y)) against g2(y) on whole held-out noisy images, the sub-sampling seeded
-    alike for every image and epoch. The noise in g2(y) is independent of g1(y), so this loss
-    is the error against the clean g2(x) plus sigma^2 (Noise2Noise's argument) and ranks
-    models as that error does. The regularised training objective does not: an identity
-    map scores better on it than a perfect denoiser."""
-    limits, columns = DecodeLimits(), worker.config.data.columns
-    totals = [0.0, 0.0]  # n2n psnr, count
+    """Two reference-free scores on whole held-out noisy images.
+
+    `val_sure_psnr` picks checkpoints: the error against the unseen clean images by Stein's
+    unbiased risk estimate (metrics.sure_mse; the probe seeded alike every epoch), with each
+    image's noise sigma estimated (pipeline/noise.py), as the PSNR of the mean error. An
+    estimate off by d in sigma^2 shifts it by d (2 div/n - 1), nearly alike for every epoch:
+    its level is off, its changes follow the true error's (bench/README.md, "Picking a
+    checkpoint without references"). It assumes independent noise per value: a gray image
+    in colour data (three equal channels) is left out.
+
+    `val_n2n_psnr`: f(g1(y)) against g2(y), the sub-sampling seeded alike every epoch: the
+    error against the clean g2(x) plus sigma^2 (Noise2Noise's argument), capped by the
+    noise, too flat to choose by."""
+    limits, columns, seed = DecodeLimits(), worker.config.data.columns, worker.config.data.val_seed
+    totals = [0.0, 0.0, 0.0, 0.0]  # n2n psnr, count, sure mse, images with a noise estimate
     for batch in shard.iter_batches(batch_size=4, batch_format="numpy"):
         for row in range(len(batch[columns.image])):
             noisy = image_float(batch[columns.image][row], worker.channels, limits)
@@ -413,13 +426,22 @@ def _validate_without_references(worker: Worker, shard, runner) -> dict:
                 continue
             height, width = noisy.shape[0] // 4 * 4, noisy.shape[1] // 4 * 4
             image = torch.from_numpy(np.ascontiguousarray(noisy[:height, :width].transpose(2, 0, 1)))[None]
-            masks = neighbour_masks(tuple(image.shape), torch.Generator().manual_seed(worker.config.data.val_seed))
+            masks = neighbour_masks(tuple(image.shape), torch.Generator().manual_seed(seed))
             first, second = neighbour_subsample(image, masks)
             restored = runner.restore_images([first[0].numpy().transpose(1, 2, 0)])[0]
             error = float(np.mean((restored - second[0].numpy().transpose(1, 2, 0)) ** 2))
-            totals = [totals[0] + 10 * math.log10(1 / max(error, 1e-10)), totals[1] + 1]
-    psnr_sum, count = _all_reduce(totals)
-    return {"val_n2n_psnr": psnr_sum / max(count, 1), "val_images": int(count)}
+            totals[:2] = [totals[0] + 10 * math.log10(1 / max(error, 1e-10)), totals[1] + 1]
+            gray_as_colour = noisy.shape[2] == 3 and (noisy[:, :, :1] == noisy).all()
+            sigma = math.nan if gray_as_colour else estimate_sigma(noisy * np.float32(255)) / 255
+            if math.isfinite(sigma):
+                probe = torch.randn(image.shape, generator=torch.Generator().manual_seed(seed))
+                mse = sure_mse(worker.network, image.to(worker.device), sigma, probe.to(worker.device))
+                totals[2:] = [totals[2] + mse, totals[3] + 1]
+    psnr_sum, count, sure_sum, estimated = _all_reduce(totals)
+    metrics = {"val_n2n_psnr": psnr_sum / max(count, 1), "val_images": int(count)}
+    if estimated:
+        metrics["val_sure_psnr"] = 10 * math.log10(1 / max(sure_sum / estimated, 1e-10))
+    return metrics
 
 
 def _validation_seed(config: TrainConfig, image_id) -> int:
@@ -489,7 +511,8 @@ def describe_epoch(metrics: dict) -> str:
     if "val_psnr" in metrics:
         return (f"val PSNR {metrics['val_psnr']:.2f} dB (noisy {metrics['val_noisy_psnr']:.2f})  "
                 f"SSIM {metrics['val_ssim']:.4f}")
-    return f"val N2N PSNR {metrics['val_n2n_psnr']:.2f} dB (reference-free)"
+    sure = f"val SURE PSNR {metrics['val_sure_psnr']:.2f} dB, " if "val_sure_psnr" in metrics else ""
+    return f"{sure}N2N PSNR {metrics['val_n2n_psnr']:.2f} dB (reference-free)"
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -512,11 +535,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
         losses, samples = train_one_epoch(worker, train_shard, epoch, kinds["train"], hooks)
         lr = worker.optimizer.param_groups[0]["lr"]
         train_seconds = time.time() - epoch_start
+        if hooks.before_validation:
+            hooks.before_validation(epoch, worker.network)
         metrics = validate(worker, val_shard, kinds["val"])
         loss_sum, sample_sum = _all_reduce([float(np.sum(losses)), float(samples)])
         steps = max(1, _all_reduce([float(len(losses))])[0])
         elapsed = time.time() - session_start
         worker.state.update({"epoch": epoch, "elapsed_s": elapsed})
+        metrics.setdefault("val_score", float(epoch))  # nothing to score by: the latest wins
         metrics.update({"epoch": epoch, "loss": loss_sum / steps, "lr": lr,
                         "patches_per_s": sample_sum / max(train_seconds, 1e-9), "elapsed_s": elapsed,
                         "resumed_from": worker.state["resumed_from"] or 0, "restarts": worker.state["restarts"]})
@@ -540,7 +566,7 @@ def _clock(seconds: float) -> str:
 # --- the driver -------------------------------------------------------------------------------
 
 
-HISTORY_KEYS = ("epoch", "loss", "val_score", "val_psnr", "val_n2n_psnr", "lr", "elapsed_s")  # what cards and charts keep
+HISTORY_KEYS = ("epoch", "loss", "val_score", "val_psnr", "val_sure_psnr", "val_n2n_psnr", "lr", "elapsed_s")  # what cards and charts keep
 
 
 @dataclass
@@ -610,10 +636,7 @@ def train(job: TrainJob, events: Events | None = None, hooks: TrainHooks | None 
     datasets = {part: read_image_dataset(files, [columns.id, columns.image] + ([columns.target] if kinds[part] == PAIRED else []))
                 for part, files in (("train", train_files), ("val", val_files))}
     history_uri = storage.join(storage_path, run_name, HISTORY_FILE)
-    # Without references the latest checkpoint is published: the reference-free score moves
-    # by hundredths of a dB while true PSNR moves by tenths; picking by it chose checkpoints
-    # up to 0.7 dB worse than the annealed last one (bench/README.md).
-    select_by = "epoch" if kinds["val"] == NOISY else "val_score"
+    select_by = "val_score"
     run_filesystem, run_path = storage.pyarrow_filesystem(storage_path)
     resources = {"CPU": config.scaling.cpus_per_worker, **({"GPU": 1} if config.scaling.use_gpu else {})}
     trainer = TorchTrainer(
@@ -649,7 +672,7 @@ def train(job: TrainJob, events: Events | None = None, hooks: TrainHooks | None 
     with best_checkpoint.as_directory() as directory:
         model, _ = load_model(directory)
         train_state = json.loads(Path(directory, TRAIN_STATE_FILE).read_text())
-    metrics = {key: best_metrics[key] for key in ("val_psnr", "val_ssim", "val_noisy_psnr", "val_n2n_psnr", "val_score",
+    metrics = {key: best_metrics[key] for key in ("val_psnr", "val_ssim", "val_noisy_psnr", "val_sure_psnr", "val_n2n_psnr", "val_score",
                                                   "epoch", "loss") if key in best_metrics}
     history = read_history(history_uri)
     version = f"{config.model.architecture}-{time.strftime('%Y%m%d-%H%M%S')}-{fingerprint[:6]}"

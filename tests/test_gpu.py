@@ -59,6 +59,20 @@ def test_bf16_on_gpu_restores_as_well_as_fp32_on_cpu(paper_model):
         assert metrics.psnr(truth, gpu, data_range=1.0) == pytest.approx(metrics.psnr(truth, cpu, data_range=1.0), abs=0.05)
 
 
+def test_sure_on_gpu_matches_the_cpu_float32_estimate(paper_model):
+    """SURE's divergence is a finite difference: TF32 convolutions would blur it, so on CUDA
+    sure_mse turns them off and agrees with the CPU's float32 estimate."""
+    from pipeline.modelio import load_model
+
+    _, noisy = noisy_bsd68(1)
+    image = torch.from_numpy(noisy[0])[None]
+    probe = torch.randn(image.shape, generator=torch.Generator().manual_seed(0))
+    model, _ = load_model(paper_model)
+    on_cpu = metrics.sure_mse(model.eval(), image, 25 / 255, probe)
+    on_gpu = metrics.sure_mse(model.cuda().eval(), image.cuda(), 25 / 255, probe.cuda())
+    assert on_gpu == pytest.approx(on_cpu, rel=1e-3)
+
+
 def test_tiled_restore_on_gpu_equals_whole_image(paper_model):
     from pipeline.modelio import load_model
 

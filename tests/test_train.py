@@ -168,10 +168,27 @@ def test_optimizer_state_round_trips_without_pickle():
         assert all(torch.equal(a[key], b[key]) for key in a)
 
 
+@dataclass
+class ForgetAtEpoch:
+    """Zero the network's weights before `epoch` is validated: a residual network then
+    returns its input, a checkpoint far worse than the ones before it."""
+
+    epoch: int
+
+    def __call__(self, epoch: int, network) -> None:
+        import torch
+
+        if epoch == self.epoch:
+            with torch.no_grad():
+                for parameter in network.parameters():
+                    parameter.zero_()
+
+
 def test_self_supervised_learns_from_noisy_images_alone(ray_local, train400_small, s3_prefix):
     """Neighbor2Neighbor on data with no target column and no clean images anywhere: the
-    validation set is noisy-only too (a reference-free score picks the checkpoint), and the
-    model still beats the noisy input on a held-out image scored against its clean original."""
+    validation set is noisy-only too, and SURE's reference-free estimate picks the checkpoint:
+    not the last one here, whose weights were zeroed (the input returned unchanged). The
+    published model beats the noisy input on held-out images scored against their originals."""
     from pipeline.evaluate import evaluate
     from pipeline.jobs import EvaluateJob
 
@@ -180,10 +197,14 @@ def test_self_supervised_learns_from_noisy_images_alone(ray_local, train400_smal
                         seed_per_image=True, progress=False, keep_target=False)
     assert "target" not in read_table(storage.list_files(s3_prefix + "/train")[0].uri).column_names
     result = train(s3_prefix + "/train", s3_prefix + "/val", s3_prefix + "/models",
-                   tiny_config(self_supervised=True, epochs=4))
+                   tiny_config(self_supervised=True, epochs=4), hooks=TrainHooks(before_validation=ForgetAtEpoch(4)))
     assert "val_psnr" not in result.metrics
-    signal = [row["val_n2n_psnr"] for row in result.history]
-    assert max(signal[1:]) > signal[0]  # the reference-free score rises as the model learns
+    for key in ("val_n2n_psnr", "val_sure_psnr"):  # the reference-free scores rise as the model learns
+        signal = [row[key] for row in result.history[:3]]
+        assert max(signal[1:]) > signal[0], (key, signal)
+    sure = {row["epoch"]: row["val_sure_psnr"] for row in result.history}
+    assert sure[4] < max(sure.values()) - 1  # the zeroed network: SURE sees it is no denoiser
+    assert result.metrics["epoch"] == max(sure, key=sure.get) < 4 and result.metrics["val_score"] == max(sure.values())
     _, card = load_model(result.model_uri)
     assert card.training["kinds"] == {"train": "noisy", "val": "noisy"}
     scores = evaluate(EvaluateJob(model=result.model_uri, data=train400_small + "/val", noise_sigma=25)).summary()
