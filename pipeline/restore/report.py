@@ -141,7 +141,7 @@ def format_report(report: dict) -> str:
                      f"model (train --preset cpu-color) restores them jointly")
     if report.get("executor") == "ray" and report.get("replica_idle_seconds"):
         lines.append(f"{len(report['rows_by_replica'])} replica(s) waited {report['replica_idle_seconds']:.1f} s in all "
-                     f"between their units, at most {report['most_units_at_once']} under way in one at a time")
+                     f"between their units (at most {report['most_units_at_once']} unit(s) at once in one replica)")
     for image_id, reason in report["failures"][:10]:
         lines.append(f"  failed: {image_id}: {reason}")
     return "\n".join(lines)
