@@ -4,14 +4,15 @@
 
 Train400 is hash-split 95/5 (as `bench.train_quality`) and made noisy once at sigma 25 (a
 noise stream per image, the target dropped): the self-supervised run (Neighbor2Neighbor)
-never reads a clean pixel, and its validation, noisy-only, reports `val_sure_psnr` (which
-picks the published checkpoint) and `val_n2n_psnr` every epoch. Every checkpoint is kept.
+never reads a clean pixel, and its validation, noisy-only, reports `val_sure_psnr`,
+`val_score` (the mean SURE of the last 3 epochs, which picks the published checkpoint) and
+`val_n2n_psnr` every epoch. Every checkpoint is kept.
 
 Afterwards, and only to measure the picks, every checkpoint is scored against the clean
 originals of the same held-out noisy images (pairs made with the same seeds, so the same
 noise): the true validation PSNR, which no training decision saw. It prints, per epoch,
-the three scores; for each way to pick (the latest, the best SURE, the best N2N) the true
-PSNR of its pick against the best checkpoint's; and Set12 and BSD68 at sigma 25 for the
+the scores; for each way to pick (the latest, the best SURE of one epoch or of 3, the best
+N2N) the true PSNR of its pick against the best checkpoint's; and Set12 and BSD68 at sigma 25 for the
 published model and the latest checkpoint, against the supervised `cpu` preset's 30-minute
 median (bench/README.md). Writes bench/results/checkpoint_pick_<preset>_seed<N>.json.
 """
@@ -34,7 +35,7 @@ from pipeline.evaluate import evaluate
 from pipeline.ingest import ingest, split_dataset
 from pipeline.jobs import EvaluateJob, TrainJob
 from pipeline.modelio import read_card
-from pipeline.train import train
+from pipeline.train import SURE_EPOCHS, train
 
 SUPERVISED_30_MIN = {"Set12": 30.16, "BSD68": 29.04}  # the `cpu` preset, median of 3 seeds (train_cpu*.json)
 
@@ -82,15 +83,16 @@ def run(args) -> None:
         if epoch in history:
             true = evaluate(EvaluateJob(model=checkpoint, data=f"{root}/pairs/val")).summary()["output_psnr"]
             epochs.append({key: history[epoch].get(key) for key in ("epoch", "elapsed_s", "loss", "val_sure_psnr",
-                                                                    "val_n2n_psnr", "lr")} | {"true_val_psnr": true})
+                                                                    "val_score", "val_n2n_psnr", "lr")} | {"true_val_psnr": true})
     epochs.sort(key=lambda row: row["epoch"])
     picks = {rule: max(epochs, key=lambda row: row[key])
-             for rule, key in (("latest", "epoch"), ("best SURE", "val_sure_psnr"), ("best N2N", "val_n2n_psnr"),
+             for rule, key in (("latest", "epoch"), ("best SURE", "val_sure_psnr"),
+                               (f"best SURE over {SURE_EPOCHS} epochs (val_score)", "val_score"), ("best N2N", "val_n2n_psnr"),
                                ("best possible (true PSNR)", "true_val_psnr"))}
     latest_checkpoint = max(storage.list_files(result.checkpoint_uri, ("model.json",)),
                             key=lambda info: read_card(info.uri.rsplit("/", 1)[0]).training.get("epoch", -1))
     report_sets = {}
-    for label, model in (("published (SURE's pick)", result.model_uri), ("latest", latest_checkpoint.uri.rsplit("/", 1)[0])):
+    for label, model in (("published (val_score's pick)", result.model_uri), ("latest", latest_checkpoint.uri.rsplit("/", 1)[0])):
         report_sets[label] = {name: evaluate(EvaluateJob(model=model, data=f"{root}/{name.lower()}", noise_sigma=25)).summary()["output_psnr"]
                               for name in ("Set12", "BSD68")}
     report = {"preset": args.preset, "seed": args.seed, "minutes": args.minutes, "config": to_data(config),
