@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.colour_summary [ROOT] [--preset cpu-color]
     .venv/bin/python -m bench.colour_summary ROOT --preset cpu-color-sigma15   # runs with TAG=sigma15
+    .venv/bin/python -m bench.colour_summary ROOT --preset cpu-blind --out bench/results/gray_cpu-blind.json
 
 Reads ROOT/<preset>[-<tag>]-seed<N>/{train,evaluate}.json (ROOT defaults to .bench/colour) and
 prints, per dataset and sigma, every seed's PSNR/SSIM, their median and their spread
@@ -22,6 +23,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("root", nargs="?", default=str(REPO / ".bench" / "colour"))
     parser.add_argument("--preset", default="cpu-color", help="the runs' name: the preset, and -TAG when given one")
+    parser.add_argument("--out", help="where the JSON goes (default bench/results/colour_<preset>.json)")
     args = parser.parse_args()
     runs = {}
     for folder in sorted(Path(args.root).glob(f"{args.preset}-seed*")):
@@ -47,7 +49,7 @@ def main() -> None:
         seeds = " ".join(f"{psnr:.2f}" for psnr in row["psnr_by_seed"].values())
         print(f"{row['data']:<8} {row['sigma']:>5g} {row['input_psnr']:>6.2f} {row['psnr_median']:>7.2f} "
               f"{row['psnr_spread']:>6.2f} {row['ssim_median']:>6.4f}  {seeds}")
-    out = REPO / "bench" / "results" / f"colour_{args.preset}.json"
+    out = Path(args.out) if args.out else REPO / "bench" / "results" / f"colour_{args.preset}.json"
     out.write_text(json.dumps({"preset": args.preset, "seeds": sorted(runs), "epochs": epochs, "rows": rows,
                                "train": {seed: run["train"] for seed, run in runs.items()}}, indent=2, default=str))
     print(f"written to {out}")
