@@ -198,17 +198,16 @@ def run_split(args) -> int:
 # --- the steps ----------------------------------------------------------------------------------
 
 
-def run_train(args) -> int:
+def train_job_from(args) -> TrainJob:
+    """The TrainJob that `resflow train`'s flags describe: the preset with the flags given."""
     from pipeline.config import train_preset
     from pipeline.jobs import TrainJob
-    from pipeline.steps import run_step
-    from pipeline.train import describe_epoch
 
     overrides = {"workers": args.workers, "max_minutes": args.max_minutes, "epochs": args.epochs,
                  "batch_size": args.batch_size, "patch_size": args.patch_size, "learning_rate": args.learning_rate,
                  "seed": args.seed, "cpus_per_worker": args.cpus_per_worker, "keep_checkpoints": args.keep_checkpoints,
-                 "use_gpu": True if args.gpu else None, "architecture": args.architecture,
-                 "self_supervised": True if args.self_supervised else None,
+                 "use_gpu": True if args.gpu else None, "bf16": False if args.fp32 else None,
+                 "architecture": args.architecture, "self_supervised": True if args.self_supervised else None,
                  "architecture_config": json.loads(args.architecture_config) if args.architecture_config else None,
                  "columns": columns_from(args)}
     if args.noise_sigma_range or args.jpeg_quality or args.blur_sigma or args.downscale or args.noise_sigma is not None:
@@ -218,8 +217,15 @@ def run_train(args) -> int:
         if args.noise_sigma is None and not args.noise_sigma_range:
             args.noise_sigma = Degradation.noise_sigma
         overrides["degradation"] = degradation_from(args)
-    job = TrainJob(data=args.data, val_data=args.val_data, registry=args.registry,
-                   config=train_preset(args.preset, **overrides), run_name=args.run_name)
+    return TrainJob(data=args.data, val_data=args.val_data, registry=args.registry,
+                    config=train_preset(args.preset, **overrides), run_name=args.run_name)
+
+
+def run_train(args) -> int:
+    from pipeline.steps import run_step
+    from pipeline.train import describe_epoch
+
+    job = train_job_from(args)
     check_storage(job.data, job.val_data, job.registry)
     result = run_step(job, CliEvents(quiet=args.json))
     score = (f"val PSNR {result['val_psnr']:.2f} dB, SSIM {result.get('val_ssim', float('nan')):.4f}"
@@ -355,6 +361,8 @@ def add_commands(commands) -> None:
     overrides.add_argument("--workers", type=int, help="Ray Train workers (DDP ranks)")
     overrides.add_argument("--cpus-per-worker", type=float, help="logical CPUs each worker reserves")
     overrides.add_argument("--gpu", action="store_true", help="one GPU per worker, bf16 autocast")
+    overrides.add_argument("--fp32", action="store_true",
+                           help="compute in float32 even where the hardware has bf16 (as on a CPU without it)")
     overrides.add_argument("--epochs", type=int, help="upper bound on epochs")
     overrides.add_argument("--max-minutes", type=float, help="wall-clock budget; the learning rate anneals to it")
     overrides.add_argument("--batch-size", type=int, help="patches per step and worker")

@@ -139,3 +139,16 @@ def test_the_cli_and_the_flows_build_a_restore_job_from_its_fields():
             assert parameters[name].default == field_defaults[name], name
     with pytest.raises(ValueError, match="unknown RestoreJob setting"):
         restore_job("a", "b", "m", tiles=3)
+
+
+def test_train_flags_land_on_the_preset_and_fp32_turns_bf16_off():
+    """`--fp32` is how a run on a bf16 CPU stands in for one without bf16; the preset's other
+    settings stay the preset's."""
+    from pipeline.cli import build_parser, train_job_from
+    from pipeline.config import train_preset
+
+    base = ["train", "--data", "a", "--val-data", "b", "--registry", "m", "--preset", "cpu", "--seed", "3"]
+    default, fp32 = (train_job_from(build_parser().parse_args(base + extra)) for extra in ([], ["--fp32"]))
+    assert default.config.scaling.bf16 is True and fp32.config.scaling.bf16 is False
+    assert fp32.config.seed == 3
+    assert fp32.config.model == train_preset("cpu").model and fp32.config.optimiser == train_preset("cpu").optimiser
