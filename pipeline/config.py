@@ -108,6 +108,9 @@ class DataSettings:
     # Learn from noisy images alone (Neighbor2Neighbor, Huang et al. 2021): no target column,
     # no clean images; the training set's image column is taken as already noisy.
     self_supervised: bool = False
+    # Weigh each patch's squared error by 1 / its noise's standard deviation (train.balanced_mse):
+    # over a sigma range, plain MSE spends most of its gradient on the noisiest patches.
+    balance_noise_levels: bool = False
     val_seed: int = 0  # the protocol seeds every validation image's noise with 0
     columns: ImageColumns = ImageColumns()
 
@@ -119,6 +122,8 @@ class DataSettings:
             (not self.self_supervised or self.patch_size % 4 == 0,
              f"self-supervised training trains on half-size sub-patches, which a half-resolution network"
              f" halves again: patch_size must be a multiple of 4, got {self.patch_size}"),
+            (not (self.self_supervised and self.balance_noise_levels),
+             "balance_noise_levels weighs the error against a clean target, which self-supervised training has none of"),
         ])
 
 

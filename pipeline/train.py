@@ -128,6 +128,21 @@ def sample_patches(batch: dict, config: TrainConfig, channels: int, kind: str, r
     return pairs
 
 
+BALANCE_FLOOR = 5 / 255  # noise below sigma 5 weighs as sigma 5: near-clean patches would take every step
+
+
+def balanced_mse(output: torch.Tensor, target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """The mean of each patch's squared error over its noise's standard deviation (floored at
+    BALANCE_FLOOR), the weights normalised to mean 1. A denoiser's MSE grows about linearly
+    with sigma, so over sigma 0-55 half of plain MSE comes from patches above 40 and a
+    sixteenth from those below 15. Over 1/sigma it is, to first order, the patches' mean PSNR:
+    every noise level counts alike. At one sigma it is plain MSE."""
+    error = (output - target).pow(2).flatten(1).mean(1)
+    noise_sd = (source.float() - target).pow(2).flatten(1).mean(1).sqrt().clamp_min(BALANCE_FLOOR)
+    weights = noise_sd.reciprocal()
+    return (error * weights).sum() / weights.sum()
+
+
 # --- Neighbor2Neighbor ---------------------------------------------------------------------------
 
 # Each 2x2 cell's pixels in pixel_unshuffle order (0,0) (0,1) (1,0) (1,1); the two that share
@@ -363,7 +378,8 @@ def train_one_epoch(worker: Worker, shard, epoch: int, kind: str, hooks: TrainHo
         else:
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=worker.use_bf16):
                 output = worker.model(source)
-            loss = F.mse_loss(output.float(), target)
+            loss = (balanced_mse(output.float(), target, source) if config.data.balance_noise_levels
+                    else F.mse_loss(output.float(), target))
         worker.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(worker.model.parameters(), config.optimiser.grad_clip)
