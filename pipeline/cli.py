@@ -104,10 +104,12 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tile-overlap", type=int, default=RestoreSettings.tile_overlap,
                        help="pixels tiles overlap by; >= 4x the network's receptive radius keeps tiles seamless")
     group.add_argument("--batch-size", type=int, help="same-shaped images (or tiles) per forward pass; default: 1 on CPU, 16 on GPU")
+    group.add_argument("--fp32", dest="bf16", action="store_false",
+                       help="compute in float32 even where the hardware has bf16 (as on a CPU without it)")
 
 
 def settings_from(args) -> RestoreSettings:
-    return RestoreSettings(tile=args.tile, tile_overlap=args.tile_overlap, batch_size=args.batch_size,
+    return RestoreSettings(tile=args.tile, tile_overlap=args.tile_overlap, batch_size=args.batch_size, bf16=args.bf16,
                            io_threads=getattr(args, "io_threads", None), skip_below=getattr(args, "skip_below", None))
 
 

@@ -141,10 +141,10 @@ def test_the_cli_and_the_flows_build_a_restore_job_from_its_fields():
         restore_job("a", "b", "m", tiles=3)
 
 
-def test_train_flags_land_on_the_preset_and_fp32_turns_bf16_off():
-    """`--fp32` is how a run on a bf16 CPU stands in for one without bf16; the preset's other
-    settings stay the preset's."""
-    from pipeline.cli import build_parser, train_job_from
+def test_fp32_turns_bf16_off_in_train_restore_and_evaluate():
+    """`--fp32` is how a run on a bf16 CPU stands in for one without bf16; a train preset's
+    other settings stay the preset's."""
+    from pipeline.cli import build_parser, restore_job_from, settings_from, train_job_from
     from pipeline.config import train_preset
 
     base = ["train", "--data", "a", "--val-data", "b", "--registry", "m", "--preset", "cpu", "--seed", "3"]
@@ -152,3 +152,9 @@ def test_train_flags_land_on_the_preset_and_fp32_turns_bf16_off():
     assert default.config.scaling.bf16 is True and fp32.config.scaling.bf16 is False
     assert fp32.config.seed == 3
     assert fp32.config.model == train_preset("cpu").model and fp32.config.optimiser == train_preset("cpu").optimiser
+    for command in (["restore", "--input", "a", "--output", "b"], ["evaluate", "--data", "a"]):
+        default, fp32 = (build_parser().parse_args(command + ["--model", "m"] + extra) for extra in ([], ["--fp32"]))
+        assert default.bf16 is True and fp32.bf16 is False
+    restore = ["restore", "--input", "a", "--output", "b", "--model", "m", "--fp32"]
+    assert restore_job_from(build_parser().parse_args(restore)).settings.bf16 is False
+    assert settings_from(build_parser().parse_args(["evaluate", "--data", "a", "--model", "m", "--fp32"])).bf16 is False
