@@ -34,7 +34,7 @@ class Formatter(argparse.RawDescriptionHelpFormatter):
     """Examples kept as written; a flag's default shown after its help when it has one."""
 
     def _get_help_string(self, action):
-        shown = action.default not in (None, False, argparse.SUPPRESS) and not action.required
+        shown = action.default not in (None, False, argparse.SUPPRESS) and not action.required and action.nargs != 0
         return f"{action.help} (default: %(default)s)" if shown and action.help else action.help
 
 
@@ -97,6 +97,9 @@ def degradation_from(args) -> Degradation:
                        jpeg_quality=args.jpeg_quality, blur_sigma=args.blur_sigma, downscale=args.downscale)
 
 
+FP32_HELP = "compute in float32 (TF32 convolutions on NVIDIA GPUs) even where the hardware has bf16"
+
+
 def add_settings_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("inference")
     group.add_argument("--tile", type=int, default=RestoreSettings.tile,
@@ -104,8 +107,7 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tile-overlap", type=int, default=RestoreSettings.tile_overlap,
                        help="pixels tiles overlap by; >= 4x the network's receptive radius keeps tiles seamless")
     group.add_argument("--batch-size", type=int, help="same-shaped images (or tiles) per forward pass; default: 1 on CPU, 16 on GPU")
-    group.add_argument("--fp32", dest="bf16", action="store_false",
-                       help="compute in float32 even where the hardware has bf16 (as on a CPU without it)")
+    group.add_argument("--fp32", dest="bf16", action="store_false", default=RestoreSettings.bf16, help=FP32_HELP)
 
 
 def settings_from(args) -> RestoreSettings:
@@ -362,9 +364,8 @@ def add_commands(commands) -> None:
     overrides.add_argument("--architecture-config", metavar="JSON", help='e.g. \'{"depth": 17, "width": 64}\'')
     overrides.add_argument("--workers", type=int, help="Ray Train workers (DDP ranks)")
     overrides.add_argument("--cpus-per-worker", type=float, help="logical CPUs each worker reserves")
-    overrides.add_argument("--gpu", action="store_true", help="one GPU per worker, bf16 autocast")
-    overrides.add_argument("--fp32", action="store_true",
-                           help="compute in float32 even where the hardware has bf16 (as on a CPU without it)")
+    overrides.add_argument("--gpu", action="store_true", help="one GPU per worker, bf16 autocast unless --fp32")
+    overrides.add_argument("--fp32", action="store_true", help=FP32_HELP)
     overrides.add_argument("--epochs", type=int, help="upper bound on epochs")
     overrides.add_argument("--max-minutes", type=float, help="wall-clock budget; the learning rate anneals to it")
     overrides.add_argument("--batch-size", type=int, help="patches per step and worker")
@@ -401,7 +402,7 @@ def add_commands(commands) -> None:
     p.add_argument("--output", required=True, help="where restored files go, at the same relative paths")
     add_model_flag(p)
     p.add_argument("--workers", type=int, help="model replicas; default: one per 2 logical CPUs, or one per GPU")
-    p.add_argument("--gpu", action="store_true", dest="use_gpu", help="one GPU per replica, bf16")
+    p.add_argument("--gpu", action="store_true", dest="use_gpu", help="one GPU per replica, bf16 unless --fp32")
     p.add_argument("--cpus-per-worker", type=float, default=RestoreJob.cpus_per_worker,
                    help="logical CPUs a CPU replica reserves (fractions leave Ray's own tasks room)")
     p.add_argument("--io-threads", type=int,

@@ -109,7 +109,7 @@ class DataSettings:
     # no clean images; the training set's image column is taken as already noisy.
     self_supervised: bool = False
     # Weigh each patch's squared error by 1 / its noise's standard deviation (train.balanced_mse):
-    # over a sigma range, plain MSE spends most of its gradient on the noisiest patches.
+    # over a sigma range plain MSE is mostly the noisiest patches'. The logged loss is the weighted one.
     balance_noise_levels: bool = False
     val_seed: int = 0  # the protocol seeds every validation image's noise with 0
     columns: ImageColumns = ImageColumns()

@@ -129,18 +129,25 @@ def sample_patches(batch: dict, config: TrainConfig, channels: int, kind: str, r
 
 
 BALANCE_FLOOR = 5 / 255  # noise below sigma 5 weighs as sigma 5: near-clean patches would take every step
+BALANCE_REFERENCE = 25 / 255  # the sigma whose patches weigh 1: one constant, so no batch or rank reweighs another's
 
 
 def balanced_mse(output: torch.Tensor, target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    """The mean of each patch's squared error over its noise's standard deviation (floored at
-    BALANCE_FLOOR), the weights normalised to mean 1. A denoiser's MSE grows about linearly
-    with sigma, so over sigma 0-55 half of plain MSE comes from patches above 40 and a
-    sixteenth from those below 15. Over 1/sigma it is, to first order, the patches' mean PSNR:
-    every noise level counts alike. At one sigma it is plain MSE."""
+    """The mean of each patch's squared error times BALANCE_REFERENCE / the RMS of what the
+    degradation added (its noise, for a noise-only degradation; floored at BALANCE_FLOOR).
+    A denoiser's MSE grows about linearly with sigma, so over sigma 0-55 half of plain MSE
+    comes from patches above 40 and under a tenth from those below 15. Over 1/sigma it is, to
+    first order, the patches' mean PSNR: every noise level counts alike."""
     error = (output - target).pow(2).flatten(1).mean(1)
-    noise_sd = (source.float() - target).pow(2).flatten(1).mean(1).sqrt().clamp_min(BALANCE_FLOOR)
-    weights = noise_sd.reciprocal()
-    return (error * weights).sum() / weights.sum()
+    added = (source - target).pow(2).flatten(1).mean(1).sqrt().clamp_min(BALANCE_FLOOR)
+    return (error * (BALANCE_REFERENCE / added)).mean()
+
+
+def supervised_loss(config: TrainConfig, output: torch.Tensor, target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """MSE against the clean target, noise-balanced when the config asks."""
+    if config.data.balance_noise_levels:
+        return balanced_mse(output, target, source)
+    return F.mse_loss(output, target)
 
 
 # --- Neighbor2Neighbor ---------------------------------------------------------------------------
@@ -378,8 +385,7 @@ def train_one_epoch(worker: Worker, shard, epoch: int, kind: str, hooks: TrainHo
         else:
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=worker.use_bf16):
                 output = worker.model(source)
-            loss = (balanced_mse(output.float(), target, source) if config.data.balance_noise_levels
-                    else F.mse_loss(output.float(), target))
+            loss = supervised_loss(config, output.float(), target, source)
         worker.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(worker.model.parameters(), config.optimiser.grad_clip)

@@ -124,6 +124,8 @@ def test_parquet_footers_are_read_by_a_small_pool(ray_local, train400_small):
 def test_config_validation_and_schedule():
     with pytest.raises(ValueError, match="patch_size"):
         train_config(patch_size=2)
+    with pytest.raises(ValueError, match="self-supervised"):
+        train_config(self_supervised=True, balance_noise_levels=True)
     with pytest.raises(ValueError, match="fields are"):
         from pipeline.models import build_model
 
@@ -259,13 +261,12 @@ def test_blind_training_draws_a_sigma_per_patch():
 
 
 def test_the_balanced_loss_weighs_each_patch_by_its_noise():
-    """Two patches at sigma 5 and 50, each restored to a tenth of its noise: plain MSE is
-    nearly all the noisy patch's, the balanced loss weighs them by 1/sigma. At one sigma it
-    is plain MSE; a clean patch weighs as the floor's sigma."""
+    """Two patches at sigma 5 and 50, each restored to a tenth of its noise: the balanced loss
+    weighs them by 25/sigma, whatever else is in the batch. A clean patch weighs as the floor's sigma. The config picks the loss."""
     import torch
     import torch.nn.functional as F
 
-    from pipeline.train import BALANCE_FLOOR, balanced_mse
+    from pipeline.train import balanced_mse, supervised_loss
 
     generator = torch.Generator().manual_seed(0)
     target = torch.rand(2, 1, 32, 32, generator=generator)
@@ -273,19 +274,17 @@ def test_the_balanced_loss_weighs_each_patch_by_its_noise():
     noise = noise / noise.flatten(1).pow(2).mean(1).sqrt().view(2, 1, 1, 1) * torch.tensor([5.0, 50.0]).view(2, 1, 1, 1) / 255
     source, output = target + noise, target + noise / 10
     errors = (noise / 10).flatten(1).pow(2).mean(1)
-    weights = torch.tensor([1 / 5, 1 / 50])
-    assert balanced_mse(output, target, source).item() == pytest.approx(float((errors * weights).sum() / weights.sum()), rel=1e-4)
-    assert balanced_mse(output, target, source).item() < F.mse_loss(output, target).item() / 4
-    same = torch.cat([noise[1:], -noise[1:]])
-    assert balanced_mse(target[:1] + same / 10, target[:1], target[:1] + same).item() == pytest.approx(
-        F.mse_loss(same / 10, torch.zeros_like(same)).item(), rel=1e-5)
-    source[0] = target[0]  # a clean patch: its weight is the floor's, 1/5, not infinite
+    weights = torch.tensor([25 / 5, 25 / 50])
+    assert balanced_mse(output, target, source).item() == pytest.approx(float((errors * weights).mean()), rel=1e-4)
+    assert balanced_mse(output[1:], target[1:], source[1:]).item() == pytest.approx(float(errors[1] / 2), rel=1e-4)
+    source[0] = target[0]  # a clean patch: its weight is the floor's, 25/5, not infinite
     output[0] = target[0] + 0.01
     errors[0] = 1e-4
-    assert balanced_mse(output, target, source).item() == pytest.approx(float((errors * weights).sum() / weights.sum()), rel=1e-4)
-    assert BALANCE_FLOOR == pytest.approx(5 / 255)
-    with pytest.raises(ValueError, match="self-supervised"):
-        train_config(self_supervised=True, balance_noise_levels=True)
+    assert balanced_mse(output, target, source).item() == pytest.approx(float((errors * weights).mean()), rel=1e-4)
+    plain, balanced = (supervised_loss(train_preset("cpu-blind", balance_noise_levels=flag), output, target, source).item()
+                       for flag in (False, True))
+    assert plain == pytest.approx(F.mse_loss(output, target).item())
+    assert balanced == pytest.approx(balanced_mse(output, target, source).item())
 
 
 def test_neighbour_subsampling_picks_adjacent_pixels_of_each_cell():
