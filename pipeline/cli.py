@@ -212,6 +212,7 @@ def train_job_from(args) -> TrainJob:
                  "seed": args.seed, "cpus_per_worker": args.cpus_per_worker, "keep_checkpoints": args.keep_checkpoints,
                  "use_gpu": True if args.gpu else None, "bf16": False if args.fp32 else None,
                  "architecture": args.architecture, "self_supervised": True if args.self_supervised else None,
+                 "balance_noise_levels": True if args.balance_noise_levels else None,
                  "architecture_config": json.loads(args.architecture_config) if args.architecture_config else None,
                  "columns": columns_from(args)}
     if args.noise_sigma_range or args.jpeg_quality or args.blur_sigma or args.downscale or args.noise_sigma is not None:
@@ -366,6 +367,9 @@ def add_commands(commands) -> None:
     overrides.add_argument("--cpus-per-worker", type=float, help="logical CPUs each worker reserves")
     overrides.add_argument("--gpu", action="store_true", help="one GPU per worker, bf16 autocast unless --fp32")
     overrides.add_argument("--fp32", action="store_true", help=FP32_HELP)
+    overrides.add_argument("--balance-noise-levels", action="store_true",
+                           help="weigh each patch's error by 1/its noise sigma: over a sigma range, trades some quality "
+                                "at high noise for some at low noise (bench/README.md, \"Training on what users have\")")
     overrides.add_argument("--epochs", type=int, help="upper bound on epochs")
     overrides.add_argument("--max-minutes", type=float, help="wall-clock budget; the learning rate anneals to it")
     overrides.add_argument("--batch-size", type=int, help="patches per step and worker")

@@ -143,7 +143,7 @@ def test_the_cli_and_the_flows_build_a_restore_job_from_its_fields():
 
 def test_fp32_turns_bf16_off_in_train_restore_and_evaluate():
     """`--fp32` is how a run on a bf16 CPU stands in for one without bf16; a train preset's
-    other settings stay the preset's."""
+    other settings stay the preset's, and --balance-noise-levels reaches the config."""
     from pipeline.cli import build_parser, restore_job_from, settings_from, train_job_from
     from pipeline.config import train_preset
 
@@ -152,6 +152,9 @@ def test_fp32_turns_bf16_off_in_train_restore_and_evaluate():
     assert default.config.scaling.bf16 is True and fp32.config.scaling.bf16 is False
     assert fp32.config.seed == 3
     assert fp32.config.model == train_preset("cpu").model and fp32.config.optimiser == train_preset("cpu").optimiser
+    assert not default.config.data.balance_noise_levels
+    balanced = train_job_from(build_parser().parse_args(base + ["--preset", "cpu-blind", "--balance-noise-levels"]))
+    assert balanced.config.data.balance_noise_levels and balanced.config.data.degradation.noise_sigma_range == (0, 55)
     for command in (["restore", "--input", "a", "--output", "b"], ["evaluate", "--data", "a"]):
         default, fp32 = (build_parser().parse_args(command + ["--model", "m"] + extra) for extra in ([], ["--fp32"]))
         assert default.bf16 is True and fp32.bf16 is False
