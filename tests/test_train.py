@@ -262,7 +262,8 @@ def test_blind_training_draws_a_sigma_per_patch():
 
 def test_the_balanced_loss_weighs_each_patch_by_its_noise():
     """Two patches at sigma 5 and 50, each restored to a tenth of its noise: the balanced loss
-    weighs them by 25/sigma, whatever else is in the batch. A clean patch weighs as the floor's sigma. The config picks the loss."""
+    weighs them by 25/sigma, whatever else is in the batch. A clean patch weighs as the
+    floor's sigma. The config picks the loss."""
     import torch
     import torch.nn.functional as F
 
