@@ -8,9 +8,11 @@
 #     SEED=0 MINUTES=30 bench/colour_train.sh cpu [ROOT]     # gray, on CBSD432's luma: the per-channel baseline
 #     SEED=0 TAG=sigma15 bench/colour_train.sh cpu-color ROOT --noise-sigma 15   # a preset with overrides
 #     SUITE=gray SEED=0 bench/colour_train.sh cpu-blind ROOT   # the gray protocol: Train400; Set12, BSD68
+#     TAG=fp32 EVALUATE_ARGS=--fp32 bench/colour_train.sh cpu-color ROOT --fp32   # a CPU without bf16
 #
-# Arguments after ROOT go to `resflow train`. Writes ROOT/<preset>[-<TAG>]-seed<SEED>/{train,evaluate}.json
-# and a log; report sets are never used to select.
+# Arguments after ROOT go to `resflow train`, EVALUATE_ARGS to `resflow evaluate`. Writes
+# ROOT/<preset>[-<TAG>]-seed<SEED>/{train,evaluate}.json and a log; report sets are never used
+# to select.
 set -euo pipefail
 PRESET=${1:-cpu-color}
 ROOT=${2:-.bench/colour}
@@ -19,6 +21,7 @@ MINUTES=${MINUTES:-30}
 DATA=${RESFLOW_SHARED_DATA:-$(cd "$(dirname "$0")/../.." && pwd)/shared/data}
 RESFLOW=${RESFLOW:-resflow}
 TAG=${TAG:-}
+read -r -a EVALUATE_ARGS <<< "${EVALUATE_ARGS:-}"
 case ${SUITE:-colour} in
     colour) TRAIN_SET=CBSD432 REPORT_SETS="CBSD68 Kodak24" ;;
     gray) TRAIN_SET=Train400 REPORT_SETS="Set12 BSD68" ;;
@@ -42,7 +45,7 @@ $RESFLOW train --data "$ROOT/data/train" --val-data "$ROOT/data/val" --registry 
 echo "$(date -u +%FT%TZ) evaluate; load: $(cut -d' ' -f1-3 /proc/loadavg)" >> "$RUN/log"
 MODEL=$(python -c 'import json, sys; print(json.load(open(sys.argv[1]))["model"])' "$RUN/train.json")
 $RESFLOW evaluate --model "$MODEL" --data "${REPORT_DATA[@]}" --noise-sigma 15 25 50 \
-    --json > "$RUN/evaluate.json" 2>> "$RUN/log"
+    ${EVALUATE_ARGS[@]+"${EVALUATE_ARGS[@]}"} --json > "$RUN/evaluate.json" 2>> "$RUN/log"
 python -c 'import json, sys; from pipeline.evaluate import format_sigma_table
 print(format_sigma_table(json.load(open(sys.argv[1]))["by_sigma"]))' "$RUN/evaluate.json" >> "$RUN/log"
 echo "$(date -u +%FT%TZ) done" >> "$RUN/log"
