@@ -11,7 +11,8 @@ scheduling, object transfer and node loss across nodes are real. The head advert
 `head_cpus` (0 by default, as on KubeRay) so work lands on the worker nodes. Each node
 gets its own short temp dir (Unix socket paths must stay under 108 bytes) and its own
 agent ports (the dashboard agent's default port would collide). Stopping a node sends
-SIGTERM to its `ray start --block`, which drains and stops that node's processes.
+SIGTERM to its `ray start --block`, which stops that node's processes; what is left after
+`STOP_GRACE_S` is killed.
 `ray stop` is never used: it would kill every Ray process on the machine.
 """
 
