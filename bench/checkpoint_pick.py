@@ -1,6 +1,7 @@
 """Self-supervised training at a time budget, and picking its checkpoint without references.
 
-    .venv/bin/python -m bench.checkpoint_pick [--minutes 30] [--seed 0] [--preset cpu]
+    .venv/bin/python -m bench.checkpoint_pick [--minutes 30] [--seed 0] [--preset cpu] \
+        [--set patch_size=96 --set batch_size=8 ... --tag NAME]
 
 Train400 is hash-split 95/5 (as `bench.train_quality`) and made noisy once at sigma 25 (a
 noise stream per image, the target dropped): the self-supervised run (Neighbor2Neighbor)
@@ -50,10 +51,23 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=30)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--preset", default="cpu")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a preset setting to change (an int or float, else the text), e.g. patch_size=96")
+    parser.add_argument("--tag", help="names the run and its results file: checkpoint_pick_<preset>-<tag>_seed<N>.json")
     parser.add_argument("--dir", default=str(REPO / ".bench" / "s3-pick"))
     args = parser.parse_args()
     with s3server.embedded(args.dir, buckets=("resflow",)):
         run(args)
+
+
+def setting(text: str) -> tuple[str, object]:
+    name, _, value = text.partition("=")
+    for kind in (int, float):
+        try:
+            return name, kind(value)
+        except ValueError:
+            pass
+    return name, value
 
 
 def run(args) -> None:
@@ -70,10 +84,11 @@ def run(args) -> None:
     if images_by_id(f"{root}/noisy/val") != images_by_id(f"{root}/pairs/val"):
         raise RuntimeError("the pairs' noisy images differ from the noisy-only validation set's")
     config = train_preset(args.preset, self_supervised=True, workers=1, max_minutes=args.minutes,
-                          keep_checkpoints=1000, seed=args.seed)
+                          keep_checkpoints=1000, seed=args.seed, **dict(setting(item) for item in args.set))
+    name = f"{args.preset}-{args.tag}" if args.tag else args.preset
     started = time.time()
     result = train(TrainJob(data=f"{root}/noisy/train", val_data=f"{root}/noisy/val", registry=f"{root}/models",
-                            config=config, run_name=f"pick-{args.preset}-seed{args.seed}"))
+                            config=config, run_name=f"pick-{name}-seed{args.seed}"))
     wall = time.time() - started
     history = {row["epoch"]: row for row in result.history}
     epochs = []
@@ -95,10 +110,10 @@ def run(args) -> None:
     for label, model in (("published (val_score's pick)", result.model_uri), ("latest", latest_checkpoint.uri.rsplit("/", 1)[0])):
         report_sets[label] = {name: evaluate(EvaluateJob(model=model, data=f"{root}/{name.lower()}", noise_sigma=25)).summary()["output_psnr"]
                               for name in ("Set12", "BSD68")}
-    report = {"preset": args.preset, "seed": args.seed, "minutes": args.minutes, "config": to_data(config),
+    report = {"preset": args.preset, "tag": args.tag, "settings": args.set, "seed": args.seed, "minutes": args.minutes, "config": to_data(config),
               "wall_seconds": wall, "cpus": os.cpu_count(), "published_epoch": result.metrics.get("epoch"),
               "epochs": epochs, "picks": {rule: row["epoch"] for rule, row in picks.items()}, "sigma25": report_sets}
-    out = REPO / "bench" / "results" / f"checkpoint_pick_{args.preset}_seed{args.seed}.json"
+    out = REPO / "bench" / "results" / f"checkpoint_pick_{name}_seed{args.seed}.json"
     out.write_text(json.dumps(report, indent=2))
     print(f"\n{len(epochs)} epochs in {wall / 60:.1f} min; published epoch {report['published_epoch']}")
     print("epoch  minutes  val SURE PSNR  val N2N PSNR  true val PSNR")
