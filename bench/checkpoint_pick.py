@@ -70,8 +70,9 @@ def setting(text: str) -> tuple[str, object]:
     return name, value
 
 
-def run(args) -> None:
-    root = f"s3://resflow/pick-{time.strftime('%Y%m%d-%H%M%S')}"
+def prepare_data(root: str) -> None:
+    """Train400 split 95/5 and made noisy once at sigma 25, noisy-only (ROOT/noisy/) and as
+    pairs with their clean originals (ROOT/pairs/, the same noise); Set12 and BSD68 clean."""
     ingest(str(DATA / "Train400"), f"{root}/train400/all", rows_per_file=100, progress=False)
     split_dataset(f"{root}/train400/all", f"{root}/train400/train", f"{root}/train400/val", 0.05)
     for name in ("Set12", "BSD68"):
@@ -80,9 +81,15 @@ def run(args) -> None:
     for part in ("train", "val"):
         degrade_dataset(f"{root}/train400/{part}", f"{root}/noisy/{part}", noise, seed_per_image=True,
                         progress=False, keep_target=False)
-    degrade_dataset(f"{root}/train400/val", f"{root}/pairs/val", noise, seed_per_image=True, progress=False)
-    if images_by_id(f"{root}/noisy/val") != images_by_id(f"{root}/pairs/val"):
-        raise RuntimeError("the pairs' noisy images differ from the noisy-only validation set's")
+    for part in ("train", "val"):
+        degrade_dataset(f"{root}/train400/{part}", f"{root}/pairs/{part}", noise, seed_per_image=True, progress=False)
+        if images_by_id(f"{root}/noisy/{part}") != images_by_id(f"{root}/pairs/{part}"):
+            raise RuntimeError(f"the pairs' noisy images differ from the noisy-only {part} set's")
+
+
+def run(args) -> None:
+    root = f"s3://resflow/pick-{time.strftime('%Y%m%d-%H%M%S')}"
+    prepare_data(root)
     config = train_preset(args.preset, self_supervised=True, workers=1, max_minutes=args.minutes,
                           keep_checkpoints=1000, seed=args.seed, **dict(setting(item) for item in args.set))
     name = f"{args.preset}-{args.tag}" if args.tag else args.preset
