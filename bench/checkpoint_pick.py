@@ -70,9 +70,10 @@ def setting(text: str) -> tuple[str, object]:
     return name, value
 
 
-def prepare_data(root: str) -> None:
-    """Train400 split 95/5 and made noisy once at sigma 25, noisy-only (ROOT/noisy/) and as
-    pairs with their clean originals (ROOT/pairs/, the same noise); Set12 and BSD68 clean."""
+def prepare_data(root: str, paired: tuple[str, ...] = ("val",)) -> None:
+    """Train400 split 95/5 and made noisy once at sigma 25, noisy-only (ROOT/noisy/) and, for
+    the parts in `paired`, as pairs with their clean originals (ROOT/pairs/, the same noise);
+    Set12 and BSD68 clean."""
     ingest(str(DATA / "Train400"), f"{root}/train400/all", rows_per_file=100, progress=False)
     split_dataset(f"{root}/train400/all", f"{root}/train400/train", f"{root}/train400/val", 0.05)
     for name in ("Set12", "BSD68"):
@@ -81,7 +82,7 @@ def prepare_data(root: str) -> None:
     for part in ("train", "val"):
         degrade_dataset(f"{root}/train400/{part}", f"{root}/noisy/{part}", noise, seed_per_image=True,
                         progress=False, keep_target=False)
-    for part in ("train", "val"):
+    for part in paired:
         degrade_dataset(f"{root}/train400/{part}", f"{root}/pairs/{part}", noise, seed_per_image=True, progress=False)
         if images_by_id(f"{root}/noisy/{part}") != images_by_id(f"{root}/pairs/{part}"):
             raise RuntimeError(f"the pairs' noisy images differ from the noisy-only {part} set's")

@@ -42,7 +42,7 @@ def main() -> None:
 
 def run(args) -> None:
     root = f"s3://resflow/one-draw-{time.strftime('%Y%m%d-%H%M%S')}"
-    prepare_data(root)
+    prepare_data(root, paired=("train", "val"))
     config = train_preset(args.preset, workers=1, max_minutes=args.minutes, seed=args.seed)
     started = time.time()
     result = train(TrainJob(data=f"{root}/pairs/train", val_data=f"{root}/pairs/val", registry=f"{root}/models",
