@@ -156,8 +156,9 @@ class JsonLinesEvents(Events):
         emit("progress", done=done, total=total)
 
 
-def emit(kind: str, **fields) -> None:
-    print(json.dumps({EVENT_KEY: kind, **fields}, default=str), flush=True)
+def emit(event: str, /, **fields) -> None:
+    """One event line; positional-only, so that a field may be called `kind` (the error event's)."""
+    print(json.dumps({EVENT_KEY: event, **fields}, default=str), flush=True)
 
 
 def read_event(line: str) -> dict | None:

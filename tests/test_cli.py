@@ -161,3 +161,15 @@ def test_fp32_turns_bf16_off_in_train_restore_and_evaluate():
     restore = ["restore", "--input", "a", "--output", "b", "--model", "m", "--fp32"]
     assert restore_job_from(build_parser().parse_args(restore)).settings.bf16 is False
     assert settings_from(build_parser().parse_args(["evaluate", "--data", "a", "--model", "m", "--fp32"])).bf16 is False
+
+
+def test_the_ray_job_entry_point_reports_a_rejected_job_as_an_event_and_exit_status_2(tmp_path, capsys):
+    """What cluster mode decides retries by: the error event's kind and the exit status."""
+    from pipeline.jobs import EXIT_REJECTED, RestoreJob, job_to_json, read_event
+    from pipeline.steps import main
+
+    job = RestoreJob(input=str(tmp_path / "missing"), output=str(tmp_path / "out"), model=str(tmp_path / "model"))
+    assert main([job_to_json(job)]) == EXIT_REJECTED
+    events = [event for event in map(read_event, capsys.readouterr().out.splitlines()) if event]
+    assert [event["resflow_event"] for event in events] == ["error"]
+    assert events[0]["kind"] == "rejected" and "neither a model folder" in events[0]["message"]

@@ -124,7 +124,8 @@ def test_restore_spreads_over_nodes_and_a_lost_node_loses_no_row(cluster, heavy_
     status = wait(cluster, first)
     ray_nodes.restart_node(cluster.state_dir, "node-2")
     if status != "SUCCEEDED":  # Ray did not recover by itself: the job failed or stalled cleanly; rerun it
-        assert wait(cluster, submit(cluster, job, "restore-rerun")) == "SUCCEEDED"
+        rerun = submit(cluster, job, "restore-rerun")
+        assert wait(cluster, rerun) == "SUCCEEDED", jobs(cluster).get_job_logs(rerun)[-4000:]
 
     outputs = {info.uri.rsplit("/", 1)[1]: info.uri for info in storage.list_files(output)}
     assert set(outputs) == set(expected)  # one output per input, nothing half-written beside them
@@ -205,3 +206,10 @@ def test_flows_in_cluster_mode_submit_attach_and_stop_ray_jobs(prefect_api, clus
     for info in storage.list_files(s3_prefix + "/cancelled"):  # whatever was published is a whole file
         entry = next(e for e in done.values() if e["output"] == info.uri)
         assert read_table(info.uri).num_rows == entry["rows"]
+
+    # A job rejected as given comes back with its reason and exit status 2, and is not retried.
+    missing = RestoreJob(input=s3_prefix + "/missing", output=s3_prefix + "/never", model=heavy_input + "/model")
+    with pytest.raises(raybridge.StepFailed) as rejected:
+        raybridge.run_job_on_cluster(missing, "reject-drill", Events(), address=cluster.dashboard_url)
+    assert "(exit status 2)" in str(rejected.value) and "no Parquet files under" in str(rejected.value)
+    assert not rejected.value.retryable

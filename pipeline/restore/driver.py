@@ -267,12 +267,16 @@ class Run:
         """Every pending unit to the actor pool, which passes by those the head start claimed."""
         import ray
         import ray.data
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         job, events, report = self.job, self.events, self.report
         workers, settings, actor_options, units_at_once = replica_settings(job, raycluster.connect())
         queued = max(UNITS_QUEUED_PER_REPLICA, units_at_once)
         ray.data.DataContext.get_current().enable_progress_bars = events.interactive
-        make_progress = ray.remote(num_cpus=0)(Progress).remote
+        # On this process's node: the run needs it to the end, and a worker node may be lost
+        # mid-run (or be dead and not yet noticed when a rerun starts); this node ends with the run.
+        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+        make_progress = ray.remote(num_cpus=0, scheduling_strategy=here)(Progress).remote
         self.progress = head.attach(make_progress) if head is not None else make_progress()
         self.assemble_task = ray.remote(num_cpus=ASSEMBLY_CPUS)(assemble)
         with self.recording:
