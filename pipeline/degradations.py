@@ -69,6 +69,11 @@ class Degradation:
 
         `rng` is a legacy RandomState so that `RandomState(0)` reproduces the
         protocol's `np.random.seed(0); np.random.normal(...)` draw exactly."""
+        return self.apply_drawn(clean, rng)[0]
+
+    def apply_drawn(self, clean: np.ndarray, rng: np.random.RandomState) -> tuple[np.ndarray, float]:
+        """`apply`, and the noise sigma it drew (0-255; 0 without noise): what a noise-map
+        model is told in training. The same draws as `apply`, in the same order."""
         image = clean
         if self.blur_sigma:
             image = gaussian_blur(image, self.blur_sigma)
@@ -81,7 +86,7 @@ class Degradation:
             image = image + rng.normal(0, sigma / 255.0, image.shape).astype(np.float32)
         if self.jpeg_quality:
             image = _jpeg_round_trip(image, self.jpeg_quality)
-        return image.astype(np.float32, copy=False)
+        return image.astype(np.float32, copy=False), float(sigma or 0.0)
 
 
 def protocol_noisy(clean: np.ndarray, sigma: float, seed: int = 0) -> np.ndarray:

@@ -33,6 +33,7 @@ from pipeline.config import RestoreSettings
 from pipeline.contract import DecodeLimits, ImageColumns, transient
 from pipeline.images import color_channels, decode, encode_png, from_float, to_float
 from pipeline.modelio import load_model
+from pipeline.models import takes_noise_level
 from pipeline.noise import estimate_sigma
 
 # A forward pass frees its activations layer by layer and allocates the same sizes for the
@@ -99,6 +100,7 @@ class ModelRunner:
         self.model = model.to(settings.device).eval()
         self.settings = settings
         self.channels = model.config.channels
+        self.takes_noise_level = takes_noise_level(model)
         # Channels-last convolutions: ~40% faster on CPU (oneDNN); on GPUs the tensor cores'
         # native layout for bf16.
         self.model = self.model.to(memory_format=torch.channels_last)
@@ -120,14 +122,20 @@ class ModelRunner:
         raise ValueError(f"a {self.channels}-channel model cannot restore a {image_channels}-channel image")
 
     @torch.inference_mode()
-    def _forward(self, pieces: list[np.ndarray]) -> list[np.ndarray]:
+    def _forward(self, pieces: list[np.ndarray], levels: list[float]) -> list[np.ndarray]:
         batch = torch.from_numpy(np.stack(pieces)).to(self.settings.device).contiguous(memory_format=torch.channels_last)
+        told = (torch.tensor(levels, device=self.settings.device),) if self.takes_noise_level else ()
         with torch.autocast(**self.autocast):
-            out = self.model(batch)
+            out = self.model(batch, *told)
         return list(out.float().cpu().numpy())
 
-    def run(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        """Restore a list of float (C, H, W) images of any sizes; returns the same shapes."""
+    def run(self, images: list[np.ndarray], levels: list[float] | None = None) -> list[np.ndarray]:
+        """Restore a list of float (C, H, W) images of any sizes; returns the same shapes.
+        `levels`: each image's noise sigma / 255, for a noise-map model (every tile of an
+        image is told the whole image's)."""
+        if self.takes_noise_level and (levels is None or len(levels) != len(images)):
+            raise ValueError("a noise-map model needs one noise level per image")
+        levels = levels if levels is not None else [0.0] * len(images)
         tile, overlap = self.settings.tile, self.settings.tile_overlap
         outputs: list[np.ndarray | None] = [None] * len(images)
         weights: dict[int, np.ndarray] = {}  # tiled images: the blend weights summed so far
@@ -146,7 +154,7 @@ class ModelRunner:
             for start in range(0, len(placements), rows_per_forward):
                 chunk = placements[start : start + rows_per_forward]
                 pieces = [images[i][:, y : y + ph, x : x + pw] for i, y, x in chunk]
-                for (i, y, x), restored in zip(chunk, self._forward(pieces)):
+                for (i, y, x), restored in zip(chunk, self._forward(pieces, [levels[i] for i, _, _ in chunk])):
                     if i not in weights:  # a whole image in one piece: nothing to blend
                         outputs[i] = restored
                         continue
@@ -159,12 +167,21 @@ class ModelRunner:
             outputs[i] /= weight
         return outputs
 
-    def restore_images(self, images: list[np.ndarray], each=map) -> list[np.ndarray]:
+    def restore_images(self, images: list[np.ndarray], each=map,
+                       noise_sigmas: list[float | None] | None = None) -> list[np.ndarray]:
         """Restore float (H, W, C) images of any sizes, gray (C = 1) or colour (C = 3), with
         the path `channel_path` names for each. `each` maps a function over items (a thread
-        pool's map spreads the layout work)."""
-        planes, layout = [], []
-        for image in images:
+        pool's map spreads the layout work). A noise-map model is told each image's noise
+        sigma (0-255): from `noise_sigmas` where given (restore has estimated it already),
+        otherwise estimated here."""
+        sigmas = [None] * len(images) if noise_sigmas is None else list(noise_sigmas)
+        if len(sigmas) != len(images):
+            raise ValueError(f"{len(sigmas)} noise sigmas for {len(images)} images")
+        if self.takes_noise_level:
+            sigmas = list(each(lambda pair: image_noise_sigma(pair[0]) if pair[1] is None else pair[1],
+                               zip(images, sigmas)))
+        planes, layout, levels = [], [], []
+        for image, sigma in zip(images, sigmas):
             chw = np.ascontiguousarray(image.transpose(2, 0, 1))  # (H, W, C) -> (C, H, W)
             path = self.channel_path(chw.shape[0])
             layout.append((len(planes), chw.shape[0] if path == PER_CHANNEL else 1, path))
@@ -174,7 +191,8 @@ class ModelRunner:
                 planes.extend(chw[c : c + 1] for c in range(chw.shape[0]))
             else:  # REPLICATED: a gray image as the colour image whose channels all equal it
                 planes.append(np.ascontiguousarray(np.repeat(chw, self.channels, axis=0)))
-        restored = self.run(planes)
+            levels.extend([(sigma or 0.0) / 255.0] * (len(planes) - len(levels)))
+        restored = self.run(planes, levels if self.takes_noise_level else None)
 
         def gather(place):
             first, count, path = place
@@ -213,10 +231,11 @@ class ImageRestorer:
             return [function(item) for item in items]
         return list(self.io_pool.map(function, items))
 
-    def restore_pixels(self, pixels_list: list[np.ndarray], modes: list[str]) -> list[np.ndarray]:
+    def restore_pixels(self, pixels_list: list[np.ndarray], modes: list[str],
+                       noise_sigmas: list[float | None] | None = None) -> list[np.ndarray]:
         """Restore decoded images, keeping mode, depth and alpha."""
         floats = self._each(lambda item: to_float(*item), zip(pixels_list, modes))
-        restored = self.runner.restore_images([color for color, _ in floats], each=self._each)
+        restored = self.runner.restore_images([color for color, _ in floats], each=self._each, noise_sigmas=noise_sigmas)
         return self._each(lambda item: from_float(item[0], item[1], item[2][1]), zip(restored, modes, floats))
 
     def _encode(self, pixels_mode_orientation) -> tuple[bytes | None, str | None]:
@@ -244,7 +263,7 @@ class ImageRestorer:
         clock = _lap(timings, "decode", clock)
         sigmas = self._each(lambda decoded: _noise_sigma(decoded) if decoded.ok else None, decoded_all)
         clock = _lap(timings, "noise", clock)
-        decoded_rows, pixels_list, modes, orientations = [], [], [], []
+        decoded_rows, pixels_list, modes, orientations, row_sigmas = [], [], [], [], []
         skip_below = self.settings.skip_below
         for row, (decoded, sigma) in enumerate(zip(decoded_all, sigmas)):
             if decoded.too_small or (skip_below is not None and sigma is not None and sigma < skip_below):
@@ -256,8 +275,9 @@ class ImageRestorer:
                 pixels_list.append(decoded.pixels)
                 modes.append(decoded.mode)
                 orientations.append(decoded.orientation)
+                row_sigmas.append(sigma)
         try:
-            restored = self.restore_pixels(pixels_list, modes)
+            restored = self.restore_pixels(pixels_list, modes, row_sigmas)
         except Exception as error:  # e.g. out of memory on one huge image: fail these rows, keep going
             restored = []
             reason = f"restoration failed: {type(error).__name__}: {error}"
@@ -286,6 +306,13 @@ def out_of_memory(error: BaseException) -> bool:
     """Host or device memory ran out: a reason that can pass on a later run (a quieter
     node, a larger GPU), unlike a model that cannot take the image."""
     return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in str(error).lower()
+
+
+def image_noise_sigma(image: np.ndarray) -> float:
+    """A float (H, W, C) image's estimated noise sigma (0-255); 0 when it is too small to
+    tell (a noise-map model then leaves it nearly as it is)."""
+    sigma = estimate_sigma(image * np.float32(255.0), "L" if image.shape[2] == 1 else "RGB")
+    return 0.0 if math.isnan(sigma) else sigma
 
 
 def _noise_sigma(decoded) -> float | None:

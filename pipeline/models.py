@@ -40,6 +40,7 @@ class ResNetConfig:
     width: int = 64  # feature channels inside the blocks
     residual_scale: float = 1.0  # scales each block's branch; < 1 steadies very deep stacks (EDSR uses 0.1)
     unshuffle: int = 1  # work at 1/s resolution (pixel-unshuffle, as FFDNet): s^2 less compute, s x wider view
+    noise_map: bool = False  # FFDNet's: the image's noise sigma as one more input plane (`forward(x, noise_level)`)
 
     def __post_init__(self):
         if self.unshuffle not in (1, 2, 4):
@@ -100,13 +101,18 @@ class ResNet(nn.Module):
         super().__init__()
         self.config = config
         scale = config.unshuffle
-        self.head = conv3x3(config.channels * scale * scale, config.width)
+        self.head = conv3x3(config.channels * scale * scale + int(config.noise_map), config.width)
         self.blocks = nn.Sequential(*[ResidualBlock(config.width, config.residual_scale) for _ in range(config.blocks)])
         self.tail = conv3x3(config.width, config.channels * scale * scale)
         nn.init.zeros_(self.tail.weight)  # starts as the identity: the first steps already refine the input
         nn.init.zeros_(self.tail.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, noise_level: torch.Tensor | None = None) -> torch.Tensor:
+        """`noise_level`: (B,) each image's noise sigma on x's scale (sigma / 255), for a
+        noise-map model only."""
+        if self.config.noise_map != (noise_level is not None):
+            raise ValueError("a noise-map model needs each image's noise level (forward(x, noise_level))"
+                             if self.config.noise_map else "this model takes no noise level")
         scale = self.config.unshuffle
         height, width = x.shape[-2:]
         padded = x
@@ -115,6 +121,12 @@ class ResNet(nn.Module):
             if pad_h or pad_w:
                 padded = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
             padded = F.pixel_unshuffle(padded, scale)  # (B, C, H, W) -> (B, C*s*s, H/s, W/s)
+        if noise_level is not None:  # -> (B, C*s*s + 1, H/s, W/s)
+            plane = noise_level.to(padded.dtype).view(-1, 1, 1, 1).expand(-1, 1, *padded.shape[-2:])
+            layout = torch.channels_last if padded.is_contiguous(memory_format=torch.channels_last) else None
+            padded = torch.cat([padded, plane], dim=1)
+            if layout is not None:  # cat returns NCHW: keep the caller's layout (channels-last, oneDNN's fast path)
+                padded = padded.contiguous(memory_format=layout)
         features = self.blocks(self.head(padded))  # -> (B, W, H/s, W/s)
         correction = self.tail(features)  # -> (B, C*s*s, H/s, W/s)
         if scale > 1:
@@ -136,6 +148,11 @@ def build_model(name: str, **config) -> nn.Module:
     except TypeError as error:
         known = sorted(config_class.__dataclass_fields__)
         raise ValueError(f"bad config for model {name!r}: {error}; fields are {known}") from error
+
+
+def takes_noise_level(model: nn.Module) -> bool:
+    """Whether `model` is told each image's noise level (`ResNetConfig.noise_map`)."""
+    return bool(getattr(model.config, "noise_map", False))
 
 
 def model_config(model: nn.Module) -> tuple[str, dict]:

@@ -93,7 +93,9 @@ def covariance_eigenvalues(patches: np.ndarray) -> np.ndarray:
     import torch
 
     centred = torch.from_numpy(patches - patches.mean(axis=0, dtype=np.float64).astype(np.float32))
-    covariance = (centred.T @ centred).double().numpy() / len(patches)
+    # Never in bf16, whatever the caller's autocast: at sigma 2-5 it read 0-5 sigma off (bench/README.md).
+    with torch.autocast("cpu", enabled=False):
+        covariance = (centred.T @ centred).double().numpy() / len(patches)
     return np.clip(np.linalg.eigvalsh(covariance), 0.0, None)
 
 

@@ -52,6 +52,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -65,7 +66,7 @@ from pipeline.degradations import Degradation, degradation_seed
 from pipeline.images import decode, to_float
 from pipeline.jobs import Events, TrainJob
 from pipeline.metrics import sure_mse
-from pipeline.models import build_model
+from pipeline.models import build_model, takes_noise_level
 from pipeline.noise import estimate_sigma
 
 TRAIN_STATE_FILE = "train_state.json"
@@ -95,13 +96,19 @@ def image_float(value, channels: int, limits: DecodeLimits) -> np.ndarray | None
     return image
 
 
+class Patch(NamedTuple):
+    source: np.ndarray  # (C, P, P) float32: what the network sees
+    target: np.ndarray  # (C, P, P) float32: what it should return
+    noise_level: float  # the noise sigma added, / 255 (what a noise-map model is told); NaN when unknown
+
+
 def sample_patches(batch: dict, config: TrainConfig, channels: int, kind: str, rng: np.random.Generator,
-                   noise_rng: np.random.RandomState, limits: DecodeLimits) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(input, target) patch pairs, (C, P, P) float32, from one Ray Data batch of rows:
-    (degraded, clean) for paired and clean data, (noisy, the same noisy) for noisy-only data,
-    which the self-supervised loss sub-samples itself. A degradation with a sigma range
-    draws its sigma per patch."""
-    pairs = []
+                   noise_rng: np.random.RandomState, limits: DecodeLimits) -> list[Patch]:
+    """Patches from one Ray Data batch of rows: (degraded, clean) for paired and clean
+    data, (noisy, the same noisy) for noisy-only data, which the self-supervised loss
+    sub-samples itself. A degradation with a sigma range draws its sigma per patch; only
+    noise synthesised here has a known level."""
+    patches = []
     size = config.data.patch_size
     columns = config.data.columns
     paired = kind == PAIRED
@@ -117,15 +124,16 @@ def sample_patches(batch: dict, config: TrainConfig, channels: int, kind: str, r
             y, x = rng.integers(0, height - size + 1), rng.integers(0, width - size + 1)
             k = int(rng.integers(0, 8))
             target = dihedral(clean[y : y + size, x : x + size], k)
+            sigma = math.nan
             if paired:
                 source = dihedral(degraded[y : y + size, x : x + size], k)
             elif kind == NOISY:
                 source = target
             else:
-                source = config.data.degradation.apply(np.ascontiguousarray(target), noise_rng)
-            pairs.append((np.ascontiguousarray(source.transpose(2, 0, 1)),
-                          np.ascontiguousarray(target.transpose(2, 0, 1))))
-    return pairs
+                source, sigma = config.data.degradation.apply_drawn(np.ascontiguousarray(target), noise_rng)
+            patches.append(Patch(np.ascontiguousarray(source.transpose(2, 0, 1)),
+                                 np.ascontiguousarray(target.transpose(2, 0, 1)), sigma / 255.0))
+    return patches
 
 
 BALANCE_FLOOR = 5 / 255  # noise below sigma 5 weighs as sigma 5: near-clean patches would take every step
@@ -283,6 +291,10 @@ class Worker:
         return self.network.config.channels
 
     @property
+    def takes_noise_level(self) -> bool:
+        return takes_noise_level(self.network)
+
+    @property
     def use_bf16(self) -> bool:
         from pipeline.inference import native_bf16
 
@@ -349,6 +361,17 @@ def resume(worker: Worker) -> None:
     worker.network = worker.model.module if hasattr(worker.model, "module") else worker.model
 
 
+def patch_batch(patches: list[Patch], device: torch.device, with_levels: bool) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    """One step's (source, target) batch, and the model's extra arguments: the patches'
+    noise levels for a noise-map model, none otherwise."""
+    source = torch.from_numpy(np.stack([patch.source for patch in patches])).to(device)
+    target = torch.from_numpy(np.stack([patch.target for patch in patches])).to(device)
+    if device.type == "cpu":
+        source = source.contiguous(memory_format=torch.channels_last)
+    levels = (torch.tensor([patch.noise_level for patch in patches], device=device),) if with_levels else ()
+    return source, target, levels
+
+
 def train_one_epoch(worker: Worker, shard, epoch: int, kind: str, hooks: TrainHooks) -> tuple[list[float], int]:
     """One pass over this rank's shard; returns the step losses and the patches seen. Every
     rank steps together or none does (DDP), so a rank that runs out of patches first ends
@@ -374,17 +397,14 @@ def train_one_epoch(worker: Worker, shard, epoch: int, kind: str, hooks: TrainHo
             break
         picks = rng.permutation(len(buffer))[: config.data.batch_size]
         chosen, keep = [buffer[i] for i in picks], set(picks.tolist())
-        buffer = [pair for i, pair in enumerate(buffer) if i not in keep]
-        source = torch.from_numpy(np.stack([pair[0] for pair in chosen])).to(device)
-        target = torch.from_numpy(np.stack([pair[1] for pair in chosen])).to(device)
-        if device.type == "cpu":
-            source = source.contiguous(memory_format=torch.channels_last)
+        buffer = [patch for i, patch in enumerate(buffer) if i not in keep]
+        source, target, levels = patch_batch(chosen, device, worker.takes_noise_level)
         if config.data.self_supervised:
             gamma = N2N_REGULARISER * worker.progress(epoch)
             loss = neighbor2neighbor_loss(worker.model, worker.network, source, gamma, generator, worker.use_bf16)
         else:
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=worker.use_bf16):
-                output = worker.model(source)
+                output = worker.model(source, *levels)
             loss = supervised_loss(config, output.float(), target, source)
         worker.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -648,6 +668,24 @@ def inspect_for_training(uri: str, config: TrainConfig, training: bool) -> Inspe
                    use_target=not (training and config.data.self_supervised))
 
 
+def check_noise_map(config: TrainConfig, kind: str, val_kind: str = CLEAN) -> None:
+    """A noise-map model is told each patch's noise level: only noise synthesised here has one."""
+    if not config.model.architecture_config.get("noise_map"):
+        return
+    degradation = config.data.degradation
+    if (not degradation.noise_sigma and not degradation.noise_sigma_range) or degradation.jpeg_quality:
+        # after a JPEG round trip the noise restore measures is not the sigma drawn
+        raise ValueError(f"a noise-map model (noise_map) is told the Gaussian noise sigma drawn for each patch: its "
+                         f"degradation must add noise (a sigma or sigma range) and no JPEG, not "
+                         f"{degradation.describe()}")
+    if kind != CLEAN or config.data.self_supervised:
+        raise ValueError("a noise-map model (noise_map) learns from clean images with Gaussian noise added in "
+                         f"training, where each patch's level is known; this training set is {kind}"
+                         f"{' and self-supervised' if config.data.self_supervised else ''}")
+    if val_kind == NOISY:  # SURE calls the network on its own (metrics.sure_mse), with no level to tell it
+        raise ValueError("a noise-map model is validated against references: give a clean or paired validation set")
+
+
 def train(job: TrainJob, events: Events | None = None, hooks: TrainHooks | None = None) -> TrainResult:
     """Train on `job.data`, validate on `job.val_data` every epoch, publish the best
     checkpoint as a model version under the registry `job.registry`."""
@@ -664,6 +702,7 @@ def train(job: TrainJob, events: Events | None = None, hooks: TrainHooks | None 
     val_data = inspect_for_training(job.val_data, config, training=False)
     train_files, val_files, rows = train_data.files, val_data.files, train_data.rows
     kinds = {"train": train_data.kind, "val": val_data.kind}
+    check_noise_map(config, kinds["train"], kinds["val"])
     fingerprint = data_fingerprint(train_files, config.data.degradation)
     run_name = job.run_name or f"train-{time.strftime('%Y%m%d-%H%M%S')}-{fingerprint[:6]}"
     storage_path = storage.join(job.registry, "_runs")

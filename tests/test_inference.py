@@ -4,12 +4,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from pipeline.config import RestoreSettings
 from pipeline.images import encode_png
 from pipeline.inference import ImageRestorer, ModelRunner, blend_ramp, tile_starts
 from pipeline.modelio import save_model
 from pipeline.models import build_model
+from tests.conftest import shared_data
 
 
 @pytest.fixture(scope="module")
@@ -282,3 +284,45 @@ def test_restored_pixels_are_the_networks_own_rounded(model_dir):
             difference = np.abs(got.astype(int) - want.astype(int))
             assert difference.max() <= 1, settings
             assert (difference == 0).mean() > 0.99, settings
+
+
+def test_a_noise_map_model_is_told_its_images_noise_on_every_tile(tmp_path):
+    """The runner tells each image, on every tile and every channel path, its own noise
+    sigma: the one restore estimated already where given, otherwise its own estimate; and
+    restore passes the estimate it records."""
+    from pipeline import inference
+    from pipeline.degradations import protocol_noisy
+    from pipeline.models import ResNet
+
+    clean = np.asarray(Image.open(shared_data("Set12") / "01.png").convert("L"), np.float32)[:, :, None] / 255
+    quiet, noisy = protocol_noisy(clean, 10), protocol_noisy(clean, 40)
+    colour = np.concatenate([quiet, noisy[::-1], quiet[:, ::-1]], axis=2)  # (256, 256, 3)
+    told: list[float] = []
+    forward = ResNet.forward
+
+    def spy(self, x, noise_level=None):
+        told.extend((noise_level * 255).tolist())
+        return forward(self, x, noise_level)
+
+    settings = RestoreSettings(tile=128, tile_overlap=16)  # 9 tiles per 256 x 256 image
+    gray_model = build_model("resnet", blocks=2, width=8, unshuffle=2, noise_map=True)
+    colour_model = build_model("resnet", channels=3, blocks=2, width=8, unshuffle=2, noise_map=True)
+    sigma = {name: inference.image_noise_sigma(image) for name, image in
+             (("quiet", quiet), ("noisy", noisy), ("colour", colour))}
+    assert abs(sigma["quiet"] - 10) < 1.5 and abs(sigma["noisy"] - 40) < 1.5
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ResNet, "forward", spy)
+        ModelRunner(gray_model, settings).restore_images([quiet, colour, noisy])  # joint, per channel, joint
+        assert told == pytest.approx([sigma["quiet"]] * 9 + [sigma["colour"]] * 27 + [sigma["noisy"]] * 9)
+        told.clear()
+        ModelRunner(colour_model, settings).restore_images([noisy, colour], noise_sigmas=[25.0, None])  # replicated
+        assert told == pytest.approx([25.0] * 9 + [sigma["colour"]] * 9)
+
+        save_model(str(tmp_path), gray_model)
+        patch.setattr(inference, "_noise_sigma", lambda decoded: 33.0)  # what restore estimated and records
+        told.clear()
+        rows = {"image_id": np.array(["a"], dtype=object),
+                "image": np.array([encode_png(np.clip(noisy[:, :, 0] * 255 + 0.5, 0, 255).astype(np.uint8), "L")],
+                                  dtype=object)}
+        out = ImageRestorer(str(tmp_path), RestoreSettings(tile=512, tile_overlap=0))(rows)
+        assert list(out["status"]) == ["ok"] and out["noise_sigma"][0] == 33.0 and told == pytest.approx([33.0])

@@ -143,3 +143,19 @@ def test_a_card_with_absurd_sizes_or_no_checksum_is_refused_before_any_layer_is_
     weights.write_bytes(weights.read_bytes() + b"\0" * (2 << 20))  # far more bytes than the card's network holds
     with pytest.raises(modelio.ModelLoadError, match="larger than the"):
         modelio.load_model(str(tmp_path))
+
+
+def test_a_noise_map_model_is_told_each_images_level_and_uses_it():
+    """FFDNet's noise-level map: one more input plane. A model of either kind refuses the
+    other's call, so a noise-map model never runs blind of its level by mistake."""
+    torch.manual_seed(0)
+    model = build_model("resnet", blocks=2, width=8, unshuffle=2, noise_map=True)
+    torch.nn.init.normal_(model.tail.weight, std=0.1)  # the tail starts at zero: the identity, whatever the level
+    x = torch.rand(2, 1, 15, 17)
+    low, high = model(x, torch.tensor([5.0, 5.0]) / 255), model(x, torch.tensor([5.0, 50.0]) / 255)
+    assert low.shape == x.shape
+    assert torch.equal(low[0], high[0]) and not torch.allclose(low[1], high[1])  # each image its own level
+    with pytest.raises(ValueError, match="needs each image's noise level"):
+        model(x)
+    with pytest.raises(ValueError, match="takes no noise level"):
+        build_model("resnet", blocks=2, width=8)(x, torch.tensor([0.1, 0.1]))

@@ -75,3 +75,16 @@ def test_colour_photographs_read_within_the_issue_bound_and_skip_below_tells_cle
             estimates.append(estimate_sigma(from_float(protocol_noisy(clean, sigma, seed=0), "RGB"), "RGB"))
         assert np.median(np.abs(np.array(estimates) - sigma)) <= 1.5, (sigma, estimates)
         assert all(estimate < 3 for estimate in estimates) if sigma == 0 else all(estimate >= 3 for estimate in estimates)
+
+
+def test_the_estimate_is_the_same_inside_a_bf16_autocast():
+    """A noise-map model's caller may estimate inside its forward pass's autocast: bf16
+    products read low noise several sigma off, so the estimate keeps float32."""
+    import torch
+
+    decoded = decode((shared_data("Set12") / "05.png").read_bytes())
+    clean, _ = to_float(decoded.pixels, decoded.mode)
+    noisy = protocol_noisy(clean, 3) * np.float32(255)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = estimate_sigma(noisy, "L")
+    assert inside == estimate_sigma(noisy, "L") and abs(inside - 3) < 1

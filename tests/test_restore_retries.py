@@ -128,7 +128,7 @@ def test_what_can_pass_is_told_from_what_cannot(trained_model, monkeypatch):
     restorer = ImageRestorer(trained_model, RestoreSettings(batch_size=2))
     image = (shared_data("Set12") / "05.png").read_bytes()
     for raised, can_pass in ((MemoryError("no room"), True), (ValueError("cannot take it"), False)):
-        def fail(pixels, modes, raised=raised):
+        def fail(*images, raised=raised):
             raise raised
         monkeypatch.setattr(restorer, "restore_pixels", fail)
         out = restorer({"image": np.array([image, image], dtype=object)})

@@ -254,10 +254,14 @@ def test_blind_training_draws_a_sigma_per_patch():
     flat = np.full((96, 96), 128, np.uint8)  # no texture: what a patch's std measures is its noise
     batch = {"image": [encode_png(flat, "L")], "image_id": ["flat"]}
     pairs = sample_patches(batch, config, 1, CLEAN, np.random.default_rng(0), np.random.RandomState(0), DecodeLimits())
-    sigmas = [float(np.std(source - target)) * 255 for source, target in pairs]
+    sigmas = [float(np.std(source - target)) * 255 for source, target, _ in pairs]
     assert len(pairs) == 24 and min(sigmas) >= 0 and max(sigmas) <= 57
     assert max(sigmas) - min(sigmas) > 20  # not one sigma for the whole image
     assert len({round(sigma) for sigma in sigmas}) > 12
+    # Each patch knows the sigma drawn for it (what a noise-map model is told): a 50 x 50
+    # patch's noise measures it to about 2%.
+    for measured, patch in zip(sigmas, pairs):
+        assert abs(measured - patch.noise_level * 255) < 0.06 * measured + 0.5
 
 
 def test_the_balanced_loss_weighs_each_patch_by_its_noise():
@@ -352,3 +356,40 @@ def test_train_config_groups_settings_by_concern_and_takes_any_field_by_name():
         train_preset("cpu", learning_rat=1e-3)
     with pytest.raises(ValueError, match="OptimiserSettings: warmup"):
         train_config(warmup=1.5)
+
+
+def test_a_noise_map_model_trains_on_the_drawn_levels_and_is_refused_where_none_is_known(ray_local, train400_small,
+                                                                                          s3_prefix):
+    from pipeline.models import takes_noise_level
+    from pipeline.train import check_noise_map
+
+    blind = Degradation(noise_sigma=None, noise_sigma_range=(0.0, 55.0))
+    config = tiny_config(epochs=2, degradation=blind,
+                         architecture_config={**train_preset("tiny").model.architecture_config, "noise_map": True})
+    result = train(train400_small + "/train", train400_small + "/val", s3_prefix + "/models", config)
+    model, card = load_model(result.model_uri)
+    assert takes_noise_level(model) and card.config["noise_map"]
+    # Validated as restore runs it: told each image's estimated level, not the one drawn.
+    assert result.metrics["val_psnr"] > result.metrics["val_noisy_psnr"] + 2, result.metrics
+
+    for kind, overrides in (("paired", {}), ("clean", {"self_supervised": True}),
+                            ("clean", {"degradation": Degradation(noise_sigma=25, jpeg_quality=80)}),
+                            ("clean", {"degradation": Degradation(noise_sigma=None, blur_sigma=1.0)})):
+        with pytest.raises(ValueError, match="noise-map model"):
+            check_noise_map(replace(config, data=replace(config.data, **overrides)), kind)
+    with pytest.raises(ValueError, match="validated against references"):
+        check_noise_map(config, "clean", "noisy")
+    check_noise_map(config, "clean", "paired")
+
+
+def test_each_patch_brings_its_own_level_into_the_step_batch():
+    import torch
+
+    from pipeline.train import Patch, patch_batch
+
+    patches = [Patch(np.full((1, 4, 4), i, np.float32), np.zeros((1, 4, 4), np.float32), i / 255) for i in range(5)]
+    source, target, levels = patch_batch(patches[::-1], torch.device("cpu"), with_levels=True)
+    assert source.shape == (5, 1, 4, 4) and target.shape == (5, 1, 4, 4)
+    assert levels[0].tolist() == pytest.approx([i / 255 for i in range(4, -1, -1)])
+    assert torch.allclose(source[:, 0, 0, 0], levels[0] * 255)  # each level rides with its own patch
+    assert patch_batch(patches, torch.device("cpu"), with_levels=False)[2] == ()
